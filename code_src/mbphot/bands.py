@@ -1,0 +1,130 @@
+"""The band table: one place that says what each band's images are and how to read them.
+
+Every other module asks this table for pixel scales, units, flux conversions, cutout sizes
+and PRF widths, so that a band is described once.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Band", "BANDS", "BAND_NAMES", "IRAC_BANDS", "GALEX_BANDS", "get_band", "parse_bands"]
+
+ARCSEC2_PER_SR = 4.254517e10
+UJY_PER_MJY = 1e12
+
+
+@dataclass(frozen=True)
+class Band:
+    """One photometric band of the pipeline.
+
+    Attributes
+    ----------
+    name : str
+        Short name used in column names (``irac1`` ... ``fuv``).
+    instrument : str
+        ``"IRAC"`` or ``"GALEX"``.
+    wavelength_um : float
+        Effective wavelength in micron.
+    pixel_scale_arcsec : float
+        Pixel scale of the mosaics the pipeline measures.
+    image_unit : str
+        Unit of the image pixels (FITS ``BUNIT`` style).
+    ujy_per_pixel_unit : float
+        Multiply an image pixel value (or a fitted PRF amplitude in image units, the PRF
+        summing to one) by this to get microJy.
+    cutout_arcsec : float
+        Side of the square cutout fitted around each source.
+    fwhm_arcsec : float
+        Typical PRF FWHM, used by the simulator and for sanity checks.
+    catalog_flux_column : str
+        The COSMOS2015 column holding this band's catalogue flux (microJy).
+    galex_code : str or None
+        GALEX file-name band code (``nd`` or ``fd``), None for IRAC.
+    prf_enclosed_fraction : float
+        Each source's PRF stamp reaches out to the radius holding this fraction of the PRF's
+        flux. IRAC keeps 99.9 %; GALEX's broad PSF at COSMOS density would put hundreds of
+        neighbours in every fit at that radius, so it keeps 99.5 %.
+    """
+
+    name: str
+    instrument: str
+    wavelength_um: float
+    pixel_scale_arcsec: float
+    image_unit: str
+    ujy_per_pixel_unit: float
+    cutout_arcsec: float
+    fwhm_arcsec: float
+    catalog_flux_column: str
+    galex_code: str | None = None
+    prf_enclosed_fraction: float = 0.999
+
+    @property
+    def cutout_size_pixels(self) -> int:
+        """Odd cutout side in pixels, so that the target sits on the central pixel."""
+        size = int(np.ceil(self.cutout_arcsec / self.pixel_scale_arcsec))
+        return size if size % 2 == 1 else size + 1
+
+    @property
+    def has_sky_map(self) -> bool:
+        """GALEX ships a sky-background tile beside each intensity tile; IRAC does not."""
+        return self.instrument == "GALEX"
+
+
+def _irac(channel: int, wavelength_um: float, fwhm_arcsec: float) -> Band:
+    pixel_scale_arcsec = 0.6
+    return Band(
+        name=f"irac{channel}",
+        instrument="IRAC",
+        wavelength_um=wavelength_um,
+        pixel_scale_arcsec=pixel_scale_arcsec,
+        image_unit="MJy/sr",
+        ujy_per_pixel_unit=UJY_PER_MJY / ARCSEC2_PER_SR * pixel_scale_arcsec**2,
+        cutout_arcsec=10.0,
+        fwhm_arcsec=fwhm_arcsec,
+        catalog_flux_column=f"splash_{channel}_flux",
+    )
+
+
+BANDS: dict[str, Band] = {
+    band.name: band
+    for band in (
+        _irac(1, 3.6, 1.66),
+        _irac(2, 4.5, 1.72),
+        _irac(3, 5.8, 1.88),
+        _irac(4, 8.0, 1.98),
+        Band("nuv", "GALEX", 0.2267, 1.5, "count/s", 33.73, 40.0, 5.3, "flux_galex_nuv", "nd", 0.995),
+        Band("fuv", "GALEX", 0.1516, 1.5, "count/s", 107.6, 40.0, 4.2, "flux_galex_fuv", "fd", 0.995),
+    )
+}
+BAND_NAMES: tuple[str, ...] = tuple(BANDS)
+IRAC_BANDS: tuple[str, ...] = tuple(n for n, b in BANDS.items() if b.instrument == "IRAC")
+GALEX_BANDS: tuple[str, ...] = tuple(n for n, b in BANDS.items() if b.instrument == "GALEX")
+
+
+def get_band(name: str) -> Band:
+    """Return the `Band` called ``name``, with an error that lists the known bands."""
+    try:
+        return BANDS[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(
+            f"unknown band {name!r}; choose from {', '.join(BAND_NAMES)}"
+        ) from None
+
+
+def parse_bands(bands) -> list[str]:
+    """Normalise a band selection (a list, or a comma-separated string) to band names.
+
+    ``"all"`` or None selects every band. Order follows the band table.
+    """
+    if bands is None or (isinstance(bands, str) and bands.strip().lower() == "all"):
+        return list(BAND_NAMES)
+    if isinstance(bands, str):
+        bands = [b for b in bands.replace(" ", "").split(",") if b]
+    if not isinstance(bands, (list, tuple)) or not bands:
+        raise ValueError(
+            f"bands must be a non-empty list of band names or 'all', got {bands!r}; "
+            f"choose from {', '.join(BAND_NAMES)}"
+        )
+    names = {get_band(b).name for b in bands}
+    return [n for n in BAND_NAMES if n in names]

@@ -1,0 +1,19 @@
+"""Forced photometry as pure functions over arrays: no file I/O, no globals.
+
+`prf` places a point-response function at sub-pixel positions, `background` estimates the
+local sky and noise from source-masked pixels, and `solve` fits PRF-shaped point sources at
+fixed positions to batches of cutouts.
+"""
+
+from .background import sky_and_rms_maps
+from .prf import PRFTable, build_prf_table, normalise_prf
+from .solve import FLAGS, forced_photometry
+
+__all__ = [
+    "FLAGS",
+    "PRFTable",
+    "build_prf_table",
+    "forced_photometry",
+    "normalise_prf",
+    "sky_and_rms_maps",
+]

@@ -1,0 +1,181 @@
+"""Point-response functions: normalisation, centring and exact sub-pixel placement.
+
+A PRF file is an image of the response to a point source, sampled either on the image pixel
+grid (``oversampling=1``, like the COSMOS IRAC PRFs and the GALEX PSFs) or finer. Files come
+with different normalisations (GALEX PSFs are peak-normalised): a PRF is always rescaled so
+that a source of unit flux puts unit flux on the image. Its wings are kept: the stamp used to
+model a source is cut at a radius holding ``enclosed_fraction`` of the flux of the *whole*
+PRF, never renormalised to the cut.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["PRFTable", "normalise_prf", "prf_centre", "build_prf_table"]
+
+
+def normalise_prf(prf: np.ndarray, oversampling: int = 1) -> np.ndarray:
+    """Return the PRF scaled so that a unit-flux source puts unit flux on the image.
+
+    An oversampled PRF holds ``oversampling**2`` samples per image pixel, so its samples sum
+    to ``oversampling**2`` once normalised. NaNs (padding in some files) become zeros.
+
+    Parameters
+    ----------
+    prf : ndarray
+        PRF image, any normalisation (peak or sum).
+    oversampling : int
+        PRF samples per image pixel along each axis.
+
+    Returns
+    -------
+    ndarray
+        float64 PRF whose samples sum to ``oversampling**2``.
+    """
+    prf = np.nan_to_num(np.asarray(prf, dtype=np.float64), nan=0.0)
+    total = prf.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise ValueError("PRF image sums to zero or a non-finite value; check the PRF file")
+    return prf * (oversampling**2 / total)
+
+
+def prf_centre(prf: np.ndarray) -> tuple[float, float]:
+    """Centre of a PRF as the centroid of its core (pixels above 5 % of the peak).
+
+    Files differ in convention (an even-sized GALEX PSF peaks at pixel 59 of 120, not at 59.5):
+    the centroid of the core is where the catalogue position should land.
+
+    Returns
+    -------
+    (y, x) : tuple of float
+        0-based array coordinates of the centre.
+    """
+    core = np.where(prf >= 0.05 * prf.max(), prf, 0.0)
+    labels, _ = ndimage.label(core > 0)
+    peak_label = labels[np.unravel_index(np.argmax(prf), prf.shape)]
+    core = np.where(labels == peak_label, core, 0.0)
+    y, x = ndimage.center_of_mass(core)
+    return float(y), float(x)
+
+
+def _enclosed_radius(prf: np.ndarray, centre: tuple[float, float], fraction: float) -> float:
+    yy, xx = np.indices(prf.shape)
+    radius = np.hypot(yy - centre[0], xx - centre[1]).ravel()
+    order = np.argsort(radius)
+    cumulative = np.cumsum(prf.ravel()[order]) / prf.sum()
+    index = min(np.searchsorted(cumulative, fraction), radius.size - 1)
+    return float(radius[order][index])
+
+
+@dataclass(frozen=True)
+class PRFTable:
+    """PRF stamps precomputed on a grid of sub-pixel phases.
+
+    ``stamps[iy, ix]`` is the image of a unit-flux source whose position lies
+    ``phases[iy]`` pixels (in y) and ``phases[ix]`` pixels (in x) from the centre of the
+    stamp's central pixel. A source at 0-based pixel position (x, y) uses the stamp centred on
+    pixel (round(x), round(y)), interpolated between the phases around x - round(x),
+    y - round(y) (see `stamps_for`).
+
+    Attributes
+    ----------
+    stamps : ndarray, shape (n_phase, n_phase, size, size)
+    phases : ndarray, shape (n_phase,)
+        Sub-pixel offsets from -0.5 to +0.5 inclusive.
+    half_size : int
+        Stamp half-width in image pixels; ``size = 2 * half_size + 1``.
+    """
+
+    stamps: np.ndarray
+    phases: np.ndarray
+    half_size: int
+
+    @property
+    def n_phase(self) -> int:
+        return self.phases.size
+
+    def stamps_for(self, offset_x: np.ndarray, offset_y: np.ndarray) -> np.ndarray:
+        """Stamps for sources at sub-pixel offsets (from their nearest pixel centre).
+
+        Bilinear interpolation between the four neighbouring phases: the tabulated phases
+        are 1/32 pixel apart, and a bright source placed at the nearest phase instead would
+        leave residuals well above the noise.
+
+        Returns
+        -------
+        ndarray, shape offset_x.shape + (size, size)
+        """
+        step = self.phases[1] - self.phases[0]
+        position_x = np.clip((np.asarray(offset_x) - self.phases[0]) / step, 0, self.n_phase - 1)
+        position_y = np.clip((np.asarray(offset_y) - self.phases[0]) / step, 0, self.n_phase - 1)
+        low_x = np.minimum(np.floor(position_x).astype(np.intp), self.n_phase - 2)
+        low_y = np.minimum(np.floor(position_y).astype(np.intp), self.n_phase - 2)
+        weight_x = (position_x - low_x)[..., None, None]
+        weight_y = (position_y - low_y)[..., None, None]
+        stamps = self.stamps
+        return (1 - weight_y) * ((1 - weight_x) * stamps[low_y, low_x] + weight_x * stamps[low_y, low_x + 1]) + (
+            weight_y * ((1 - weight_x) * stamps[low_y + 1, low_x] + weight_x * stamps[low_y + 1, low_x + 1])
+        )
+
+    def stamp_at(self, x: float, y: float) -> np.ndarray:
+        """The stamp for one source at pixel position (x, y), centred on its nearest pixel."""
+        return self.stamps_for(np.asarray(x - np.rint(x)), np.asarray(y - np.rint(y)))
+
+
+def build_prf_table(
+    prf: np.ndarray,
+    oversampling: int = 1,
+    n_phase: int = 33,
+    enclosed_fraction: float = 0.999,
+    max_half_size: int | None = None,
+) -> PRFTable:
+    """Precompute PRF stamps at ``n_phase`` x ``n_phase`` sub-pixel phases.
+
+    Each stamp is the normalised PRF resampled at the image pixel centres by cubic-spline
+    interpolation of the PRF samples, so the placement is exact at the PRF's own sample
+    phases and smooth in between. With 17 phases a position is off by at most 1/32 pixel.
+
+    Parameters
+    ----------
+    prf : ndarray
+        PRF image in any normalisation.
+    oversampling : int
+        PRF samples per image pixel.
+    n_phase : int
+        Number of phases per axis, spanning -0.5 to +0.5 pixel (odd, so 0 is one of them).
+    enclosed_fraction : float
+        The stamp's radius holds this fraction of the whole PRF's flux.
+    max_half_size : int, optional
+        Upper limit on the stamp half-width in image pixels.
+
+    Returns
+    -------
+    PRFTable
+    """
+    if n_phase < 3 or n_phase % 2 == 0:
+        raise ValueError(f"n_phase must be an odd number >= 3, got {n_phase}")
+    normalised = normalise_prf(prf, oversampling)
+    centre_y, centre_x = prf_centre(normalised)
+    radius_pixels = _enclosed_radius(normalised, (centre_y, centre_x), enclosed_fraction)
+    half_size = max(1, int(np.ceil(radius_pixels / oversampling)))
+    extent_pixels = (min(normalised.shape) - 1) / 2 / oversampling
+    half_size = min(half_size, max(1, int(np.floor(extent_pixels))))
+    if max_half_size is not None:
+        half_size = min(half_size, max_half_size)
+
+    coefficients = ndimage.spline_filter(normalised, order=3, mode="constant")
+    phases = np.linspace(-0.5, 0.5, n_phase)
+    grid = np.arange(-half_size, half_size + 1, dtype=np.float64)
+    size = grid.size
+    stamps = np.empty((n_phase, n_phase, size, size))
+    for iy, phase_y in enumerate(phases):
+        rows = centre_y + oversampling * (grid - phase_y)
+        for ix, phase_x in enumerate(phases):
+            cols = centre_x + oversampling * (grid - phase_x)
+            coords = np.meshgrid(rows, cols, indexing="ij")
+            stamps[iy, ix] = ndimage.map_coordinates(
+                coefficients, coords, order=3, mode="constant", cval=0.0, prefilter=False
+            )
+    return PRFTable(stamps=stamps, phases=phases, half_size=half_size)

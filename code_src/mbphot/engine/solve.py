@@ -1,0 +1,215 @@
+"""Batched forced photometry: PRF-shaped point sources at fixed positions, linear fluxes.
+
+For each target a square cutout is fitted with the target and every catalogue source whose
+PRF stamp reaches the cutout, each a PRF placed at its catalogue position with a free flux.
+Positions never move. The weighted normal equations of a whole batch of cutouts are built
+with one batched matrix product and solved together; the target is always the first unknown,
+so its flux and its variance (the first diagonal element of the inverse normal matrix, which
+carries the covariance with blended neighbours) are read from row 0.
+"""
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .prf import PRFTable
+
+__all__ = ["FLAGS", "forced_photometry"]
+
+FLAGS = {
+    "off_image": 1,
+    "no_data": 2,
+    "partial_coverage": 4,
+    "fit_failed": 8,
+}
+"""Bit flags set per source and band. 0 means a clean measurement."""
+
+_ELEMENT_BUDGET = 3_000_000
+_MIN_COVERED_FRACTION = 0.5
+
+
+def _neighbour_lists(col, row, targets, reach):
+    finite = np.flatnonzero(np.isfinite(col) & np.isfinite(row))
+    tree = cKDTree(np.column_stack([col[finite], row[finite]]))
+    centres = np.column_stack([col[targets], row[targets]])
+    found = tree.query_ball_point(centres, r=reach, p=np.inf)
+    lists = []
+    for target, members in zip(targets, found):
+        members = finite[members]
+        lists.append(np.concatenate([[target], members[members != target]]))
+    return lists
+
+
+def _design_matrices(table: PRFTable, x, y, col, row, members, centre_col, centre_row, half_cutout):
+    """Design tensor (batch, unknowns, cutout pixels) for one batch of cutouts."""
+    n_batch, n_unknown = members.shape
+    size = 2 * half_cutout + 1
+    present = members >= 0
+    safe = np.where(present, members, 0)
+    stamp_offsets = np.arange(-table.half_size, table.half_size + 1)
+    stamp_rows = (row[safe] - centre_row[:, None] + half_cutout)[:, :, None] + stamp_offsets
+    stamp_cols = (col[safe] - centre_col[:, None] + half_cutout)[:, :, None] + stamp_offsets
+    inside_rows = (stamp_rows >= 0) & (stamp_rows < size) & present[:, :, None]
+    inside_cols = (stamp_cols >= 0) & (stamp_cols < size)
+    inside = inside_rows[:, :, :, None] & inside_cols[:, :, None, :]
+    pixel = stamp_rows[:, :, :, None] * size + stamp_cols[:, :, None, :]
+    dummy = size * size
+    pixel = np.where(inside, pixel, dummy)
+
+    values = table.stamps_for(x[safe] - col[safe], y[safe] - row[safe])
+
+    n_rows = n_batch * n_unknown
+    design = np.zeros((n_rows, dummy + 1))
+    design[np.arange(n_rows)[:, None, None], pixel.reshape(n_rows, *pixel.shape[2:])] = values.reshape(
+        n_rows, *values.shape[2:]
+    )
+    return design[:, :dummy].reshape(n_batch, n_unknown, dummy)
+
+
+def _gather_cutouts(image, sky, sigma, centre_col, centre_row, half_cutout):
+    offsets = np.arange(-half_cutout, half_cutout + 1)
+    rows = centre_row[:, None] + offsets
+    cols = centre_col[:, None] + offsets
+    inside = ((rows >= 0) & (rows < image.shape[0]))[:, :, None] & (
+        (cols >= 0) & (cols < image.shape[1])
+    )[:, None, :]
+    r = np.clip(rows, 0, image.shape[0] - 1)[:, :, None]
+    c = np.clip(cols, 0, image.shape[1] - 1)[:, None, :]
+    data = np.asarray(image[r, c], dtype=np.float64)
+    sky_values = np.broadcast_to(sky, image.shape)[r, c] if np.ndim(sky) else np.full(data.shape, float(sky))
+    sigma_values = (
+        np.broadcast_to(sigma, image.shape)[r, c] if np.ndim(sigma) else np.full(data.shape, float(sigma))
+    )
+    valid = inside & np.isfinite(data) & np.isfinite(sky_values) & np.isfinite(sigma_values) & (sigma_values > 0)
+    residual = np.where(valid, data - np.where(valid, sky_values, 0.0), 0.0)
+    weight = np.where(valid, 1.0 / np.where(valid, sigma_values, 1.0) ** 2, 0.0)
+    n_batch = centre_col.size
+    return residual.reshape(n_batch, -1), weight.reshape(n_batch, -1), inside.reshape(n_batch, -1)
+
+
+def _solve_batch(design, data, weight):
+    weighted = design * weight[:, None, :]
+    normal = weighted @ design.transpose(0, 2, 1)
+    rhs = weighted @ data[:, :, None]
+    n_unknown = normal.shape[1]
+    diagonal = np.einsum("bkk->bk", normal)
+    unconstrained = diagonal <= 0
+    # Unknowns that touch no usable pixel (padding, or a neighbour on masked pixels) are
+    # decoupled with a unit diagonal; a tiny ridge keeps coincident sources solvable.
+    ridge = 1e-10 * diagonal.max(axis=1, keepdims=True)
+    normal[:, np.arange(n_unknown), np.arange(n_unknown)] = np.where(unconstrained, 1.0, diagonal + ridge)
+    unit = np.zeros_like(rhs)
+    unit[:, 0, 0] = 1.0
+    try:
+        solution = np.linalg.solve(normal, np.concatenate([rhs, unit], axis=2))
+    except np.linalg.LinAlgError:
+        solution = np.stack([np.linalg.pinv(m) @ np.concatenate([r, u], axis=1) for m, r, u in zip(normal, rhs, unit)])
+    return solution[:, 0, 0], solution[:, 0, 1], unconstrained[:, 0]
+
+
+def forced_photometry(
+    image: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    targets: np.ndarray,
+    prf_table: PRFTable,
+    cutout_size: int,
+    sky,
+    sigma,
+    fit_sky: bool = False,
+):
+    """Forced PRF photometry of ``targets`` on one image.
+
+    Parameters
+    ----------
+    image : ndarray
+        The image (any linear unit), NaN where there is no data. A memory map works: only
+        the cutouts are read.
+    x, y : ndarray
+        0-based pixel positions of *every* catalogue source on this image (pixel centres at
+        integers); sources off the image still count as neighbours of targets near the edge.
+    targets : ndarray of int
+        Indices into ``x``/``y`` of the sources to measure.
+    prf_table : PRFTable
+        The band's PRF, see `build_prf_table`.
+    cutout_size : int
+        Odd side of the square cutout in pixels.
+    sky : ndarray or float
+        Sky level per pixel (same shape as ``image``) or one value, subtracted before the fit.
+    sigma : ndarray or float
+        Per-pixel noise (1-sigma), same shape as ``image`` or one value.
+    fit_sky : bool
+        Also fit a constant sky offset in each cutout (on top of ``sky``), with the sources;
+        its covariance with the fluxes enters the uncertainties.
+
+    Returns
+    -------
+    flux, flux_err : ndarray
+        Fitted total flux of each target (image unit times pixels, since the PRF sums to one)
+        and its 1-sigma uncertainty. NaN where the source could not be measured.
+    flag : ndarray of int
+        Bit flags, see `FLAGS`.
+    """
+    if cutout_size % 2 != 1:
+        raise ValueError(f"cutout_size must be odd so the target sits on a pixel, got {cutout_size}")
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.intp)
+    n_target = targets.size
+    flux = np.full(n_target, np.nan)
+    flux_err = np.full(n_target, np.nan)
+    flag = np.zeros(n_target, dtype=np.int32)
+    if n_target == 0:
+        return flux, flux_err, flag
+
+    col = np.rint(x)
+    row = np.rint(y)
+    half_cutout = cutout_size // 2
+    on_image = (
+        np.isfinite(col[targets]) & (col[targets] >= 0) & (col[targets] < image.shape[1])
+        & (row[targets] >= 0) & (row[targets] < image.shape[0])
+    )
+    flag[~on_image] |= FLAGS["off_image"]
+    measured = np.flatnonzero(on_image)
+    if measured.size == 0:
+        return flux, flux_err, flag
+
+    col_int = np.nan_to_num(col, nan=-(10**9)).astype(np.intp)
+    row_int = np.nan_to_num(row, nan=-(10**9)).astype(np.intp)
+    lists = _neighbour_lists(col, row, targets[measured], reach=half_cutout + prf_table.half_size)
+    n_members = np.array([len(m) for m in lists])
+    order = np.argsort(n_members, kind="stable")
+    stamp_pixels = (2 * prf_table.half_size + 1) ** 2
+    start = 0
+    while start < order.size:
+        n_unknown = n_members[order[min(start + 63, order.size - 1)]]
+        per_target = n_unknown * max(cutout_size**2, stamp_pixels)
+        n_batch = int(max(1, min(order.size - start, _ELEMENT_BUDGET // per_target)))
+        batch = order[start : start + n_batch]
+        n_unknown = n_members[batch].max()
+        start += n_batch
+
+        members = np.full((batch.size, n_unknown), -1, dtype=np.intp)
+        for i, b in enumerate(batch):
+            members[i, : n_members[b]] = lists[b]
+        centre_col = col_int[targets[measured[batch]]]
+        centre_row = row_int[targets[measured[batch]]]
+        data, weight, inside = _gather_cutouts(image, sky, sigma, centre_col, centre_row, half_cutout)
+        design = _design_matrices(prf_table, x, y, col_int, row_int, members, centre_col, centre_row, half_cutout)
+        if fit_sky:
+            design = np.concatenate([design, np.ones((design.shape[0], 1, design.shape[2]))], axis=1)
+        fitted, variance, unconstrained = _solve_batch(design, data, weight)
+
+        target_prf = design[:, 0, :]
+        prf_in_cutout = target_prf.sum(axis=1)
+        covered = np.where(weight > 0, target_prf, 0.0).sum(axis=1) / np.where(prf_in_cutout > 0, prf_in_cutout, 1.0)
+        index = measured[batch]
+        partial = (covered < 1.0 - 1e-9) | ~inside.all(axis=1)
+        flag[index[partial]] |= FLAGS["partial_coverage"]
+        no_data = unconstrained | (covered < _MIN_COVERED_FRACTION)
+        flag[index[no_data]] |= FLAGS["no_data"]
+        failed = ~no_data & ~(np.isfinite(fitted) & np.isfinite(variance) & (variance > 0))
+        flag[index[failed]] |= FLAGS["fit_failed"]
+        good = ~no_data & ~failed
+        flux[index[good]] = fitted[good]
+        flux_err[index[good]] = np.sqrt(variance[good])
+    return flux, flux_err, flag

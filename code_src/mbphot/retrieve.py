@@ -1,0 +1,171 @@
+"""Retrieve a field: catalogue, images, PRFs and the Chandra catalogue, then write a manifest.
+
+``data_source="sample"`` builds the simulated field offline. Archive retrieval and user files
+come in later versions; asking for them now says so.
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.wcs import WCS, FITSFixedWarning
+
+from .bands import BANDS
+from .io import atomic_path, read_header, read_table
+from .manifest import Manifest
+from .params import RunParameters
+from .sample import SampleSpec, make_sample_field, sample_files
+
+__all__ = ["retrieve", "choose_tiles", "load_catalog", "load_chandra", "load_truth", "summary", "write_tile_choice"]
+
+
+def _wcs(header):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header)
+
+
+def choose_tiles(ra_deg, dec_deg, image_paths, band_name) -> np.ndarray:
+    """Pick, for each source, the image (tile) to measure it on.
+
+    Among the images whose data cover the source's whole cutout, the one whose pointing
+    centre (``RA_CENT``/``DEC_CENT`` for GALEX, else the image centre) is nearest wins: GALEX
+    depth and PSF quality fall off towards a tile's edge. Sources that no image covers whole
+    fall back to an image holding their centre, and get -1 if none does.
+
+    Returns
+    -------
+    ndarray of int
+        Index into ``image_paths`` per source, -1 for none.
+    """
+    half_cutout = BANDS[band_name].cutout_size_pixels // 2
+    n = len(ra_deg)
+    best = np.full(n, -1)
+    best_distance = np.full(n, np.inf)
+    fallback = np.full(n, -1)
+    coords = SkyCoord(ra_deg * u.deg, dec_deg * u.deg)
+    for index, path in enumerate(image_paths):
+        header = read_header(path)
+        wcs = _wcs(header)
+        ny, nx = header["NAXIS2"], header["NAXIS1"]
+        x, y = wcs.world_to_pixel(coords)
+        col, row = np.rint(x), np.rint(y)
+        whole = (col - half_cutout >= 0) & (col + half_cutout < nx) & (row - half_cutout >= 0) & (row + half_cutout < ny)
+        centre_inside = (col >= 0) & (col < nx) & (row >= 0) & (row < ny)
+        if "RA_CENT" in header and "DEC_CENT" in header:
+            pointing = SkyCoord(header["RA_CENT"] * u.deg, header["DEC_CENT"] * u.deg)
+        else:
+            pointing = wcs.pixel_to_world((nx - 1) / 2, (ny - 1) / 2)
+        distance = coords.separation(pointing).deg
+        better = whole & (distance < best_distance)
+        best[better] = index
+        best_distance[better] = distance[better]
+        fallback[(fallback < 0) & centre_inside] = index
+    return np.where(best >= 0, best, fallback)
+
+
+def load_catalog(manifest: Manifest) -> pd.DataFrame:
+    """The field's catalogue as a DataFrame, with ``in_field`` marking the requested circle."""
+    table = read_table(manifest.resolve(manifest.catalog))
+    frame = table.to_pandas()
+    centre = SkyCoord(manifest.field["ra"] * u.deg, manifest.field["dec"] * u.deg)
+    separation = SkyCoord(frame["ra"].to_numpy() * u.deg, frame["dec"].to_numpy() * u.deg).separation(centre)
+    frame["in_field"] = separation.arcmin <= manifest.field["radius_arcmin"]
+    return frame
+
+
+def load_chandra(manifest: Manifest):
+    """Chandra sources inside the field circle (the catalogue file may reach further)."""
+    chandra = read_table(manifest.resolve(manifest.chandra))
+    centre = SkyCoord(manifest.field["ra"] * u.deg, manifest.field["dec"] * u.deg)
+    positions = SkyCoord(np.asarray(chandra["RA"], dtype=float) * u.deg, np.asarray(chandra["DEC"], dtype=float) * u.deg)
+    return chandra[positions.separation(centre).arcmin <= manifest.field["radius_arcmin"]]
+
+
+def load_truth(manifest: Manifest) -> pd.DataFrame | None:
+    """The simulated field's truth table (None for real data)."""
+    return None if manifest.truth is None else read_table(manifest.resolve(manifest.truth)).to_pandas()
+
+
+def summary(manifest: Manifest) -> pd.DataFrame:
+    """One row per band: images, sources measured on each, PRF file and where it came from."""
+    choice = pd.read_parquet(manifest.resolve(manifest.tile_choice))
+    rows = []
+    for band, entry in manifest.bands.items():
+        for image in manifest.images(band):
+            rows.append(
+                {
+                    "band": band,
+                    "image": image.image.name,
+                    "uncertainty map": image.unc.name if image.unc else "",
+                    "sky map": image.sky.name if image.sky else "",
+                    "exposure map": image.exposure.name if image.exposure else "",
+                    "sources assigned": int((choice[band] == image.tile).sum()),
+                    "PRF": Path(entry["prf"]).name,
+                    "PRF source": entry["prf_source"],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _sample_manifest(params: RunParameters) -> Manifest:
+    spec = SampleSpec(ra_deg=params.ra, dec_deg=params.dec, radius_arcmin=params.radius_arcmin, seed=params.seed)
+    directory = make_sample_field(spec, params.field_dir)
+    files = sample_files(directory)
+    bands = {
+        name: {**entry, "prf_source": "model PRF of the simulated field"} for name, entry in files["bands"].items()
+    }
+    return Manifest(
+        directory=directory,
+        field={
+            "ra": params.ra,
+            "dec": params.dec,
+            "radius_arcmin": params.radius_arcmin,
+            "catalog_radius_arcmin": spec.catalog_radius_arcmin,
+            "data_source": "sample",
+            "seed": params.seed,
+        },
+        catalog=files["catalog"],
+        chandra=files["chandra"],
+        truth=files["truth"],
+        bands=bands,
+    )
+
+
+def retrieve(params: RunParameters) -> Manifest:
+    """Get every file the run needs and write the field's manifest.
+
+    Parameters
+    ----------
+    params : RunParameters
+
+    Returns
+    -------
+    Manifest
+        Also saved as ``params.manifest_path``.
+    """
+    if params.data_source != "sample":
+        raise NotImplementedError(
+            f"data_source={params.data_source!r} is not yet available in this version of mbphot; "
+            "use data_source='sample' to run on the embedded simulated COSMOS field"
+        )
+    manifest = _sample_manifest(params)
+    write_tile_choice(manifest)
+    manifest.save()
+    return manifest
+
+
+def write_tile_choice(manifest: Manifest) -> None:
+    """Choose the image of every band for every catalogue source and record it in the field."""
+    catalog = load_catalog(manifest)
+    choice = pd.DataFrame({"id": catalog["id"].to_numpy()})
+    for name in manifest.bands:
+        entries = manifest.images(name)
+        index = choose_tiles(catalog["ra"].to_numpy(), catalog["dec"].to_numpy(), [e.image for e in entries], name)
+        choice[name] = np.array([e.tile for e in entries] + [""])[index]  # index -1 picks ""
+    manifest.tile_choice = "tile_choice.parquet"
+    with atomic_path(manifest.resolve(manifest.tile_choice)) as temporary:
+        choice.to_parquet(temporary, index=False)

@@ -1,0 +1,555 @@
+"""The embedded default: a simulated COSMOS-like field with known truth.
+
+`make_sample_field` writes, deterministically from (centre, radius, seed), the same kinds of
+files the archives serve, in the same formats and units, so the same loaders read both:
+
+* a COSMOS2015-like catalogue with the lower-case columns IRSA TAP returns (fluxes in microJy,
+  catalogue fluxes are truth plus measurement noise, NaN where a value is missing);
+* IRAC science and uncertainty mosaics per channel (TAN WCS, ``BUNIT = 'MJy/sr'``);
+* two overlapping GALEX tiles per band, intensity (``-int``) and sky background (``-skybg``)
+  in counts/s and effective exposure (``-rrhr``) in seconds, each cut from a tile with its own tangent point, like the real COSMOS files;
+* a Chandra catalogue with the HEASARC ``ccosmoscat`` columns, positions scattered by their
+  error radii, plus a few X-ray sources without a counterpart;
+* the PRF/PSF files the images were made with (IRAC PRFs 5x oversampled, GALEX PSFs on the
+  1.5" grid and peak-normalised, as the real GALEX files are);
+* a truth table (true flux per band, true X-ray counterpart), for validation only.
+
+Populations follow COSMOS2015 in spirit: about 150 sources per arcmin^2, star-forming and
+quiescent galaxies, stars, and AGN with power-law infrared SEDs that fall in the Lacy wedge.
+Catalogue positions are the true positions; there are no sources below the catalogue limit.
+"""
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import MaskedColumn, Table
+from astropy.wcs import WCS
+from scipy import ndimage, signal, special
+
+from .bands import BANDS, GALEX_BANDS, IRAC_BANDS
+from .engine.prf import build_prf_table
+
+__all__ = ["SampleSpec", "make_sample_field", "sample_files"]
+
+SOURCES_PER_ARCMIN2 = 150.0
+HALO_ARCMIN = 1.0
+IRAC_PRF_OVERSAMPLING = 5
+IRAC_PRF_HALF_SIZE = 12
+GALEX_PSF_HALF_SIZE = 30
+TELESCOPE_DIAMETER_M = 0.85
+IRAC_NATIVE_PIXEL_ARCSEC = 1.22
+IRAC_NOISE_UJY_PER_PIXEL = {"irac1": 0.018, "irac2": 0.021, "irac3": 0.13, "irac4": 0.15}
+CATALOG_NOISE_UJY = {"irac1": 0.08, "irac2": 0.1, "irac3": 0.6, "irac4": 0.8, "nuv": 0.05, "fuv": 0.05}
+GALEX_SKY_COUNTS_PER_S = {"nuv": 3.0e-3, "fuv": 6.0e-4}
+GALEX_EXPTIME_S = {"nuv": 51011.2, "fuv": 45212.0}
+GALEX_FOV_RADIUS_DEG = 0.6
+GALEX_TILE_OFFSETS_DEG = (("COSMOS_SIM_01", -0.30, 0.05), ("COSMOS_SIM_02", 0.30, -0.05))
+CHANDRA_FLUX_LIMIT_CGS = 2.0e-15
+N_CHANDRA_WITHOUT_COUNTERPART = 3
+SED_CLASSES = ("star_forming", "quiescent", "star", "agn")
+SED_FRACTIONS = (0.70, 0.17, 0.05, 0.08)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What the simulated field is made from; the files are a pure function of it."""
+
+    ra_deg: float = 150.01
+    dec_deg: float = 2.20
+    radius_arcmin: float = 3.0
+    seed: int = 42
+
+    @property
+    def tag(self) -> str:
+        return f"ra{self.ra_deg:.4f}_dec{self.dec_deg:+.4f}_r{self.radius_arcmin:g}_s{self.seed}"
+
+    @property
+    def catalog_radius_arcmin(self) -> float:
+        """The catalogue reaches beyond the field so edge sources have their neighbours."""
+        return self.radius_arcmin + HALO_ARCMIN
+
+    @property
+    def image_half_side_arcmin(self) -> float:
+        return self.catalog_radius_arcmin + 0.3
+
+
+def sample_files(directory: Path) -> dict:
+    """Relative paths of the files a sample field directory holds."""
+    files = {
+        "catalog": "catalog/cosmos2015.fits",
+        "truth": "catalog/truth.fits",
+        "chandra": "chandra/ccosmoscat.fits",
+        "bands": {},
+    }
+    for name in IRAC_BANDS:
+        channel = name[-1]
+        files["bands"][name] = {
+            "prf": f"prf/PRF_IRAC_ch{channel}.fits",
+            "images": [
+                {
+                    "image": f"irac/irac_ch{channel}_go2_sci.fits",
+                    "unc": f"irac/irac_ch{channel}_go2_unc.fits",
+                    "sky": None,
+                    "exposure": None,
+                    "tile": "COSMOS_SIM",
+                }
+            ],
+        }
+    for name in GALEX_BANDS:
+        code = BANDS[name].galex_code
+        files["bands"][name] = {
+            "prf": f"prf/PSF{name}.fits",
+            "images": [
+                {
+                    "image": f"galex/{tile}-{code}-int.fits",
+                    "unc": None,
+                    "sky": f"galex/{tile}-{code}-skybg.fits",
+                    "exposure": f"galex/{tile}-{code}-rrhr.fits",
+                    "tile": tile,
+                }
+                for tile, _, _ in GALEX_TILE_OFFSETS_DEG
+            ],
+        }
+    return files
+
+
+def _tan_wcs(ra_deg, dec_deg, pixel_scale_arcsec, shape, crval=None):
+    """TAN WCS of an image of ``shape`` centred on (ra, dec), tangent point ``crval``."""
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.cdelt = [-pixel_scale_arcsec / 3600.0, pixel_scale_arcsec / 3600.0]
+    wcs.wcs.crval = list(crval) if crval is not None else [ra_deg, dec_deg]
+    wcs.wcs.crpix = [(shape[1] + 1) / 2.0, (shape[0] + 1) / 2.0]
+    wcs.wcs.radesys = "ICRS"
+    wcs.wcs.equinox = 2000.0
+    if crval is not None:
+        x, y = wcs.all_world2pix([[ra_deg, dec_deg]], 0)[0]
+        wcs.wcs.crpix = [wcs.wcs.crpix[0] - (x - (shape[1] - 1) / 2.0), wcs.wcs.crpix[1] - (y - (shape[0] - 1) / 2.0)]
+    return wcs
+
+
+def _draw_sources(spec: SampleSpec, rng: np.random.Generator) -> Table:
+    half_side_deg = spec.image_half_side_arcmin / 60.0
+    area_arcmin2 = (2 * spec.image_half_side_arcmin) ** 2
+    n = rng.poisson(SOURCES_PER_ARCMIN2 * area_arcmin2)
+    cos_dec = np.cos(np.radians(spec.dec_deg))
+    ra = spec.ra_deg + rng.uniform(-half_side_deg, half_side_deg, n) / cos_dec
+    dec = spec.dec_deg + rng.uniform(-half_side_deg, half_side_deg, n)
+    sed = rng.choice(len(SED_CLASSES), size=n, p=SED_FRACTIONS)
+
+    # IRAC 3.6um counts: N(>S) ~ S^-0.6 above 0.2 uJy, flattening above 30 uJy.
+    flux36 = 0.2 * (1.0 - rng.uniform(0, 1, n)) ** (-1.0 / 0.6)
+    bright = flux36 > 30.0
+    flux36[bright] = 30.0 * (flux36[bright] / 30.0) ** 0.5
+    flux36 *= np.select([sed == 2, sed == 3], [5.0, 3.0], 1.0)
+    flux36 = np.minimum(flux36, 3000.0)
+
+    def normal(mean, sd):
+        return rng.normal(mean, sd, n)
+
+    log_lambda = np.log10([3.6, 4.5, 5.8, 8.0])
+    alpha_agn = normal(1.0, 0.35)
+    star_forming = sed == 0
+    quiescent = sed == 1
+    star = sed == 2
+    agn = sed == 3
+    log45 = np.select(
+        [star_forming, quiescent, star, agn],
+        [normal(-0.05, 0.07), normal(-0.12, 0.05), -2 * (log_lambda[1] - log_lambda[0]) + normal(0, 0.03),
+         alpha_agn * (log_lambda[1] - log_lambda[0]) + normal(0, 0.04)],
+    )
+    log58 = np.select(
+        [star_forming, quiescent, star, agn],
+        [normal(-0.12, 0.12), normal(-0.30, 0.08), -2 * (log_lambda[2] - log_lambda[0]) + normal(0, 0.03),
+         alpha_agn * (log_lambda[2] - log_lambda[0]) + normal(0, 0.05)],
+    )
+    log80_45 = np.select(
+        [star_forming, quiescent, star, agn],
+        [normal(-0.05, 0.25), normal(-0.35, 0.10), -2 * (log_lambda[3] - log_lambda[1]) + normal(0, 0.03),
+         alpha_agn * (log_lambda[3] - log_lambda[1]) + normal(0, 0.05)],
+    )
+    log_nuv = np.select(
+        [star_forming, quiescent, star, agn],
+        [normal(-0.9, 0.35), normal(-2.2, 0.3), normal(-0.8, 0.8), normal(-1.0, 0.4)],
+    )
+    log_fuv_nuv = np.select(
+        [star_forming, quiescent, star, agn],
+        [normal(-0.15, 0.2), normal(-0.6, 0.3), normal(-0.8, 0.5), normal(-0.3, 0.25)],
+    )
+    flux45 = flux36 * 10**log45
+    true = {
+        "irac1": flux36,
+        "irac2": flux45,
+        "irac3": flux36 * 10**log58,
+        "irac4": flux45 * 10**log80_45,
+        "nuv": flux36 * 10**log_nuv,
+    }
+    true["fuv"] = true["nuv"] * 10**log_fuv_nuv
+
+    log_xray = np.select(
+        [agn, star_forming],
+        [-14.9 + 0.8 * np.log10(flux36 / 20.0) + normal(0, 0.45), -16.8 + np.log10(flux36 / 20.0) + normal(0, 0.4)],
+        -np.inf,
+    )
+    hardness = np.clip(np.where(agn, normal(-0.2, 0.35), normal(-0.5, 0.2)), -0.95, 0.95)
+    photoz = np.select(
+        [star_forming, quiescent, star, agn],
+        [rng.uniform(0.2, 3.0, n), rng.uniform(0.3, 2.0, n), np.zeros(n), rng.uniform(0.5, 3.5, n)],
+    )
+    order = np.lexsort((ra, dec))
+    sources = Table(
+        {
+            "ra": ra,
+            "dec": dec,
+            "sed_class": np.array(SED_CLASSES)[sed],
+            "photoz": photoz,
+            "xray_flux_cgs": 10**log_xray,
+            "xray_hardness": hardness,
+            **{f"true_{b}_flux_ujy": true[b] for b in BANDS},
+        }
+    )[order]
+    sources["id"] = np.arange(1, len(sources) + 1, dtype=np.int64) + 500000
+    return sources
+
+
+def _airy_prf(band, oversampling, half_size, rng_free_fwhm_tolerance=0.02):
+    """Pixel-response function of a diffraction-limited 0.85 m telescope on the 0.6" grid.
+
+    Airy pattern, convolved with the native 1.22" detector pixel, a pointing jitter chosen so
+    that the FWHM matches the band's, and the 0.6" mosaic pixel; sampled ``oversampling``
+    times per mosaic pixel. Each sample is the flux fraction in a mosaic pixel centred there.
+    """
+    pixel = band.pixel_scale_arcsec
+    fine = pixel / oversampling / 2.0
+    n = 2 * (2 * half_size * oversampling + 8) + 1
+    coords = (np.arange(n) - n // 2) * fine
+    rr = np.hypot(*np.meshgrid(coords, coords, indexing="ij"))
+    wavelength_m = band.wavelength_um * 1e-6
+    v = np.pi * TELESCOPE_DIAMETER_M * np.radians(rr / 3600.0) / wavelength_m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        airy = np.where(v > 0, (2 * special.j1(v) / v) ** 2, 1.0)
+
+    def box(width_arcsec):
+        half = width_arcsec / 2.0
+        profile = np.clip(np.minimum(coords + fine / 2, half) - np.maximum(coords - fine / 2, -half), 0, None)
+        return np.outer(profile, profile)
+
+    base = signal.fftconvolve(airy, box(IRAC_NATIVE_PIXEL_ARCSEC), mode="same")
+    base = signal.fftconvolve(base, box(pixel), mode="same")
+
+    def with_jitter(sigma_arcsec):
+        if sigma_arcsec <= 0:
+            return base
+        return ndimage.gaussian_filter(base, sigma_arcsec / fine)
+
+    def fwhm(image):
+        profile = image[n // 2]
+        above = coords[profile >= profile.max() / 2]
+        return above.max() - above.min() + fine
+
+    low, high = 0.0, 1.5
+    for _ in range(30):
+        mid = (low + high) / 2
+        if fwhm(with_jitter(mid)) < band.fwhm_arcsec:
+            low = mid
+        else:
+            high = mid
+    prf = with_jitter((low + high) / 2)[::2, ::2]
+    centre = prf.shape[0] // 2
+    extent = half_size * oversampling
+    prf = prf[centre - extent : centre + extent + 1, centre - extent : centre + extent + 1]
+    return prf * (oversampling**2 / prf.sum())
+
+
+def _galex_psf(band, oversampling, half_size):
+    """GALEX-like PSF: a Gaussian core with broad wings, pixel-integrated, 1.5" grid."""
+    pixel = band.pixel_scale_arcsec
+    n = 2 * half_size * oversampling + 1
+    offsets = (np.arange(n) - n // 2) / oversampling * pixel
+    core_sigma = band.fwhm_arcsec / 2.3548 * 0.97
+    wing_sigma = core_sigma * 2.5
+    fine = np.linspace(-0.5, 0.5, 9) * pixel
+    grid = offsets[:, None] + fine[None, :]
+    rr2 = grid[:, None, :, None] ** 2 + grid[None, :, None, :] ** 2
+    profile = 0.85 / core_sigma**2 * np.exp(-rr2 / (2 * core_sigma**2)) + 0.15 / wing_sigma**2 * np.exp(
+        -rr2 / (2 * wing_sigma**2)
+    )
+    psf = profile.mean(axis=(2, 3))
+    return psf * (oversampling**2 / psf.sum())
+
+
+def _render(shape, x, y, flux, table):
+    """Image of point sources: each flux times its PRF stamp at the sub-pixel position."""
+    image = np.zeros(shape[0] * shape[1])
+    h = table.half_size
+    col = np.rint(x).astype(np.intp)
+    row = np.rint(y).astype(np.intp)
+    keep = (col > -h - 1) & (col < shape[1] + h) & (row > -h - 1) & (row < shape[0] + h)
+    col, row, flux = col[keep], row[keep], flux[keep]
+    stamps = table.stamps_for(x[keep] - col, y[keep] - row)
+    offsets = np.arange(-h, h + 1)
+    rr = row[:, None, None] + offsets[None, :, None]
+    cc = col[:, None, None] + offsets[None, None, :]
+    inside = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
+    weights = (stamps * flux[:, None, None])[inside]
+    image += np.bincount((rr * shape[1] + cc)[inside], weights=weights, minlength=image.size)
+    return image.reshape(shape)
+
+
+def _write_fits(path: Path, data, header):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fits.PrimaryHDU(data=np.asarray(data, dtype=np.float32), header=header).writeto(path)
+
+
+def _smooth_pattern(shape, rng, amplitude):
+    """A gentle large-scale variation, like residual backgrounds and coverage maps."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]] / max(shape)
+    a, b, c = rng.uniform(-1, 1, 3)
+    return amplitude * (a * (xx - 0.5) + b * (yy - 0.5) + c * (xx - 0.5) * (yy - 0.5))
+
+
+def _make_irac(spec, sources, rng, out):
+    half_side_pixels = spec.image_half_side_arcmin * 60.0 / BANDS["irac1"].pixel_scale_arcsec
+    size = int(2 * np.ceil(half_side_pixels) + 1)
+    shape = (size, size)
+    wcs = _tan_wcs(spec.ra_deg, spec.dec_deg, BANDS["irac1"].pixel_scale_arcsec, shape)
+    x, y = wcs.all_world2pix(np.column_stack([sources["ra"], sources["dec"]]), 0).T
+    for name in IRAC_BANDS:
+        band = BANDS[name]
+        prf = _airy_prf(band, IRAC_PRF_OVERSAMPLING, IRAC_PRF_HALF_SIZE)
+        table = build_prf_table(prf, IRAC_PRF_OVERSAMPLING, n_phase=65, enclosed_fraction=1.0)
+        signal_ujy = _render(shape, x, y, np.asarray(sources[f"true_{name}_flux_ujy"]), table)
+        noise_ujy = IRAC_NOISE_UJY_PER_PIXEL[name] * (1.0 + np.abs(_smooth_pattern(shape, rng, 0.6)))
+        pedestal_ujy = 0.05 + _smooth_pattern(shape, rng, 0.1)
+        image_ujy = signal_ujy + pedestal_ujy + rng.normal(0.0, 1.0, shape) * noise_ujy
+        header = wcs.to_header()
+        header["BUNIT"] = "MJy/sr"
+        header["TELESCOP"] = "Spitzer"
+        header["INSTRUME"] = "IRAC"
+        header["CHNLNUM"] = int(name[-1])
+        header["WAVELEN"] = (band.wavelength_um, "[um]")
+        header["ORIGIN"] = "mbphot.sample (simulated)"
+        channel = name[-1]
+        _write_fits(out / f"irac/irac_ch{channel}_go2_sci.fits", image_ujy / band.ujy_per_pixel_unit, header)
+        _write_fits(out / f"irac/irac_ch{channel}_go2_unc.fits", noise_ujy / band.ujy_per_pixel_unit, header)
+        prf_header = fits.Header()
+        prf_header["OVERSAMP"] = (IRAC_PRF_OVERSAMPLING, "PRF samples per mosaic pixel")
+        prf_header["PIXSCALE"] = (band.pixel_scale_arcsec / IRAC_PRF_OVERSAMPLING, "[arcsec] PRF sample spacing")
+        prf_header["COMMENT"] = "Model PRF: Airy (0.85 m) x 1.22\" pixel x jitter x 0.6\" pixel"
+        _write_fits(out / f"prf/PRF_IRAC_ch{channel}.fits", prf, prf_header)
+
+
+def _make_galex(spec, sources, rng, out):
+    pixel = BANDS["nuv"].pixel_scale_arcsec
+    size = int(2 * np.ceil(spec.image_half_side_arcmin * 60.0 / pixel) + 1)
+    shape = (size, size)
+    cos_dec = np.cos(np.radians(spec.dec_deg))
+    for name in GALEX_BANDS:
+        band = BANDS[name]
+        truth_psf = _galex_psf(band, 5, GALEX_PSF_HALF_SIZE)
+        table = build_prf_table(truth_psf, 5, n_phase=65, enclosed_fraction=1.0, max_half_size=20)
+        file_psf = _galex_psf(band, 1, GALEX_PSF_HALF_SIZE)
+        psf_header = fits.Header()
+        psf_header["COMMENT"] = "Model GALEX PSF on the 1.5\" grid, peak-normalised like the GALEX files"
+        _write_fits(out / f"prf/PSF{name}.fits", file_psf / file_psf.max(), psf_header)
+        for tile, d_ra, d_dec in GALEX_TILE_OFFSETS_DEG:
+            centre = (spec.ra_deg + d_ra / cos_dec, spec.dec_deg + d_dec)
+            wcs = _tan_wcs(spec.ra_deg, spec.dec_deg, pixel, shape, crval=centre)
+            x, y = wcs.all_world2pix(np.column_stack([sources["ra"], sources["dec"]]), 0).T
+            signal_cps = _render(shape, x, y, np.asarray(sources[f"true_{name}_flux_ujy"]), table) / band.ujy_per_pixel_unit
+            sky_cps = GALEX_SKY_COUNTS_PER_S[name] * (1.0 + _smooth_pattern(shape, rng, 0.2))
+            ra_grid, dec_grid = wcs.all_pix2world(*np.meshgrid(np.arange(size), np.arange(size)), 0)
+            off_axis_deg = np.hypot((ra_grid - centre[0]) * cos_dec, dec_grid - centre[1])
+            response = np.clip(1.0 - 0.7 * (off_axis_deg / GALEX_FOV_RADIUS_DEG) ** 2, 0.0, None)
+            exposure_s = GALEX_EXPTIME_S[name] * response
+            counts = rng.poisson(np.clip(signal_cps + sky_cps, 0, None) * exposure_s)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                intensity = np.where(exposure_s > 0, counts / exposure_s, 0.0)
+            header = wcs.to_header()
+            header["BUNIT"] = ""
+            header["TELESCOP"] = "GALEX"
+            header["BAND"] = 1 if name == "nuv" else 2
+            header["TILENAME"] = tile
+            header["RA_CENT"] = centre[0]
+            header["DEC_CENT"] = centre[1]
+            header["EXPTIME"] = GALEX_EXPTIME_S[name]
+            header["ORIGIN"] = "mbphot.sample (simulated)"
+            code = band.galex_code
+            _write_fits(out / f"galex/{tile}-{code}-int.fits", intensity, header)
+            _write_fits(out / f"galex/{tile}-{code}-skybg.fits", sky_cps, header)
+            _write_fits(out / f"galex/{tile}-{code}-rrhr.fits", exposure_s, header)
+
+
+def _catalog_noise(rng, true_ujy, band_name, fractional=0.03):
+    sigma = np.hypot(CATALOG_NOISE_UJY[band_name], fractional * np.abs(true_ujy))
+    return true_ujy + rng.normal(0, 1, true_ujy.size) * sigma, sigma
+
+
+def _ab_mag(flux_ujy):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(flux_ujy > 0, 23.9 - 2.5 * np.log10(np.where(flux_ujy > 0, flux_ujy, 1.0)), np.nan)
+
+
+def _make_chandra_and_catalog(spec, sources, rng, out):
+    centre_ra, centre_dec = spec.ra_deg, spec.dec_deg
+    cos_dec = np.cos(np.radians(centre_dec))
+    sep_arcmin = 60.0 * np.hypot((sources["ra"] - centre_ra) * cos_dec, sources["dec"] - centre_dec)
+    in_catalog = sep_arcmin <= spec.catalog_radius_arcmin
+    detected = in_catalog & (sources["xray_flux_cgs"] > CHANDRA_FLUX_LIMIT_CGS)
+
+    n_det = int(detected.sum())
+    flux = np.asarray(sources["xray_flux_cgs"])[detected]
+    hardness = np.asarray(sources["xray_hardness"])[detected]
+    # Like C-COSMOS: about 0.4" for a typical source, 1.5" for the faintest.
+    error_radius = np.round(0.1 + 0.5 * np.sqrt(CHANDRA_FLUX_LIMIT_CGS / flux) * rng.uniform(0.5, 1.5, n_det), 2)
+    ra = np.asarray(sources["ra"])[detected] + rng.normal(0, 1, n_det) * error_radius / 3600.0 / cos_dec
+    dec = np.asarray(sources["dec"])[detected] + rng.normal(0, 1, n_det) * error_radius / 3600.0
+
+    n_lonely = N_CHANDRA_WITHOUT_COUNTERPART
+    radius_deg = np.sqrt(rng.uniform(0, 1, n_lonely)) * spec.catalog_radius_arcmin / 60.0
+    angle = rng.uniform(0, 2 * np.pi, n_lonely)
+    ra = np.concatenate([ra, centre_ra + radius_deg * np.cos(angle) / cos_dec])
+    dec = np.concatenate([dec, centre_dec + radius_deg * np.sin(angle)])
+    flux = np.concatenate([flux, CHANDRA_FLUX_LIMIT_CGS * rng.uniform(1.0, 2.0, n_lonely)])
+    hardness = np.concatenate([hardness, rng.uniform(-0.6, 0.6, n_lonely)])
+    error_radius = np.concatenate([error_radius, np.round(rng.uniform(0.8, 1.5, n_lonely), 2)])
+
+    # COSMOS2015's id_chandra09 refers to SOURCE_NUMBER; HEASARC's ID is a row number.
+    chandra_id = np.arange(1, flux.size + 1) + 100
+    hard = flux * (1 + hardness) / 2
+    soft = flux * (1 - hardness) / 2
+    soft_detected = soft > 0.3 * CHANDRA_FLUX_LIMIT_CGS
+    hard_detected = hard > 0.5 * CHANDRA_FLUX_LIMIT_CGS
+    soft_cat = np.where(soft_detected, soft * rng.normal(1, 0.1, flux.size), 0.0)
+    hard_cat = np.where(hard_detected, hard * rng.normal(1, 0.1, flux.size), 0.0)
+    hr_cat = np.where(soft_detected & hard_detected, (hard_cat - soft_cat) / (hard_cat + soft_cat), 0.0)
+    names = [
+        "CXOC J{}{}".format(
+            f"{int(r / 15):02d}{int((r / 15 % 1) * 60):02d}{(r / 15 * 3600) % 60:04.1f}",
+            f"{'+' if d >= 0 else '-'}{int(abs(d)):02d}{int(abs(d) % 1 * 60):02d}{int(abs(d) * 3600 % 60):02d}",
+        )
+        for r, d in zip(ra, dec)
+    ]
+    chandra = Table(
+        {
+            "NAME": names,
+            "RA": ra,
+            "DEC": dec,
+            "ERROR_RADIUS": error_radius,
+            "FLUX": flux * rng.normal(1, 0.08, flux.size),
+            "SB_FLUX": soft_cat,
+            "HB_FLUX": hard_cat,
+            "HARDNESS_RATIO": np.round(hr_cat, 2),
+            "SOURCE_NUMBER": chandra_id,
+            "ID": np.arange(1, flux.size + 1),
+        }
+    )
+    for column, unit in (("RA", "deg"), ("DEC", "deg"), ("ERROR_RADIUS", "arcsec")):
+        chandra[column].unit = unit
+    for column in ("FLUX", "SB_FLUX", "HB_FLUX"):
+        chandra[column].unit = "erg / (s cm2)"
+    chandra.meta["ORIGIN"] = "mbphot.sample (simulated ccosmoscat)"
+    (out / "chandra").mkdir(parents=True, exist_ok=True)
+    chandra.write(out / "chandra/ccosmoscat.fits")
+
+    counterpart = np.full(len(sources), -1, dtype=np.int64)
+    counterpart[np.flatnonzero(detected)] = chandra_id[:n_det]
+    cat_sources = sources[in_catalog]
+    cat_counterpart = counterpart[in_catalog]
+    n = len(cat_sources)
+    catalog = Table()
+    catalog["ra"] = cat_sources["ra"]
+    catalog["dec"] = cat_sources["dec"]
+    catalog["id"] = cat_sources["id"]
+    ks, ks_err = _catalog_noise(rng, cat_sources["true_irac1_flux_ujy"] * 10 ** rng.normal(-0.15, 0.15, n), "irac1")
+    catalog["ks_flux_aper2"], catalog["ks_fluxerr_aper2"] = ks, ks_err
+    catalog["photoz"] = np.round(cat_sources["photoz"] + rng.normal(0, 0.03, n) * (1 + cat_sources["photoz"]), 4)
+    catalog["type"] = np.where(cat_sources["sed_class"] == "star", 1, np.where(cat_counterpart > 0, 2, 0)).astype(np.int32)
+    for channel in range(1, 5):
+        value, error = _catalog_noise(rng, np.asarray(cat_sources[f"true_irac{channel}_flux_ujy"]), f"irac{channel}")
+        catalog[f"splash_{channel}_flux"] = value
+        catalog[f"splash_{channel}_flux_err"] = error
+        if channel == 1:
+            catalog["splash_1_mag"] = _ab_mag(value)
+            catalog["splash_1_magerr"] = 2.5 / np.log(10) * error / np.abs(value)
+    for name in GALEX_BANDS:
+        value, error = _catalog_noise(rng, np.asarray(cat_sources[f"true_{name}_flux_ujy"]), name, 0.05)
+        catalog[f"flux_galex_{name}"] = value
+        catalog[f"mag_galex_{name}"] = _ab_mag(value)
+        catalog[f"magerr_galex_{name}"] = 2.5 / np.log(10) * error / np.abs(value)
+    det = cat_counterpart > 0
+    chandra_row = np.where(det, cat_counterpart - 101, 0)
+    for column, source in (("flux_chandra_05_2", soft_cat), ("flux_chandra_2_10", hard_cat), ("flux_chandra_05_10", flux)):
+        catalog[column] = np.where(det, source[chandra_row], np.nan)
+    catalog["id_chandra09"] = MaskedColumn(np.where(det, cat_counterpart, 0), mask=~det, dtype=np.int64)
+    r_flux = np.asarray(cat_sources["true_irac1_flux_ujy"]) * 10 ** rng.normal(-0.5, 0.3, n)
+    catalog["r_mag_auto"] = _ab_mag(r_flux + rng.normal(0, 0.02, n))
+    catalog["r_magerr_auto"] = 2.5 / np.log(10) * 0.02 / np.abs(r_flux)
+    f24 = np.asarray(cat_sources["true_irac4_flux_ujy"]) * 10 ** rng.normal(0.6, 0.4, n)
+    catalog["flux_24"] = np.where(f24 > 60, f24 + rng.normal(0, 15, n), np.nan)
+    catalog["fluxerr_24"] = np.where(f24 > 60, 15.0, np.nan)
+    for column in catalog.colnames:
+        if "flux" in column and "chandra" not in column:
+            catalog[column].unit = "uJy"
+        elif column.startswith(("splash_1_mag", "mag", "r_mag")):
+            catalog[column].unit = "mag"
+    catalog["ra"].unit = catalog["dec"].unit = "deg"
+    for column in ("flux_chandra_05_2", "flux_chandra_2_10", "flux_chandra_05_10"):
+        catalog[column].unit = "erg / (s cm2)"
+    catalog.meta["ORIGIN"] = "mbphot.sample (simulated COSMOS2015)"
+    (out / "catalog").mkdir(parents=True, exist_ok=True)
+    catalog.write(out / "catalog/cosmos2015.fits")
+
+    truth = Table()
+    truth["id"] = cat_sources["id"]
+    truth["sed_class"] = cat_sources["sed_class"]
+    for name in BANDS:
+        truth[f"true_{name}_flux_ujy"] = cat_sources[f"true_{name}_flux_ujy"]
+        truth[f"true_{name}_flux_ujy"].unit = "uJy"
+    truth["true_chandra_id"] = cat_counterpart
+    truth.write(out / "catalog/truth.fits")
+
+
+def make_sample_field(spec: SampleSpec, directory) -> Path:
+    """Write the simulated field for ``spec`` into ``directory`` (reused if already complete).
+
+    The files are built in a temporary folder beside ``directory`` and moved into place only
+    when all are written, so an interrupted run never leaves a half-made field.
+
+    Parameters
+    ----------
+    spec : SampleSpec
+        Centre, radius and seed.
+    directory : path-like
+        Where the field goes; created.
+
+    Returns
+    -------
+    Path
+        ``directory``.
+    """
+    directory = Path(directory)
+    if (directory / "COMPLETE").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([spec.seed, int(round(spec.ra_deg * 1e4)), int(round(spec.dec_deg * 1e4)),
+                                 int(round(spec.radius_arcmin * 1e3))])
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        sources = _draw_sources(spec, rng)
+        _make_irac(spec, sources, rng, staging)
+        _make_galex(spec, sources, rng, staging)
+        _make_chandra_and_catalog(spec, sources, rng, staging)
+        (staging / "COMPLETE").write_text(f"{spec}\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory

@@ -1,0 +1,152 @@
+"""The forced-photometry engine on synthetic images with known truth."""
+
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from mbphot.engine import FLAGS, build_prf_table, forced_photometry, normalise_prf
+
+SIGMA_PIX = 1.2  # Gaussian sigma in pixels: FWHM 2.8 px, like IRAC on the 0.6" grid
+OVERSAMPLING = 5
+
+
+def pixel_integrated_gaussian(offsets, sigma=SIGMA_PIX):
+    """Fraction of a unit Gaussian's flux in a unit pixel centred at each offset."""
+    scale = np.sqrt(2.0) * sigma
+    return 0.5 * (erf((offsets + 0.5) / scale) - erf((offsets - 0.5) / scale))
+
+
+def gaussian_prf_file(half_size=8, oversampling=OVERSAMPLING, peak_normalised=True):
+    """An oversampled PRF image like a PRF file, peak-normalised to mimic GALEX files."""
+    n = 2 * half_size * oversampling + 1
+    offsets = (np.arange(n) - (n - 1) / 2) / oversampling
+    prf = np.outer(pixel_integrated_gaussian(offsets), pixel_integrated_gaussian(offsets))
+    return prf / prf.max() if peak_normalised else prf
+
+
+def render(shape, x, y, flux, sigma=SIGMA_PIX):
+    rows = np.arange(shape[0])
+    cols = np.arange(shape[1])
+    image = np.zeros(shape)
+    for xi, yi, fi in zip(np.atleast_1d(x), np.atleast_1d(y), np.atleast_1d(flux)):
+        image += fi * np.outer(pixel_integrated_gaussian(rows - yi, sigma), pixel_integrated_gaussian(cols - xi, sigma))
+    return image
+
+
+@pytest.fixture(scope="module")
+def table():
+    return build_prf_table(gaussian_prf_file(), oversampling=OVERSAMPLING, enclosed_fraction=0.9999)
+
+
+def test_peak_normalised_prf_is_rescaled_to_unit_flux():
+    prf = gaussian_prf_file(peak_normalised=True)
+    assert prf.max() == pytest.approx(1.0)
+    assert normalise_prf(prf, OVERSAMPLING).sum() == pytest.approx(OVERSAMPLING**2)
+
+
+@pytest.mark.parametrize("offset", [(0.0, 0.0), (0.5, -0.5), (0.23, 0.41), (-0.37, 0.12), (0.49, 0.01)])
+def test_subpixel_placement_error_is_below_half_a_percent_of_the_flux(table, offset):
+    x, y = 20 + offset[0], 20 + offset[1]
+    truth = render((41, 41), x, y, 1.0)
+    stamp = table.stamp_at(x, y)
+    h = table.half_size
+    row, col = int(np.rint(y)), int(np.rint(x))
+    window = truth[row - h : row + h + 1, col - h : col + h + 1]
+    assert np.abs(stamp - window).sum() < 0.002, "stamp shape follows the true sub-pixel position"
+    flux, _, _ = forced_photometry(truth, [x], [y], [0], table, 17, sky=0.0, sigma=1.0)
+    assert flux[0] == pytest.approx(1.0, rel=0.005)
+
+
+def test_pixel_origin_is_zero_based_with_centres_on_integers(table):
+    image = render((41, 41), 20.0, 20.0, 1.0)
+    assert np.unravel_index(np.argmax(image), image.shape) == (20, 20)
+    centred, _, _ = forced_photometry(image, [20.0], [20.0], [0], table, 17, sky=0.0, sigma=1.0)
+    one_based, _, _ = forced_photometry(image, [21.0], [21.0], [0], table, 17, sky=0.0, sigma=1.0)
+    assert centred[0] == pytest.approx(1.0, rel=0.002)
+    assert one_based[0] < 0.8, "a FITS 1-based position would lose flux"
+
+
+def test_isolated_source_recovers_injected_flux(table):
+    rng = np.random.default_rng(1)
+    noise = 0.01
+    image = render((61, 61), 30.3, 29.8, 5.0) + rng.normal(0, noise, (61, 61))
+    flux, err, flag = forced_photometry(image, [30.3], [29.8], [0], table, 17, sky=0.0, sigma=noise)
+    assert flag[0] == 0
+    assert abs(flux[0] - 5.0) < 3 * err[0]
+    expected_err = noise / np.sqrt((table.stamp_at(30.3, 29.8) ** 2).sum())
+    assert err[0] == pytest.approx(expected_err, rel=0.02)
+
+
+def test_two_sources_one_fwhm_apart_are_both_recovered(table):
+    rng = np.random.default_rng(2)
+    fwhm = 2.3548 * SIGMA_PIX
+    x = np.array([30.0, 30.0 + fwhm])
+    y = np.array([30.2, 30.2])
+    true_flux = np.array([4.0, 2.0])
+    noise = 0.01
+    image = render((61, 61), x, y, true_flux) + rng.normal(0, noise, (61, 61))
+    flux, err, flag = forced_photometry(image, x, y, [0, 1], table, 17, sky=0.0, sigma=noise)
+    assert np.all(flag == 0)
+    assert np.all(np.abs(flux - true_flux) < 3 * err)
+    isolated_err = noise / np.sqrt((table.stamp_at(30.0, 30.2) ** 2).sum())
+    overlap = np.exp(-(fwhm**2) / (4 * SIGMA_PIX**2))  # correlation of two Gaussians one FWHM apart
+    assert np.allclose(err, isolated_err / np.sqrt(1 - overlap**2), rtol=0.01), "blending inflates the error"
+
+
+def test_blank_sky_gives_fluxes_consistent_with_zero(table):
+    rng = np.random.default_rng(3)
+    noise = 0.02
+    x = rng.uniform(10, 90, 200)
+    y = rng.uniform(10, 90, 200)
+    image = rng.normal(0, noise, (100, 100))
+    flux, err, flag = forced_photometry(image, x, y, np.arange(200), table, 17, sky=0.0, sigma=noise)
+    pull = flux / err
+    assert np.all(flag == 0)
+    assert abs(np.mean(pull)) < 0.3
+    assert 0.8 < np.std(pull) < 1.25
+
+
+def test_pull_over_500_noise_realisations(table):
+    rng = np.random.default_rng(4)
+    noise = 0.05
+    x = np.array([25.3, 27.9, 21.4])
+    y = np.array([24.6, 26.1, 27.5])
+    true_flux = np.array([3.0, 1.5, 0.7])
+    clean = render((50, 50), x, y, true_flux)
+    pulls = []
+    for _ in range(500):
+        image = clean + rng.normal(0, noise, clean.shape)
+        flux, err, _ = forced_photometry(image, x, y, [0, 1, 2], table, 17, sky=0.0, sigma=noise)
+        pulls.append((flux - true_flux) / err)
+    pulls = np.array(pulls)
+    for k in range(3):
+        assert 0.9 < pulls[:, k].std() < 1.1
+        assert abs(pulls[:, k].mean()) < 0.15
+
+
+def test_neighbour_outside_cutout_whose_wings_reach_in_is_modelled(table):
+    noise = 0.002
+    x = np.array([30.0, 30.0 + 8 + 3])  # cutout half-size 8: neighbour centre 3 px outside
+    y = np.array([30.0, 30.0])
+    image = render((61, 61), x, y, [1.0, 200.0])
+    flux, err, flag = forced_photometry(image, x, y, [0], table, 17, sky=0.0, sigma=noise)
+    assert flux[0] == pytest.approx(1.0, abs=3 * err[0] + 1e-3)
+
+
+def test_nan_covered_and_off_image_sources_are_flagged_not_crashing(table):
+    image = render((40, 40), [10.0, 30.0], [10.0, 30.0], [1.0, 1.0])
+    image[25:36, 25:36] = np.nan
+    x = np.array([10.0, 30.0, -20.0, np.nan])
+    y = np.array([10.0, 30.0, 10.0, 5.0])
+    flux, err, flag = forced_photometry(image, x, y, [0, 1, 2, 3], table, 17, sky=0.0, sigma=0.01)
+    assert flag[0] == 0 and np.isfinite(flux[0])
+    assert flag[1] & FLAGS["no_data"] and np.isnan(flux[1])
+    assert flag[2] & FLAGS["off_image"] and np.isnan(flux[2])
+    assert flag[3] & FLAGS["off_image"] and np.isnan(flux[3])
+
+
+def test_positions_are_forced_not_refitted(table):
+    """A source offset from its catalogue position loses flux: the position does not wander."""
+    image = render((41, 41), 21.0, 20.0, 1.0)
+    flux, _, _ = forced_photometry(image, [20.0], [20.0], [0], table, 17, sky=0.0, sigma=0.01)
+    assert flux[0] < 0.9
