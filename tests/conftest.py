@@ -10,7 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "cosmos_real"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_data_dir():
     """The read-only real COSMOS files; tests using them skip where they are absent."""
     if not REAL_DATA_DIR.is_dir():

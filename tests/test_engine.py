@@ -150,3 +150,38 @@ def test_positions_are_forced_not_refitted(table):
     image = render((41, 41), 21.0, 20.0, 1.0)
     flux, _, _ = forced_photometry(image, [20.0], [20.0], [0], table, 17, sky=0.0, sigma=0.01)
     assert flux[0] < 0.9
+
+
+def test_prf_wider_than_the_cutout_keeps_its_normalisation():
+    """Cropping the PRF to the cutout and renormalising would inflate fluxes; we fit the
+    part of the unit-flux PRF that falls in the cutout."""
+    sigma_wide = 3.0
+    offsets = np.arange(-60, 61) / OVERSAMPLING
+    profile = pixel_integrated_gaussian(offsets, sigma_wide)
+    wide = build_prf_table(np.outer(profile, profile), OVERSAMPLING, enclosed_fraction=0.9999)
+    assert 2 * wide.half_size + 1 > 9, "the PRF is wider than the cutout"
+    image = render((61, 61), 30.0, 30.0, 2.0, sigma=sigma_wide)
+    flux, _, _ = forced_photometry(image, [30.0], [30.0], [0], wide, 9, sky=0.0, sigma=0.01)
+    assert flux[0] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_error_is_the_targets_own_not_the_last_sources():
+    """Each target reports its own variance: a faint isolated target next to a bright
+    blended pair keeps a small error."""
+    table = build_prf_table(gaussian_prf_file(), OVERSAMPLING, enclosed_fraction=0.9999)
+    x = np.array([20.0, 40.0, 41.0])
+    y = np.array([30.0, 30.0, 30.0])
+    image = render((61, 61), x, y, [1.0, 5.0, 5.0])
+    _, err, _ = forced_photometry(image, x, y, [0, 1, 2], table, 17, sky=0.0, sigma=0.01)
+    isolated = 0.01 / np.sqrt((table.stamp_at(20.0, 30.0) ** 2).sum())
+    assert err[0] == pytest.approx(isolated, rel=0.01)
+    assert err[1] > 1.5 * err[0] and err[2] > 1.5 * err[0]
+
+
+def test_fitted_sky_absorbs_a_wrong_sky_estimate(table):
+    rng = np.random.default_rng(5)
+    image = render((61, 61), [30.2, 33.0], [29.7, 31.0], [2.0, 1.0]) + 0.05 + rng.normal(0, 0.01, (61, 61))
+    biased, _, _ = forced_photometry(image, [30.2, 33.0], [29.7, 31.0], [0], table, 17, sky=0.0, sigma=0.01)
+    fitted, err, _ = forced_photometry(image, [30.2, 33.0], [29.7, 31.0], [0], table, 17, sky=0.0, sigma=0.01, fit_sky=True)
+    assert biased[0] > 2.5
+    assert abs(fitted[0] - 2.0) < 3 * err[0]

@@ -54,10 +54,16 @@ def science_catalog(frame: pd.DataFrame, parameters: dict) -> Table:
     -------
     astropy.table.Table
         With a unit on every column (``mag`` for AB magnitudes, dimensionless for ids,
-        names, flags, probabilities and ratios).
+        names, flags, probabilities and ratios). Missing values are NaN, and -1 for ids
+        (``id_chandra09``, ``chandra_id``) of sources without an X-ray counterpart.
     """
     table = Table.from_pandas(frame.reset_index(drop=True))
     for name in table.colnames:
+        column = table[name]
+        if getattr(column, "mask", None) is not None and column.dtype.kind in "fiu":
+            # Plain columns keep their units in every format: NaN for a missing float,
+            # -1 for a missing id (no Chandra counterpart).
+            table[name] = column.filled(np.nan if column.dtype.kind == "f" else -1)
         table[name].unit = column_unit(name)
     table.meta["PARAMS"] = json.dumps(parameters, default=str, sort_keys=True)
     return table

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from astropy import units as u
 from astropy.coordinates import SkyCoord
+from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from .bands import BANDS
@@ -19,7 +20,7 @@ from .manifest import Manifest
 from .params import RunParameters
 from .sample import SampleSpec, make_sample_field, sample_files
 
-__all__ = ["retrieve", "choose_tiles", "load_catalog", "load_chandra", "load_truth", "summary", "write_tile_choice"]
+__all__ = ["retrieve", "choose_tiles", "load_catalog", "load_chandra", "load_truth", "footprint_area_deg2", "summary", "write_tile_choice"]
 
 
 def _wcs(header):
@@ -83,6 +84,33 @@ def load_chandra(manifest: Manifest):
     centre = SkyCoord(manifest.field["ra"] * u.deg, manifest.field["dec"] * u.deg)
     positions = SkyCoord(np.asarray(chandra["RA"], dtype=float) * u.deg, np.asarray(chandra["DEC"], dtype=float) * u.deg)
     return chandra[positions.separation(centre).arcmin <= manifest.field["radius_arcmin"]]
+
+
+def footprint_area_deg2(manifest: Manifest, band: str, n_grid: int = 201) -> float:
+    """Sky area of the field circle that a band's images actually cover with data.
+
+    The circle is sampled on a regular grid; the area is the spherical cap's times the
+    fraction of grid points that land on a finite, non-zero pixel of one of the images.
+    """
+    from .crossmatch import sky_area_deg2
+
+    radius_deg = manifest.field["radius_arcmin"] / 60.0
+    offsets = np.linspace(-radius_deg, radius_deg, n_grid)
+    d_ra, d_dec = np.meshgrid(offsets, offsets)
+    inside = np.hypot(d_ra, d_dec) <= radius_deg
+    centre = SkyCoord(manifest.field["ra"] * u.deg, manifest.field["dec"] * u.deg)
+    points = centre.spherical_offsets_by(d_ra[inside] * u.deg, d_dec[inside] * u.deg)
+    covered = np.zeros(points.size, dtype=bool)
+    for entry in manifest.images(band):
+        with fits.open(entry.image, memmap=True) as hdul:
+            data = hdul[0].data
+            x, y = _wcs(hdul[0].header).world_to_pixel(points)
+            col, row = np.rint(x).astype(int), np.rint(y).astype(int)
+            on = (col >= 0) & (col < data.shape[1]) & (row >= 0) & (row < data.shape[0])
+            values = np.zeros(points.size)
+            values[on] = data[row[on], col[on]]
+            covered |= on & np.isfinite(values) & (values != 0)
+    return sky_area_deg2(manifest.field["radius_arcmin"]) * covered.mean()
 
 
 def load_truth(manifest: Manifest) -> pd.DataFrame | None:
