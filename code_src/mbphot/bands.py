@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Band", "BANDS", "BAND_NAMES", "IRAC_BANDS", "GALEX_BANDS", "get_band", "parse_bands"]
+__all__ = ["Band", "BANDS", "BAND_NAMES", "IRAC_BANDS", "GALEX_BANDS", "get_band", "measured_columns", "parse_bands"]
 
 ARCSEC2_PER_SR = 4.254517e10
 UJY_PER_MJY = 1e12
@@ -110,6 +110,11 @@ def get_band(name: str) -> Band:
         raise ValueError(
             f"unknown band {name!r}; choose from {', '.join(BAND_NAMES)}"
         ) from None
+
+
+def measured_columns(band: str) -> tuple[str, str, str]:
+    """Names of a band's measured flux, uncertainty (both microJy) and flag columns."""
+    return f"{band}_flux_ujy", f"{band}_flux_err_ujy", f"{band}_flag"
 
 
 def parse_bands(bands) -> list[str]:

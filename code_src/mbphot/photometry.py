@@ -21,23 +21,18 @@ from astropy.io import fits
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .bands import BANDS, Band
+from .bands import BANDS, Band, measured_columns
 from .engine import PRFTable, build_prf_table, forced_photometry, sky_and_rms_maps
 from .engine.background import source_mask
 from .io import atomic_path, read_header
 from .manifest import ImageEntry, Manifest
 from .retrieve import _wcs, load_catalog
 
-__all__ = ["band_overview", "load_prf", "measure_field", "photometry_columns"]
+__all__ = ["band_overview", "load_prf", "measure_field"]
 
 CHUNK_SIZE = 500
 _BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_MASKED_FRACTION = 0.7
-
-
-def photometry_columns(band: str) -> tuple[str, str, str]:
-    """Names of a band's flux, uncertainty and flag columns."""
-    return f"{band}_flux_ujy", f"{band}_flux_err_ujy", f"{band}_flag"
 
 
 def load_prf(path, band: Band) -> PRFTable:
@@ -219,7 +214,7 @@ def measure_field(manifest: Manifest, bands, n_workers=None, progress=True, reus
 
     measured = {name: pd.DataFrame(index=catalog.index[targets]) for name in pending}
     for name in pending:
-        flux_col, err_col, flag_col = photometry_columns(name)
+        flux_col, err_col, flag_col = measured_columns(name)
         measured[name][flux_col] = np.nan
         measured[name][err_col] = np.nan
         measured[name][flag_col] = np.int32(1)
@@ -262,7 +257,7 @@ def _one_blas_thread_per_process():
 
 def _collect(outputs, chunks, catalog, measured, bar):
     for chunk, (indices, flux, flux_err, flag) in zip(chunks, outputs):
-        flux_col, err_col, flag_col = photometry_columns(chunk.band.name)
+        flux_col, err_col, flag_col = measured_columns(chunk.band.name)
         frame = measured[chunk.band.name]
         labels = catalog.index[indices]
         frame.loc[labels, flux_col] = flux
@@ -275,7 +270,7 @@ def band_overview(photometry: pd.DataFrame, bands) -> pd.DataFrame:
     """Per band: how many sources were measured, flagged and detected, and the typical error."""
     rows = []
     for name in bands:
-        flux_col, err_col, flag_col = photometry_columns(name)
+        flux_col, err_col, flag_col = measured_columns(name)
         good = photometry[flag_col] == 0
         snr = photometry[flux_col] / photometry[err_col]
         rows.append(

@@ -32,7 +32,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .bands import BANDS, IRAC_BANDS, parse_bands
+from .bands import BANDS, IRAC_BANDS, measured_columns, parse_bands
 
 __all__ = [
     "SNR_MIN",
@@ -66,15 +66,15 @@ _ANNOTATION_BOX = {"boxstyle": "round,pad=0.3", "facecolor": "white", "alpha": 0
 
 
 def _flux_column(band: str) -> str:
-    return f"{band}_flux_ujy"
+    return measured_columns(band)[0]
 
 
 def _flux_err_column(band: str) -> str:
-    return f"{band}_flux_err_ujy"
+    return measured_columns(band)[1]
 
 
 def _flag_column(band: str) -> str:
-    return f"{band}_flag"
+    return measured_columns(band)[2]
 
 
 def _true_flux_column(band: str) -> str:
@@ -82,7 +82,7 @@ def _true_flux_column(band: str) -> str:
 
 
 def _measured_columns(band: str) -> list[str]:
-    return [_flux_column(band), _flux_err_column(band), _flag_column(band)]
+    return list(measured_columns(band))
 
 
 def _missing_columns(table: pd.DataFrame, columns: list[str]) -> list[str]:
@@ -146,6 +146,17 @@ def _mark_empty(ax, message: str) -> None:
             fontsize="small", color="0.3", wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _figure_or_missing(catalog, size, title, required):
+    """A one-panel figure; when columns are missing, the panel names them."""
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.add_subplot()
+    missing = _missing_columns(catalog, required)
+    if missing:
+        ax.set_title(f"{title}: not available")
+        _mark_empty(ax, "missing columns:\n" + "\n".join(missing))
+    return fig, ax, missing
 
 
 def _plot_flux_comparison(ax, measured: np.ndarray, reference: np.ndarray,
@@ -387,12 +398,8 @@ def irac_color_color(catalog: pd.DataFrame) -> Figure:
         One panel. If IRAC columns are missing, the panel names them instead of raising,
         so that a notebook run on a subset of bands still completes.
     """
-    fig = Figure(figsize=(6.6, 5.6), layout="constrained")
-    ax = fig.add_subplot()
-    missing = _missing_columns(catalog, _irac_required_columns())
+    fig, ax, missing = _figure_or_missing(catalog, (6.6, 5.6), "IRAC colour–colour diagram", _irac_required_columns())
     if missing:
-        ax.set_title("IRAC colour–colour diagram: not available")
-        _mark_empty(ax, "missing columns:\n" + "\n".join(missing))
         return fig
 
     colors = irac_colors(catalog)
@@ -490,12 +497,8 @@ def uv_ir_color(catalog: pd.DataFrame) -> Figure:
         The diagram and its colour bar. If FUV, NUV or IRAC 3.6 µm columns are missing,
         a single panel names them instead of raising.
     """
-    fig = Figure(figsize=(6.8, 5.4), layout="constrained")
-    ax = fig.add_subplot()
-    missing = _missing_columns(catalog, _uv_ir_required_columns())
+    fig, ax, missing = _figure_or_missing(catalog, (6.8, 5.4), "UV–IR colour diagram", _uv_ir_required_columns())
     if missing:
-        ax.set_title("UV–IR colour diagram: not available")
-        _mark_empty(ax, "missing columns:\n" + "\n".join(missing))
         return fig
 
     colors = uv_ir_colors(catalog)

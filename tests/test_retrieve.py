@@ -1,0 +1,77 @@
+"""Retrieving a field: manifest, tile choice, reuse, and nothing half-written on failure."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mbphot import sample
+from mbphot.manifest import Manifest
+from mbphot.params import RunParameters
+from mbphot.retrieve import footprint_area_deg2, load_catalog, load_chandra, retrieve
+from mbphot.crossmatch import sky_area_deg2
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory):
+    return RunParameters(ra=150.2, dec=2.4, radius_arcmin=1.0, seed=11, data_dir=str(tmp_path_factory.mktemp("d")))
+
+
+@pytest.fixture(scope="module")
+def manifest(params):
+    return retrieve(params)
+
+
+def test_manifest_round_trips_and_points_at_real_files(manifest, params):
+    loaded = Manifest.load(params.manifest_path)
+    assert loaded.field["radius_arcmin"] == 1.0
+    for band in loaded.bands:
+        assert loaded.prf_path(band).is_file()
+        for entry in loaded.images(band):
+            assert entry.image.is_file()
+    assert loaded.resolve(loaded.catalog).is_file()
+
+
+def test_each_galex_source_is_measured_on_the_tile_nearer_its_pointing(manifest):
+    catalog = load_catalog(manifest)
+    choice = pd.read_parquet(manifest.resolve(manifest.tile_choice)).set_index("id").loc[catalog["id"]]
+    west = catalog["ra"].to_numpy() < manifest.field["ra"] - 0.005
+    east = catalog["ra"].to_numpy() > manifest.field["ra"] + 0.005
+    assert (choice["nuv"].to_numpy()[west] == "COSMOS_SIM_01").all()
+    assert (choice["nuv"].to_numpy()[east] == "COSMOS_SIM_02").all()
+    assert (choice["irac1"] == "COSMOS_SIM").all()
+
+
+def test_rerun_reuses_the_field(manifest, params):
+    image = manifest.images("irac1")[0].image
+    stamp = image.stat().st_mtime_ns
+    retrieve(params)
+    assert image.stat().st_mtime_ns == stamp
+
+
+def test_chandra_sources_are_cut_to_the_field_and_footprint_is_the_circle(manifest):
+    chandra = load_chandra(manifest)
+    separation_arcmin = 60 * np.hypot((chandra["RA"] - 150.2) * np.cos(np.radians(2.4)), chandra["DEC"] - 2.4)
+    assert np.all(separation_arcmin <= 1.0)
+    assert footprint_area_deg2(manifest, "irac1") == pytest.approx(sky_area_deg2(1.0), rel=0.01)
+
+
+def test_archive_mode_says_it_is_not_yet_available(tmp_path):
+    with pytest.raises(NotImplementedError, match="use data_source='sample'"):
+        retrieve(RunParameters(data_source="archive", data_dir=str(tmp_path)))
+
+
+def test_a_failed_generation_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sample, "_make_galex", broken)
+    params = RunParameters(radius_arcmin=0.5, data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="disk full"):
+        retrieve(params)
+    assert not params.field_dir.exists()
+    assert list(params.field_dir.parent.iterdir()) == []
+
+
+def test_missing_manifest_says_which_step_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the retrieve step"):
+        Manifest.load(tmp_path / "manifest.json")
