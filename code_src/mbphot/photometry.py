@@ -8,6 +8,7 @@ Results are cached per band, so a rerun reuses finished bands.
 
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -146,10 +147,12 @@ def _measure_chunk(chunk: _Chunk):
     y = chunk.y - y0
     # Targets off the whole image stay off the section, whatever the section is.
     x[chunk.targets[~on_image]] = np.nan
+    started = time.process_time()
     flux, flux_err, flag = forced_photometry(
         image, x, y, chunk.targets, chunk.prf, band.cutout_size_pixels, sky=sky, sigma=sigma, fit_sky=chunk.fit_sky
     )
-    return chunk.targets, flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag
+    engine_cpu_s = time.process_time() - started
+    return chunk.targets, flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, engine_cpu_s
 
 
 def _chunks_for_band(manifest, band, catalog, targets, tile_choice, cache_dir):
@@ -198,6 +201,8 @@ def measure_field(manifest: Manifest, bands, n_workers=None, progress=True, reus
         The catalogue rows inside the field with, per band, ``<band>_flux_ujy``,
         ``<band>_flux_err_ujy`` (microJy) and ``<band>_flag`` (see `mbphot.engine.FLAGS`;
         sources that no image covers get the ``off_image`` flag and NaN).
+        ``attrs["engine_cpu_s"]`` holds, per band measured in this call, the CPU seconds
+        spent inside the engine (for benchmarks).
     """
     catalog = load_catalog(manifest)
     targets = np.flatnonzero(catalog["in_field"].to_numpy())
@@ -221,12 +226,14 @@ def measure_field(manifest: Manifest, bands, n_workers=None, progress=True, reus
     bar = tqdm(total=len(targets) * len(pending), desc="forced photometry", unit="source-band", disable=not progress)
     with bar:
         if n_workers == 1 or len(chunks) <= 1:
-            outputs = (_measure_chunk(chunk) for chunk in chunks)
-            _collect(outputs, chunks, catalog, measured, bar)
+            chunk_cpu_s = _collect((_measure_chunk(chunk) for chunk in chunks), chunks, catalog, measured, bar)
         else:
             context = multiprocessing.get_context("spawn")
             with _one_blas_thread_per_process(), ProcessPoolExecutor(n_workers, mp_context=context) as pool:
-                _collect(pool.map(_measure_chunk, chunks), chunks, catalog, measured, bar)
+                chunk_cpu_s = _collect(pool.map(_measure_chunk, chunks), chunks, catalog, measured, bar)
+    engine_cpu_s = {name: 0.0 for name in pending}
+    for chunk, seconds in zip(chunks, chunk_cpu_s):
+        engine_cpu_s[chunk.band.name] += seconds
     for name in pending:
         frame = measured[name].assign(id=catalog["id"].to_numpy()[targets])
         with atomic_path(results_dir / f"{name}.parquet") as temporary:
@@ -236,6 +243,7 @@ def measure_field(manifest: Manifest, bands, n_workers=None, progress=True, reus
     for name in bands:
         frame = pd.read_parquet(results_dir / f"{name}.parquet")
         result = result.merge(frame, on="id", how="left")
+    result.attrs["engine_cpu_s"] = engine_cpu_s
     return result
 
 
@@ -256,7 +264,10 @@ def _one_blas_thread_per_process():
 
 
 def _collect(outputs, chunks, catalog, measured, bar):
-    for chunk, (indices, flux, flux_err, flag) in zip(chunks, outputs):
+    """Store each chunk's results as they arrive; return each chunk's engine CPU seconds."""
+    chunk_cpu_s = []
+    for chunk, (indices, flux, flux_err, flag, engine_cpu_s) in zip(chunks, outputs):
+        chunk_cpu_s.append(engine_cpu_s)
         flux_col, err_col, flag_col = measured_columns(chunk.band.name)
         frame = measured[chunk.band.name]
         labels = catalog.index[indices]
@@ -264,6 +275,7 @@ def _collect(outputs, chunks, catalog, measured, bar):
         frame.loc[labels, err_col] = flux_err
         frame.loc[labels, flag_col] = flag
         bar.update(len(indices))
+    return chunk_cpu_s
 
 
 def band_overview(photometry: pd.DataFrame, bands) -> pd.DataFrame:

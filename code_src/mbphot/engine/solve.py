@@ -39,30 +39,31 @@ def _neighbour_lists(col, row, targets, reach):
     return lists
 
 
-def _design_matrices(table: PRFTable, x, y, col, row, members, centre_col, centre_row, half_cutout):
-    """Design tensor (batch, unknowns, cutout pixels) for one batch of cutouts."""
-    n_batch, n_unknown = members.shape
+def _stamp_windows(table: PRFTable, x, y, col, row, sources, half_cutout):
+    """Every S x S window of each source's zero-padded stamp, as a strided view.
+
+    Each source's stamp is interpolated once per call, however many cutouts it falls in;
+    a cutout's design row is then a plain slice of the padded stamp. A last, all-zero stamp
+    stands for the padding unknowns of short neighbour lists.
+    """
+    stamps = table.stamps_for(x[sources] - col[sources], y[sources] - row[sources])
+    margin = 2 * half_cutout
+    padded = np.zeros((sources.size + 1, stamps.shape[1] + 2 * margin, stamps.shape[2] + 2 * margin))
+    padded[:-1, margin:-margin, margin:-margin] = stamps
     size = 2 * half_cutout + 1
+    return np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))
+
+
+def _design_matrices(windows, unique_index, col, row, members, centre_col, centre_row, half_cutout, half_stamp):
+    """Design tensor (batch, unknowns, cutout pixels) for one batch of cutouts."""
     present = members >= 0
     safe = np.where(present, members, 0)
-    stamp_offsets = np.arange(-table.half_size, table.half_size + 1)
-    stamp_rows = (row[safe] - centre_row[:, None] + half_cutout)[:, :, None] + stamp_offsets
-    stamp_cols = (col[safe] - centre_col[:, None] + half_cutout)[:, :, None] + stamp_offsets
-    inside_rows = (stamp_rows >= 0) & (stamp_rows < size) & present[:, :, None]
-    inside_cols = (stamp_cols >= 0) & (stamp_cols < size)
-    inside = inside_rows[:, :, :, None] & inside_cols[:, :, None, :]
-    pixel = stamp_rows[:, :, :, None] * size + stamp_cols[:, :, None, :]
-    dummy = size * size
-    pixel = np.where(inside, pixel, dummy)
-
-    values = table.stamps_for(x[safe] - col[safe], y[safe] - row[safe])
-
-    n_rows = n_batch * n_unknown
-    design = np.zeros((n_rows, dummy + 1))
-    design[np.arange(n_rows)[:, None, None], pixel.reshape(n_rows, *pixel.shape[2:])] = values.reshape(
-        n_rows, *values.shape[2:]
-    )
-    return design[:, :dummy].reshape(n_batch, n_unknown, dummy)
+    # Window start in the padded stamp: the cutout's first pixel seen from the stamp.
+    start_row = np.where(present, half_cutout + half_stamp - (row[safe] - centre_row[:, None]), 0)
+    start_col = np.where(present, half_cutout + half_stamp - (col[safe] - centre_col[:, None]), 0)
+    stamp = np.where(present, unique_index[safe], windows.shape[0] - 1)
+    design = windows[stamp, start_row, start_col]
+    return design.reshape(members.shape[0], members.shape[1], -1)
 
 
 def _gather_cutouts(image, sky, sigma, centre_col, centre_row, half_cutout):
@@ -177,12 +178,15 @@ def forced_photometry(
     row_int = np.nan_to_num(row, nan=-(10**9)).astype(np.intp)
     lists = _neighbour_lists(col, row, targets[measured], reach=half_cutout + prf_table.half_size)
     n_members = np.array([len(m) for m in lists])
+    sources = np.unique(np.concatenate(lists))
+    unique_index = np.zeros(x.size, dtype=np.intp)
+    unique_index[sources] = np.arange(sources.size)
+    windows = _stamp_windows(prf_table, x, y, col_int, row_int, sources, half_cutout)
     order = np.argsort(n_members, kind="stable")
-    stamp_pixels = (2 * prf_table.half_size + 1) ** 2
     start = 0
     while start < order.size:
         n_unknown = n_members[order[min(start + 63, order.size - 1)]]
-        per_target = n_unknown * max(cutout_size**2, stamp_pixels)
+        per_target = n_unknown * cutout_size**2
         n_batch = int(max(1, min(order.size - start, _ELEMENT_BUDGET // per_target)))
         batch = order[start : start + n_batch]
         n_unknown = n_members[batch].max()
@@ -194,7 +198,9 @@ def forced_photometry(
         centre_col = col_int[targets[measured[batch]]]
         centre_row = row_int[targets[measured[batch]]]
         data, weight, inside = _gather_cutouts(image, sky, sigma, centre_col, centre_row, half_cutout)
-        design = _design_matrices(prf_table, x, y, col_int, row_int, members, centre_col, centre_row, half_cutout)
+        design = _design_matrices(
+            windows, unique_index, col_int, row_int, members, centre_col, centre_row, half_cutout, prf_table.half_size
+        )
         if fit_sky:
             design = np.concatenate([design, np.ones((design.shape[0], 1, design.shape[2]))], axis=1)
         fitted, variance, unconstrained = _solve_batch(design, data, weight)
