@@ -1,5 +1,6 @@
 """The four notebooks end to end with papermill, and the command line's errors."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -81,6 +82,14 @@ def test_bad_parameters_fail_before_any_work(tmp_path, arguments, message):
     assert result.returncode == 1
     assert message in result.stderr
     assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
+
+
+def test_tractor_engine_without_tractor_says_how_to_install(tmp_path):
+    if importlib.util.find_spec("tractor") is not None:
+        pytest.skip("The Tractor is installed here")
+    result = run_cli("--engine", "tractor", "--data-dir", "d", "--output-dir", "o", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "github.com/dstndstn/tractor" in result.stderr
 
 
 def test_parameters_from_papermill_strings_are_checked():

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .bands import BAND_NAMES
-from .params import DATA_SOURCES, ENGINES, RunParameters
+from .params import DATA_SOURCES, ENGINES, MODES, RunParameters
 
 __all__ = ["main", "run_notebooks", "NOTEBOOKS"]
 
@@ -52,6 +52,7 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
         "data_source": params.data_source,
         "seed": params.seed,
         "engine": params.engine,
+        "mode": params.mode,
         "n_workers": params.n_workers,
         "data_dir": str(Path(params.data_dir).resolve()),
         "output_dir": str(output_dir),
@@ -94,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--radius", type=float, default=defaults.radius_arcmin, help="radius in arcmin (default %(default)s)")
     run.add_argument("--bands", default="all", help=f"comma-separated subset of {','.join(BAND_NAMES)} or 'all'")
     run.add_argument("--data-source", default="sample", choices=DATA_SOURCES)
-    run.add_argument("--engine", default="mbphot", choices=ENGINES)
+    run.add_argument("--engine", default="mbphot", choices=ENGINES, help="photometry engine (tractor where installed)")
+    run.add_argument("--mode", default="source", choices=MODES, help="per-source cutouts or whole-region scene fits")
     run.add_argument("--seed", type=int, default=defaults.seed, help="seed of the simulated field")
     run.add_argument("--n-workers", type=int, default=0, help="photometry processes (default 0: one per core)")
     run.add_argument("--data-dir", default="data", help="where retrieved and derived data go")
@@ -115,6 +117,7 @@ def main(argv=None) -> int:
             data_source=args.data_source,
             seed=args.seed,
             engine=args.engine,
+            mode=args.mode,
             n_workers=args.n_workers,
             data_dir=args.data_dir,
             output_dir=args.output_dir,

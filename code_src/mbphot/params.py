@@ -1,14 +1,21 @@
 """Run parameters: defaults, validation with clear errors, and where a run's files go."""
 
+import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bands import parse_bands
 
-__all__ = ["RunParameters", "DATA_SOURCES", "ENGINES", "COSMOS_FIELD"]
+__all__ = ["RunParameters", "DATA_SOURCES", "ENGINES", "MODES", "COSMOS_FIELD"]
 
 DATA_SOURCES = ("sample", "archive", "files")
-ENGINES = ("mbphot",)
+ENGINES = ("mbphot", "tractor")
+MODES = ("source", "scene")
+TRACTOR_INSTALL_HINT = (
+    "The Tractor is not on the Python package index: install it from "
+    "https://github.com/dstndstn/tractor together with astrometry.net's astrometry.util "
+    "(on platforms such as NASA Fornax it is preinstalled), or use engine='mbphot'"
+)
 COSMOS_FIELD = {"ra_min": 149.33, "ra_max": 150.89, "dec_min": 1.43, "dec_max": 2.98}
 """The COSMOS footprint (about 2 deg^2 around RA 150.12, Dec 2.21)."""
 
@@ -39,7 +46,9 @@ class RunParameters:
     seed : int
         Seed of the simulated field.
     engine : str
-        Photometry engine.
+        Photometry engine: ``"mbphot"`` or ``"tractor"`` (The Tractor, where installed).
+    mode : str
+        ``"source"`` (each target in its own cutout) or ``"scene"`` (regions fitted whole).
     n_workers : int
         Worker processes for photometry (0: one per core).
     data_dir, output_dir : path
@@ -53,6 +62,7 @@ class RunParameters:
     data_source: str = "sample"
     seed: int = 42
     engine: str = "mbphot"
+    mode: str = "source"
     n_workers: int = 0
     data_dir: str = "data"
     output_dir: str = "output"
@@ -79,6 +89,10 @@ class RunParameters:
             raise ValueError(f"unknown data_source {self.data_source!r}; choose from {', '.join(DATA_SOURCES)}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
+        if self.engine == "tractor" and importlib.util.find_spec("tractor") is None:
+            raise ValueError(f"engine='tractor' needs The Tractor, which cannot be imported here. {TRACTOR_INSTALL_HINT}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed:
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
         self.seed = int(self.seed)

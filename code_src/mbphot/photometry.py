@@ -118,6 +118,8 @@ class _Chunk:
     targets: np.ndarray
     prf: PRFTable
     fit_sky: bool
+    engine: str = "mbphot"
+    mode: str = "source"
 
 
 def _measure_chunk(chunk: _Chunk):
@@ -148,14 +150,27 @@ def _measure_chunk(chunk: _Chunk):
     # Targets off the whole image stay off the section, whatever the section is.
     x[chunk.targets[~on_image]] = np.nan
     started = time.process_time()
-    flux, flux_err, flag = forced_photometry(
+    flux, flux_err, flag = _engine_function(chunk.engine, chunk.mode)(
         image, x, y, chunk.targets, chunk.prf, band.cutout_size_pixels, sky=sky, sigma=sigma, fit_sky=chunk.fit_sky
     )
     engine_cpu_s = time.process_time() - started
     return chunk.targets, flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, engine_cpu_s
 
 
-def _chunks_for_band(manifest, band, catalog, targets, tile_choice, cache_dir):
+def _engine_function(engine: str, mode: str):
+    """The fitting function for an engine name and mode; all share one signature."""
+    if engine == "tractor":
+        from .engine.tractor import tractor_photometry
+
+        return tractor_photometry
+    if mode == "scene":
+        from .engine.scene import scene_photometry
+
+        return scene_photometry
+    return forced_photometry
+
+
+def _chunks_for_band(manifest, band, catalog, targets, tile_choice, cache_dir, sky, engine, mode):
     prf = load_prf(manifest.prf_path(band.name), band)
     coords = SkyCoord(catalog["ra"].to_numpy() * u.deg, catalog["dec"].to_numpy() * u.deg)
     chunks = []
@@ -173,13 +188,23 @@ def _chunks_for_band(manifest, band, catalog, targets, tile_choice, cache_dir):
             chunks.append(
                 _Chunk(
                     band, entry.image, sky_path, sigma_path, x, y,
-                    assigned[order[start : start + CHUNK_SIZE]], prf, fit_sky=entry.sky is None,
+                    assigned[order[start : start + CHUNK_SIZE]], prf,
+                    fit_sky=sky == "fit" or (sky == "auto" and entry.sky is None), engine=engine, mode=mode,
                 )
             )
     return chunks
 
 
-def measure_field(manifest: Manifest, bands, n_workers=None, progress=True, reuse=True) -> pd.DataFrame:
+def measure_field(
+    manifest: Manifest,
+    bands,
+    n_workers=None,
+    progress=True,
+    reuse=True,
+    sky="auto",
+    engine="mbphot",
+    mode="source",
+) -> pd.DataFrame:
     """Forced photometry of every catalogue source inside the field, in each band.
 
     Parameters
@@ -193,7 +218,21 @@ def measure_field(manifest: Manifest, bands, n_workers=None, progress=True, reus
     progress : bool
         Show a progress bar.
     reuse : bool
-        Reuse bands measured by an earlier run on the same field.
+        Reuse bands measured by an earlier run on the same field (with the same sky, engine
+        and mode).
+    sky : {"auto", "map", "fit"}
+        ``"map"`` subtracts the sky map (the archive's, else the source-masked background
+        map); ``"fit"`` also fits a constant sky in every cutout; ``"auto"`` (default) fits
+        it only where the archive gave no sky map. On the simulated IRAC field the
+        source-masked map alone leaves PRF wings of unmasked sources in the sky and biases
+        faint fluxes low by about 15 %, which the fitted constant removes (see
+        ``tests/test_photometry.py``); GALEX sky maps are unbiased and fitting a constant
+        there would only add noise.
+    engine : {"mbphot", "tractor"}
+        The fitting engine; The Tractor must be importable.
+    mode : {"source", "scene"}
+        ``"source"``: each target in its own cutout with its neighbours; ``"scene"``: all
+        sources of a region fitted together.
 
     Returns
     -------
@@ -211,11 +250,15 @@ def measure_field(manifest: Manifest, bands, n_workers=None, progress=True, reus
     results_dir = manifest.directory / "photometry"
     n_workers = n_workers or os.cpu_count() or 1
 
-    pending = [b for b in bands if not (reuse and (results_dir / f"{b}.parquet").is_file())]
+    if sky not in ("auto", "map", "fit"):
+        raise ValueError(f"sky must be 'auto', 'map' or 'fit', got {sky!r}")
+    variant = "" if (sky, engine, mode) == ("auto", "mbphot", "source") else f"_{engine}_{mode}_sky-{sky}"
+    result_path = {name: results_dir / f"{name}{variant}.parquet" for name in bands}
+    pending = [b for b in bands if not (reuse and result_path[b].is_file())]
     chunks = []
     for name in pending:
         choice = tile_choice.set_index("id").loc[catalog["id"], name].to_numpy()
-        chunks.extend(_chunks_for_band(manifest, BANDS[name], catalog, targets, choice, cache_dir))
+        chunks.extend(_chunks_for_band(manifest, BANDS[name], catalog, targets, choice, cache_dir, sky, engine, mode))
 
     measured = {name: pd.DataFrame(index=catalog.index[targets]) for name in pending}
     for name in pending:
@@ -236,12 +279,12 @@ def measure_field(manifest: Manifest, bands, n_workers=None, progress=True, reus
         engine_cpu_s[chunk.band.name] += seconds
     for name in pending:
         frame = measured[name].assign(id=catalog["id"].to_numpy()[targets])
-        with atomic_path(results_dir / f"{name}.parquet") as temporary:
+        with atomic_path(result_path[name]) as temporary:
             frame.to_parquet(temporary, index=False)
 
     result = catalog.iloc[targets].reset_index(drop=True).drop(columns="in_field")
     for name in bands:
-        frame = pd.read_parquet(results_dir / f"{name}.parquet")
+        frame = pd.read_parquet(result_path[name])
         result = result.merge(frame, on="id", how="left")
     result.attrs["engine_cpu_s"] = engine_cpu_s
     return result
