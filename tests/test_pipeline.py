@@ -1,6 +1,5 @@
 """The four notebooks end to end with papermill, and the command line's errors."""
 
-import importlib.util
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from mbphot.bands import BAND_NAMES
+from mbphot.engine.tractor import tractor_available
 from mbphot.params import RunParameters
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,7 +85,7 @@ def test_bad_parameters_fail_before_any_work(tmp_path, arguments, message):
 
 
 def test_tractor_engine_without_tractor_says_how_to_install(tmp_path):
-    if importlib.util.find_spec("tractor") is not None:
+    if tractor_available():
         pytest.skip("The Tractor is installed here")
     result = run_cli("--engine", "tractor", "--data-dir", "d", "--output-dir", "o", cwd=tmp_path)
     assert result.returncode == 1

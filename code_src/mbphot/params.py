@@ -1,21 +1,17 @@
 """Run parameters: defaults, validation with clear errors, and where a run's files go."""
 
-import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bands import parse_bands
+from .engine.tractor import INSTALL_HINT, tractor_available
 
 __all__ = ["RunParameters", "DATA_SOURCES", "ENGINES", "MODES", "COSMOS_FIELD"]
 
 DATA_SOURCES = ("sample", "archive", "files")
 ENGINES = ("mbphot", "tractor")
 MODES = ("source", "scene")
-TRACTOR_INSTALL_HINT = (
-    "The Tractor is not on the Python package index: install it from "
-    "https://github.com/dstndstn/tractor together with astrometry.net's astrometry.util "
-    "(on platforms such as NASA Fornax it is preinstalled), or use engine='mbphot'"
-)
+
 COSMOS_FIELD = {"ra_min": 149.33, "ra_max": 150.89, "dec_min": 1.43, "dec_max": 2.98}
 """The COSMOS footprint (about 2 deg^2 around RA 150.12, Dec 2.21)."""
 
@@ -89,8 +85,8 @@ class RunParameters:
             raise ValueError(f"unknown data_source {self.data_source!r}; choose from {', '.join(DATA_SOURCES)}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
-        if self.engine == "tractor" and importlib.util.find_spec("tractor") is None:
-            raise ValueError(f"engine='tractor' needs The Tractor, which cannot be imported here. {TRACTOR_INSTALL_HINT}")
+        if self.engine == "tractor" and not tractor_available():
+            raise ValueError(f"engine='tractor' needs The Tractor, which cannot be imported here. {INSTALL_HINT}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed:
