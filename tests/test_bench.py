@@ -25,6 +25,7 @@ def test_bench_writes_summary_json(tmp_path, capsys):
     for key in ("n_sources", "mode", "cores", "wall_s", "peak_rss_gb", "source_bands_per_s_per_core"):
         assert key in run
     assert set(run["bands"]) == {"irac1", "nuv"}
+    assert [r["mode"] for r in summary["runs"]] == ["source", "scene"]
     assert run["bands"]["irac1"]["snr_gt10"]["n"] > 10
     assert 0.7 < run["bands"]["irac1"]["snr_gt10"]["pull_std"] < 1.3
     assert "tractor" in summary

@@ -70,3 +70,18 @@ def test_fitted_sky_is_the_right_default_where_there_is_no_sky_map(field):
     print(f"median (measured - true)/error for S/N 3-10: sky map only {bias['map']:+.2f}, fitted sky {bias['auto']:+.2f}")
     assert bias["map"] < -0.3
     assert abs(bias["auto"]) < 0.15
+
+
+@pytest.mark.parametrize("band", ["irac1", "nuv"])
+def test_scene_mode_agrees_with_per_source_mode(field, band):
+    manifest, table = field
+    scene = measure_field(manifest, [band], n_workers=1, progress=False, mode="scene").merge(
+        load_truth(manifest), on="id"
+    )
+    flux_col, err_col = f"{band}_flux_ujy", f"{band}_flux_err_ujy"
+    pull = (scene[flux_col] - scene[f"true_{band}_flux_ujy"]) / scene[err_col]
+    difference = (scene[flux_col] - table[flux_col]) / table[err_col]
+    print(f"{band} scene: pull std {pull.std():.3f}, median |scene - source| {difference.abs().median():.3f} sigma")
+    assert (scene[f"{band}_flag"] == table[f"{band}_flag"]).all()
+    assert 0.85 < pull.std() < 1.15
+    assert difference.abs().median() < 0.3

@@ -56,7 +56,7 @@ def accuracy(measured, true, error) -> dict:
     return result
 
 
-def run_size(n_sources: int, bands, cores: int, data_dir: Path, seed: int = 2026) -> dict:
+def run_size(n_sources: int, bands, cores: int, data_dir: Path, mode: str = "source", seed: int = 2026) -> dict:
     """Simulate a field with about ``n_sources`` sources inside it and measure it."""
     radius_arcmin = float(np.sqrt(n_sources / (np.pi * SOURCES_PER_ARCMIN2)))
     params = RunParameters(radius_arcmin=round(radius_arcmin, 3), seed=seed, data_dir=str(data_dir))
@@ -65,12 +65,12 @@ def run_size(n_sources: int, bands, cores: int, data_dir: Path, seed: int = 2026
     simulate_s = time.perf_counter() - started
     truth = load_truth(manifest)
     shutil.rmtree(manifest.directory / "derived", ignore_errors=True)
-    run = {"n_sources": 0, "mode": "source", "cores": cores, "radius_arcmin": params.radius_arcmin,
+    run = {"n_sources": 0, "mode": mode, "cores": cores, "radius_arcmin": params.radius_arcmin,
            "simulate_s": simulate_s, "bands": {}}
     total_wall = 0.0
     for band in bands:
         started = time.perf_counter()
-        photometry = measure_field(manifest, [band], n_workers=cores, progress=False, reuse=False)
+        photometry = measure_field(manifest, [band], n_workers=cores, progress=False, reuse=False, mode=mode)
         wall = time.perf_counter() - started
         total_wall += wall
         table = photometry.merge(truth, on="id")
@@ -134,19 +134,23 @@ def _figure(runs, path: Path) -> None:
 
     figure = Figure(figsize=(10, 4), layout="constrained")
     speed, pulls = figure.subplots(1, 2)
-    bands = list(runs[0]["bands"])
-    for band in bands:
-        sizes = [r["n_sources"] for r in runs]
-        speed.plot(sizes, [r["bands"][band]["source_bands_per_s_per_core"] for r in runs], "o-", label=band)
-        pulls.plot(sizes, [r["bands"][band]["snr_gt10"]["pull_std"] for r in runs], "o-", label=band)
+    for mode, style in (("source", "o-"), ("scene", "s--")):
+        mode_runs = [r for r in runs if r["mode"] == mode]
+        if not mode_runs:
+            continue
+        sizes = [r["n_sources"] for r in mode_runs]
+        for index, band in enumerate(mode_runs[0]["bands"]):
+            speed.plot(sizes, [r["bands"][band]["source_bands_per_s_per_core"] for r in mode_runs], style,
+                       color=f"C{index}", label=f"{band} ({mode})")
+            pulls.plot(sizes, [r["bands"][band]["snr_gt10"]["pull_std"] for r in mode_runs], style, color=f"C{index}")
     for axis in (speed, pulls):
         axis.set_xscale("log")
         axis.set_xlabel("sources in the field")
     speed.set_yscale("log")
-    speed.set_ylabel("source-bands per second per core")
+    speed.set_ylabel("source-bands per second per core (end to end)")
     pulls.axhspan(0.9, 1.1, color="0.9")
     pulls.set_ylabel("pull standard deviation (S/N > 10)")
-    speed.legend(fontsize="small")
+    speed.legend(fontsize="x-small", ncol=2)
     save_figure(figure, path)
 
 
@@ -155,6 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=",".join(str(n) for n in DEFAULT_SIZES),
                         help="comma-separated numbers of sources (default %(default)s)")
     parser.add_argument("--bands", default="all", help=f"subset of {','.join(BAND_NAMES)}")
+    parser.add_argument("--modes", default="source,scene", help="photometry modes to compare (default %(default)s)")
     parser.add_argument("--cores", type=int, default=0, help="worker processes (default: all cores)")
     parser.add_argument("--data-dir", default="data/bench", help="where the simulated fields go (reused)")
     parser.add_argument("--output-dir", default="output/bench", help="where summary.json and the figure go")
@@ -165,9 +170,10 @@ def main(argv=None) -> int:
     bands = parse_bands(args.bands)
     runs = []
     for n_sources in (int(float(n)) for n in args.sizes.split(",")):
-        run = run_size(n_sources, bands, cores, Path(args.data_dir))
-        _print_run(run)
-        runs.append(run)
+        for mode in args.modes.split(","):
+            run = run_size(n_sources, bands, cores, Path(args.data_dir), mode=mode)
+            _print_run(run)
+            runs.append(run)
     summary = {"runs": runs, "tractor": None}
     if tractor_available():
         summary["tractor"] = compare_with_tractor(args.tractor_sources, bands, Path(args.data_dir))

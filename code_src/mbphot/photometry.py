@@ -32,6 +32,10 @@ from .retrieve import _wcs, load_catalog
 __all__ = ["band_overview", "load_prf", "measure_field"]
 
 CHUNK_SIZE = 500
+REGION_ARCMIN = {"source": 1.5, "scene": 6.0}
+"""Side of the square sky regions the targets are grouped in: a per-source chunk holds at
+most `CHUNK_SIZE` targets of one region; a scene is one whole region (about 5,000 sources at
+COSMOS density)."""
 _BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_MASKED_FRACTION = 0.7
 
@@ -135,10 +139,14 @@ def _measure_chunk(chunk: _Chunk):
         x0 = y0 = 0
         x1, y1 = 1, 1
     else:
-        x0 = int(max(0, col[on_image].min() - half_cutout))
-        x1 = int(min(nx, col[on_image].max() + half_cutout + 1))
-        y0 = int(max(0, row[on_image].min() - half_cutout))
-        y1 = int(min(ny, row[on_image].max() + half_cutout + 1))
+        # A scene needs the pixels that constrain its edge sources' neighbours too, and its
+        # sky tiles aligned on the image grid whatever the region.
+        margin = half_cutout + (2 * chunk.prf.half_size + band.cutout_size_pixels if chunk.mode == "scene" else 0)
+        align = band.cutout_size_pixels if chunk.mode == "scene" else 1
+        x0 = int(max(0, col[on_image].min() - margin)) // align * align
+        x1 = int(min(nx, col[on_image].max() + margin + 1))
+        y0 = int(max(0, row[on_image].min() - margin)) // align * align
+        y1 = int(min(ny, row[on_image].max() + margin + 1))
     with fits.open(chunk.image_path, memmap=True) as hdul:
         image = np.array(hdul[0].section[y0:y1, x0:x1], dtype=np.float64)
     if band.instrument == "GALEX":
@@ -182,16 +190,21 @@ def _chunks_for_band(manifest, band, catalog, targets, tile_choice, cache_dir, s
         if assigned.size == 0:
             continue
         sky_path, sigma_path = _derived_maps(entry, band, x, y, cache_dir)
-        rows_per_strip = band.cutout_size_pixels * 4
-        order = np.lexsort((x[assigned], np.floor(y[assigned] / rows_per_strip)))
-        for start in range(0, assigned.size, CHUNK_SIZE):
-            chunks.append(
-                _Chunk(
-                    band, entry.image, sky_path, sigma_path, x, y,
-                    assigned[order[start : start + CHUNK_SIZE]], prf,
-                    fit_sky=sky == "fit" or (sky == "auto" and entry.sky is None), engine=engine, mode=mode,
+        region_pixels = REGION_ARCMIN[mode] * 60.0 / band.pixel_scale_arcsec
+        region_x = np.floor(x[assigned] / region_pixels)
+        region_y = np.floor(y[assigned] / region_pixels)
+        order = np.lexsort((x[assigned], y[assigned], region_x, region_y))
+        region = (region_y * 1e6 + region_x)[order]
+        starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
+        for members in np.split(assigned[order], starts[1:]):
+            step = CHUNK_SIZE if mode == "source" else members.size
+            for start in range(0, members.size, step):
+                chunks.append(
+                    _Chunk(
+                        band, entry.image, sky_path, sigma_path, x, y, members[start : start + step], prf,
+                        fit_sky=sky == "fit" or (sky == "auto" and entry.sky is None), engine=engine, mode=mode,
+                    )
                 )
-            )
     return chunks
 
 

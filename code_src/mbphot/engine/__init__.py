@@ -1,12 +1,14 @@
 """Forced photometry as pure functions over arrays: no file I/O, no globals.
 
 `prf` places a point-response function at sub-pixel positions, `background` estimates the
-local sky and noise from source-masked pixels, and `solve` fits PRF-shaped point sources at
-fixed positions to batches of cutouts.
+local sky and noise from source-masked pixels, `solve` fits PRF-shaped point sources at
+fixed positions to batches of cutouts (per-source mode), `scene` fits all sources of a region
+together (scene mode), and `tractor` runs The Tractor on the same problem where installed.
 """
 
 from .background import sky_and_rms_maps
 from .prf import PRFTable, build_prf_table, normalise_prf
+from .scene import scene_photometry
 from .solve import FLAGS, forced_photometry
 
 __all__ = [
@@ -15,5 +17,6 @@ __all__ = [
     "build_prf_table",
     "forced_photometry",
     "normalise_prf",
+    "scene_photometry",
     "sky_and_rms_maps",
 ]
