@@ -13,7 +13,7 @@ from mbphot.retrieve import load_truth, retrieve
 def field(tmp_path_factory):
     params = RunParameters(ra=150.10, dec=2.30, radius_arcmin=1.2, seed=3, data_dir=str(tmp_path_factory.mktemp("d")))
     manifest = retrieve(params)
-    photometry = measure_field(manifest, list(BAND_NAMES), n_workers=2, progress=False)
+    photometry = measure_field(manifest, list(BAND_NAMES), n_workers=2, progress=False, mode="source")
     return manifest, photometry.merge(load_truth(manifest), on="id")
 
 
@@ -36,16 +36,16 @@ def test_fluxes_are_unbiased_and_uncertainties_honest(field, band):
 
 def test_rerun_reuses_finished_bands(field):
     manifest, table = field
-    cached = manifest.directory / "photometry" / "irac1.parquet"
+    cached = manifest.directory / "photometry" / "irac1_mbphot_source_sky-auto.parquet"
     stamp = cached.stat().st_mtime_ns
-    again = measure_field(manifest, ["irac1"], n_workers=1, progress=False)
+    again = measure_field(manifest, ["irac1"], n_workers=1, progress=False, mode="source")
     assert cached.stat().st_mtime_ns == stamp
     assert np.array_equal(again["irac1_flux_ujy"].to_numpy(), table["irac1_flux_ujy"].to_numpy())
 
 
 def test_one_process_and_two_give_the_same_fluxes(field):
     manifest, table = field
-    single = measure_field(manifest, ["nuv"], n_workers=1, progress=False, reuse=False)
+    single = measure_field(manifest, ["nuv"], n_workers=1, progress=False, reuse=False, mode="source")
     difference = np.abs(single["nuv_flux_ujy"] - table["nuv_flux_ujy"]) / table["nuv_flux_err_ujy"]
     assert difference.max() < 1e-6, "only floating-point summation order may differ"
 
@@ -64,7 +64,9 @@ def test_fitted_sky_is_the_right_default_where_there_is_no_sky_map(field):
     truth = load_truth(manifest)
     bias = {}
     for sky in ("map", "auto"):
-        table = measure_field(manifest, ["irac1"], n_workers=1, progress=False, sky=sky).merge(truth, on="id")
+        table = measure_field(manifest, ["irac1"], n_workers=1, progress=False, sky=sky, mode="source").merge(
+            truth, on="id"
+        )
         faint = (table["true_irac1_flux_ujy"] / table["irac1_flux_err_ujy"]).between(3, 10)
         bias[sky] = np.median((table["irac1_flux_ujy"] - table["true_irac1_flux_ujy"])[faint] / table["irac1_flux_err_ujy"][faint])
     print(f"median (measured - true)/error for S/N 3-10: sky map only {bias['map']:+.2f}, fitted sky {bias['auto']:+.2f}")

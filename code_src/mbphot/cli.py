@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--bands", default="all", help=f"comma-separated subset of {','.join(BAND_NAMES)} or 'all'")
     run.add_argument("--data-source", default="sample", choices=DATA_SOURCES)
     run.add_argument("--engine", default="mbphot", choices=ENGINES, help="photometry engine (tractor where installed)")
-    run.add_argument("--mode", default="source", choices=MODES, help="per-source cutouts or whole-region scene fits")
+    run.add_argument("--mode", default="scene", choices=MODES, help="per-source cutouts or whole-region scene fits")
     run.add_argument("--seed", type=int, default=defaults.seed, help="seed of the simulated field")
     run.add_argument("--n-workers", type=int, default=0, help="photometry processes (default 0: one per core)")
     run.add_argument("--data-dir", default="data", help="where retrieved and derived data go")

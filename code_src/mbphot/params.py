@@ -44,7 +44,8 @@ class RunParameters:
     engine : str
         Photometry engine: ``"mbphot"`` or ``"tractor"`` (The Tractor, where installed).
     mode : str
-        ``"source"`` (each target in its own cutout) or ``"scene"`` (regions fitted whole).
+        ``"scene"`` (default: all sources of a region fitted together) or ``"source"`` (each
+        target in its own cutout with its neighbours); see `mbphot.photometry.measure_field`.
     n_workers : int
         Worker processes for photometry (0: one per core).
     data_dir, output_dir : path
@@ -58,7 +59,7 @@ class RunParameters:
     data_source: str = "sample"
     seed: int = 42
     engine: str = "mbphot"
-    mode: str = "source"
+    mode: str = "scene"
     n_workers: int = 0
     data_dir: str = "data"
     output_dir: str = "output"

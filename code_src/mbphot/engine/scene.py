@@ -26,7 +26,7 @@ from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
 from .prf import PRFTable
-from .solve import _MIN_COVERED_FRACTION, FLAGS
+from .solve import MIN_COVERED_FRACTION, FLAGS
 
 __all__ = ["scene_photometry"]
 
@@ -485,7 +485,7 @@ def scene_photometry(
     target_covered = scene.covered[target_unknowns]
     partial = (target_covered < 1.0 - 1e-9) | ~cutout_inside
     flag[measured[partial]] |= FLAGS["partial_coverage"]
-    no_data = scene.unconstrained[target_unknowns] | (target_covered < _MIN_COVERED_FRACTION)
+    no_data = scene.unconstrained[target_unknowns] | (target_covered < MIN_COVERED_FRACTION)
     flag[measured[no_data]] |= FLAGS["no_data"]
     failed = ~no_data & ~(np.isfinite(fitted) & np.isfinite(variance) & (variance > 0))
     flag[measured[failed]] |= FLAGS["fit_failed"]

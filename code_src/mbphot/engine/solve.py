@@ -13,7 +13,7 @@ from scipy.spatial import cKDTree
 
 from .prf import PRFTable
 
-__all__ = ["FLAGS", "forced_photometry"]
+__all__ = ["FLAGS", "MIN_COVERED_FRACTION", "forced_photometry"]
 
 FLAGS = {
     "off_image": 1,
@@ -24,7 +24,8 @@ FLAGS = {
 """Bit flags set per source and band. 0 means a clean measurement."""
 
 _ELEMENT_BUDGET = 3_000_000
-_MIN_COVERED_FRACTION = 0.5
+MIN_COVERED_FRACTION = 0.5
+"""A target whose PRF (inside its cutout) has less than this on usable pixels is not measured."""
 
 
 def _neighbour_lists(col, row, targets, reach):
@@ -211,7 +212,7 @@ def forced_photometry(
         index = measured[batch]
         partial = (covered < 1.0 - 1e-9) | ~inside.all(axis=1)
         flag[index[partial]] |= FLAGS["partial_coverage"]
-        no_data = unconstrained | (covered < _MIN_COVERED_FRACTION)
+        no_data = unconstrained | (covered < MIN_COVERED_FRACTION)
         flag[index[no_data]] |= FLAGS["no_data"]
         failed = ~no_data & ~(np.isfinite(fitted) & np.isfinite(variance) & (variance > 0))
         flag[index[failed]] |= FLAGS["fit_failed"]

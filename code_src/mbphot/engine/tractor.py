@@ -13,7 +13,7 @@ unrelated projects), so it is imported only when this engine is used.
 import numpy as np
 
 from .prf import PRFTable
-from .solve import _MIN_COVERED_FRACTION, FLAGS, _gather_cutouts, _neighbour_lists
+from .solve import MIN_COVERED_FRACTION, FLAGS, _gather_cutouts, _neighbour_lists
 
 __all__ = ["INSTALL_HINT", "tractor_available", "tractor_photometry"]
 
@@ -196,7 +196,7 @@ def tractor_photometry(
         covered = _covered_fraction(prf_table, x[target], y[target], weight, half_cutout)
         if covered < 1.0 - 1e-9 or not inside.all():
             flag[index] |= FLAGS["partial_coverage"]
-        if covered < _MIN_COVERED_FRACTION:
+        if covered < MIN_COVERED_FRACTION:
             flag[index] |= FLAGS["no_data"]
             continue
 
