@@ -2,36 +2,9 @@
 
 import numpy as np
 import pytest
-from scipy.special import erf
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, normalise_prf
-
-SIGMA_PIX = 1.2  # Gaussian sigma in pixels: FWHM 2.8 px, like IRAC on the 0.6" grid
-OVERSAMPLING = 5
-
-
-def pixel_integrated_gaussian(offsets, sigma=SIGMA_PIX):
-    """Fraction of a unit Gaussian's flux in a unit pixel centred at each offset."""
-    scale = np.sqrt(2.0) * sigma
-    return 0.5 * (erf((offsets + 0.5) / scale) - erf((offsets - 0.5) / scale))
-
-
-def gaussian_prf_file(half_size=8, oversampling=OVERSAMPLING, peak_normalised=True):
-    """An oversampled PRF image like a PRF file, peak-normalised to mimic GALEX files."""
-    n = 2 * half_size * oversampling + 1
-    offsets = (np.arange(n) - (n - 1) / 2) / oversampling
-    prf = np.outer(pixel_integrated_gaussian(offsets), pixel_integrated_gaussian(offsets))
-    return prf / prf.max() if peak_normalised else prf
-
-
-def render(shape, x, y, flux, sigma=SIGMA_PIX):
-    rows = np.arange(shape[0])
-    cols = np.arange(shape[1])
-    image = np.zeros(shape)
-    for xi, yi, fi in zip(np.atleast_1d(x), np.atleast_1d(y), np.atleast_1d(flux)):
-        image += fi * np.outer(pixel_integrated_gaussian(rows - yi, sigma), pixel_integrated_gaussian(cols - xi, sigma))
-    return image
-
+from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, pixel_integrated_gaussian, render
 
 @pytest.fixture(scope="module")
 def table():

@@ -6,38 +6,13 @@ FWHM 2.8 px, IRAC on the 0.6" grid.
 
 import numpy as np
 import pytest
-from scipy.special import erf
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.scene import scene_photometry
+from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, pixel_integrated_gaussian, render
 
-SIGMA_PIX = 1.2
-OVERSAMPLING = 5
 FWHM = 2.3548 * SIGMA_PIX
 IRAC_SOURCES_PER_PIXEL = 150.0 / 3600.0 * 0.6**2  # 150 per arcmin^2 on the 0.6" grid
-
-
-def pixel_integrated_gaussian(offsets, sigma=SIGMA_PIX):
-    """Fraction of a unit Gaussian's flux in a unit pixel centred at each offset."""
-    scale = np.sqrt(2.0) * sigma
-    return 0.5 * (erf((offsets + 0.5) / scale) - erf((offsets - 0.5) / scale))
-
-
-def gaussian_prf_file(half_size=8, oversampling=OVERSAMPLING):
-    """An oversampled, peak-normalised PRF image like a GALEX PSF file."""
-    n = 2 * half_size * oversampling + 1
-    offsets = (np.arange(n) - (n - 1) / 2) / oversampling
-    prf = np.outer(pixel_integrated_gaussian(offsets), pixel_integrated_gaussian(offsets))
-    return prf / prf.max()
-
-
-def render(shape, x, y, flux, sigma=SIGMA_PIX):
-    rows = np.arange(shape[0])
-    cols = np.arange(shape[1])
-    image = np.zeros(shape)
-    for xi, yi, fi in zip(np.atleast_1d(x), np.atleast_1d(y), np.atleast_1d(flux)):
-        image += fi * np.outer(pixel_integrated_gaussian(rows - yi, sigma), pixel_integrated_gaussian(cols - xi, sigma))
-    return image
 
 
 def crowded_field(rng, side, noise):

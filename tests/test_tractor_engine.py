@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from scipy.special import erf
 
 pytest.importorskip(
     "tractor.lsqr_optimizer",
@@ -12,27 +11,10 @@ pytest.importorskip(
 import tractor
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry
 from mbphot.engine.tractor import tractor_photometry
+from synthetic import FWHM_PIX, OVERSAMPLING, SIGMA_PIX, pixel_integrated_gaussian, render
 
-SIGMA_PIX = 1.2  # Gaussian sigma in pixels: FWHM 2.8 px, like IRAC on the 0.6" grid
-FWHM_PIX = 2.3548 * SIGMA_PIX
-OVERSAMPLING = 5
 CUTOUT = 17
 NOISE = 0.01
-
-
-def pixel_integrated_gaussian(offsets, sigma=SIGMA_PIX):
-    """Fraction of a unit Gaussian's flux in a unit pixel centred at each offset."""
-    scale = np.sqrt(2.0) * sigma
-    return 0.5 * (erf((offsets + 0.5) / scale) - erf((offsets - 0.5) / scale))
-
-
-def render(shape, x, y, flux):
-    rows = np.arange(shape[0])
-    cols = np.arange(shape[1])
-    image = np.zeros(shape)
-    for xi, yi, fi in zip(np.atleast_1d(x), np.atleast_1d(y), np.atleast_1d(flux)):
-        image += fi * np.outer(pixel_integrated_gaussian(rows - yi), pixel_integrated_gaussian(cols - xi))
-    return image
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
 from .prf import PRFTable
-from .solve import MIN_COVERED_FRACTION, FLAGS
+from .solve import finish_measurement, start_measurement
 
 __all__ = ["scene_photometry"]
 
@@ -442,29 +442,14 @@ def scene_photometry(
     flag : ndarray of int
         Bit flags, see `FLAGS`.
     """
-    if cutout_size % 2 != 1:
-        raise ValueError(f"cutout_size must be odd so the target sits on a pixel, got {cutout_size}")
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.intp)
-    n_target = targets.size
-    flux = np.full(n_target, np.nan)
-    flux_err = np.full(n_target, np.nan)
-    flag = np.zeros(n_target, dtype=np.int32)
-    if n_target == 0:
+    x, y, targets, flux, flux_err, flag, measured = start_measurement(image.shape, x, y, targets, cutout_size)
+    if measured.size == 0:
         return flux, flux_err, flag
-
     ny, nx = image.shape
     half = prf_table.half_size
     half_cutout = cutout_size // 2
     col = np.rint(x)
     row = np.rint(y)
-    with np.errstate(invalid="ignore"):
-        on_image = (col[targets] >= 0) & (col[targets] < nx) & (row[targets] >= 0) & (row[targets] < ny)
-    flag[~on_image] |= FLAGS["off_image"]
-    measured = np.flatnonzero(on_image)
-    if measured.size == 0:
-        return flux, flux_err, flag
 
     scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky)
     subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
@@ -482,14 +467,8 @@ def scene_photometry(
         (target_col >= half_cutout) & (target_col < nx - half_cutout)
         & (target_row >= half_cutout) & (target_row < ny - half_cutout)
     )
-    target_covered = scene.covered[target_unknowns]
-    partial = (target_covered < 1.0 - 1e-9) | ~cutout_inside
-    flag[measured[partial]] |= FLAGS["partial_coverage"]
-    no_data = scene.unconstrained[target_unknowns] | (target_covered < MIN_COVERED_FRACTION)
-    flag[measured[no_data]] |= FLAGS["no_data"]
-    failed = ~no_data & ~(np.isfinite(fitted) & np.isfinite(variance) & (variance > 0))
-    flag[measured[failed]] |= FLAGS["fit_failed"]
-    good = ~no_data & ~failed
-    flux[measured[good]] = fitted[good]
-    flux_err[measured[good]] = np.sqrt(variance[good])
+    finish_measurement(
+        flux, flux_err, flag, measured, fitted, variance,
+        scene.covered[target_unknowns], cutout_inside, scene.unconstrained[target_unknowns],
+    )
     return flux, flux_err, flag

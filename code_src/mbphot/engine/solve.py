@@ -13,7 +13,7 @@ from scipy.spatial import cKDTree
 
 from .prf import PRFTable
 
-__all__ = ["FLAGS", "MIN_COVERED_FRACTION", "forced_photometry"]
+__all__ = ["FLAGS", "MIN_COVERED_FRACTION", "finish_measurement", "forced_photometry", "start_measurement"]
 
 FLAGS = {
     "off_image": 1,
@@ -26,6 +26,51 @@ FLAGS = {
 _ELEMENT_BUDGET = 3_000_000
 MIN_COVERED_FRACTION = 0.5
 """A target whose PRF (inside its cutout) has less than this on usable pixels is not measured."""
+
+
+def start_measurement(shape, x, y, targets, cutout_size):
+    """What every engine does first: check the cutout size, allocate NaN results, flag
+    targets off the image.
+
+    Returns
+    -------
+    x, y, targets : ndarray
+        As float64 and int arrays.
+    flux, flux_err, flag : ndarray
+        NaN fluxes and errors, flags with ``off_image`` set.
+    measured : ndarray of int
+        Positions in ``targets`` of the targets on the image.
+    """
+    if cutout_size % 2 != 1:
+        raise ValueError(f"cutout_size must be odd so the target sits on a pixel, got {cutout_size}")
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.intp)
+    flux = np.full(targets.size, np.nan)
+    flux_err = np.full(targets.size, np.nan)
+    flag = np.zeros(targets.size, dtype=np.int32)
+    col = np.rint(x[targets])
+    row = np.rint(y[targets])
+    with np.errstate(invalid="ignore"):
+        on_image = (col >= 0) & (col < shape[1]) & (row >= 0) & (row < shape[0])
+    flag[~on_image] |= FLAGS["off_image"]
+    return x, y, targets, flux, flux_err, flag, np.flatnonzero(on_image)
+
+
+def finish_measurement(flux, flux_err, flag, measured, fitted, variance, covered, cutout_inside, unconstrained):
+    """What every engine does last: set the coverage and failure flags, keep good fits.
+
+    All arrays after ``measured`` hold one value per measured target.
+    """
+    partial = (covered < 1.0 - 1e-9) | ~cutout_inside
+    flag[measured[partial]] |= FLAGS["partial_coverage"]
+    no_data = unconstrained | (covered < MIN_COVERED_FRACTION)
+    flag[measured[no_data]] |= FLAGS["no_data"]
+    failed = ~no_data & ~(np.isfinite(fitted) & np.isfinite(variance) & (variance > 0))
+    flag[measured[failed]] |= FLAGS["fit_failed"]
+    good = ~no_data & ~failed
+    flux[measured[good]] = fitted[good]
+    flux_err[measured[good]] = np.sqrt(variance[good])
 
 
 def _neighbour_lists(col, row, targets, reach):
@@ -151,29 +196,12 @@ def forced_photometry(
     flag : ndarray of int
         Bit flags, see `FLAGS`.
     """
-    if cutout_size % 2 != 1:
-        raise ValueError(f"cutout_size must be odd so the target sits on a pixel, got {cutout_size}")
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.intp)
-    n_target = targets.size
-    flux = np.full(n_target, np.nan)
-    flux_err = np.full(n_target, np.nan)
-    flag = np.zeros(n_target, dtype=np.int32)
-    if n_target == 0:
+    x, y, targets, flux, flux_err, flag, measured = start_measurement(image.shape, x, y, targets, cutout_size)
+    if measured.size == 0:
         return flux, flux_err, flag
-
     col = np.rint(x)
     row = np.rint(y)
     half_cutout = cutout_size // 2
-    on_image = (
-        np.isfinite(col[targets]) & (col[targets] >= 0) & (col[targets] < image.shape[1])
-        & (row[targets] >= 0) & (row[targets] < image.shape[0])
-    )
-    flag[~on_image] |= FLAGS["off_image"]
-    measured = np.flatnonzero(on_image)
-    if measured.size == 0:
-        return flux, flux_err, flag
 
     col_int = np.nan_to_num(col, nan=-(10**9)).astype(np.intp)
     row_int = np.nan_to_num(row, nan=-(10**9)).astype(np.intp)
@@ -209,14 +237,7 @@ def forced_photometry(
         target_prf = design[:, 0, :]
         prf_in_cutout = target_prf.sum(axis=1)
         covered = np.where(weight > 0, target_prf, 0.0).sum(axis=1) / np.where(prf_in_cutout > 0, prf_in_cutout, 1.0)
-        index = measured[batch]
-        partial = (covered < 1.0 - 1e-9) | ~inside.all(axis=1)
-        flag[index[partial]] |= FLAGS["partial_coverage"]
-        no_data = unconstrained | (covered < MIN_COVERED_FRACTION)
-        flag[index[no_data]] |= FLAGS["no_data"]
-        failed = ~no_data & ~(np.isfinite(fitted) & np.isfinite(variance) & (variance > 0))
-        flag[index[failed]] |= FLAGS["fit_failed"]
-        good = ~no_data & ~failed
-        flux[index[good]] = fitted[good]
-        flux_err[index[good]] = np.sqrt(variance[good])
+        finish_measurement(
+            flux, flux_err, flag, measured[batch], fitted, variance, covered, inside.all(axis=1), unconstrained
+        )
     return flux, flux_err, flag

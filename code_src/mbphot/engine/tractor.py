@@ -13,7 +13,7 @@ unrelated projects), so it is imported only when this engine is used.
 import numpy as np
 
 from .prf import PRFTable
-from .solve import MIN_COVERED_FRACTION, FLAGS, _gather_cutouts, _neighbour_lists
+from .solve import FLAGS, MIN_COVERED_FRACTION, _gather_cutouts, _neighbour_lists, start_measurement
 
 __all__ = ["INSTALL_HINT", "tractor_available", "tractor_photometry"]
 
@@ -159,29 +159,12 @@ def tractor_photometry(
         If ``cutout_size`` is even.
     """
     tractor, LsqrOptimizer = _import_tractor()
-    if cutout_size % 2 != 1:
-        raise ValueError(f"cutout_size must be odd so the target sits on a pixel, got {cutout_size}")
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.intp)
-    n_target = targets.size
-    flux = np.full(n_target, np.nan)
-    flux_err = np.full(n_target, np.nan)
-    flag = np.zeros(n_target, dtype=np.int32)
-    if n_target == 0:
+    x, y, targets, flux, flux_err, flag, measured = start_measurement(image.shape, x, y, targets, cutout_size)
+    if measured.size == 0:
         return flux, flux_err, flag
-
     col = np.rint(x)
     row = np.rint(y)
     half_cutout = cutout_size // 2
-    on_image = (
-        np.isfinite(col[targets]) & (col[targets] >= 0) & (col[targets] < image.shape[1])
-        & (row[targets] >= 0) & (row[targets] < image.shape[0])
-    )
-    flag[~on_image] |= FLAGS["off_image"]
-    measured = np.flatnonzero(on_image)
-    if measured.size == 0:
-        return flux, flux_err, flag
 
     lists = _neighbour_lists(col, row, targets[measured], reach=half_cutout + prf_table.half_size)
     psf = tractor.PixelizedPSF(prf_table.stamp_at(0.0, 0.0))
