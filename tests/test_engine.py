@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mbphot.engine import FLAGS, build_prf_table, forced_photometry, normalise_prf
+from mbphot.engine import FLAGS, build_prf_table, forced_photometry, normalise_prf, scene_photometry
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, pixel_integrated_gaussian, render
 
 @pytest.fixture(scope="module")
@@ -39,18 +39,24 @@ def test_pixel_origin_is_zero_based_with_centres_on_integers(table):
     assert one_based[0] < 0.8, "a FITS 1-based position would lose flux"
 
 
-def test_isolated_source_recovers_injected_flux(table):
+@pytest.fixture(params=[forced_photometry, scene_photometry], ids=["source", "scene"])
+def measure(request):
+    """Both modes must pass the behaviour tests below."""
+    return request.param
+
+
+def test_isolated_source_recovers_injected_flux(table, measure):
     rng = np.random.default_rng(1)
     noise = 0.01
     image = render((61, 61), 30.3, 29.8, 5.0) + rng.normal(0, noise, (61, 61))
-    flux, err, flag = forced_photometry(image, [30.3], [29.8], [0], table, 17, sky=0.0, sigma=noise)
+    flux, err, flag = measure(image, [30.3], [29.8], [0], table, 17, sky=0.0, sigma=noise)
     assert flag[0] == 0
     assert abs(flux[0] - 5.0) < 3 * err[0]
     expected_err = noise / np.sqrt((table.stamp_at(30.3, 29.8) ** 2).sum())
     assert err[0] == pytest.approx(expected_err, rel=0.02)
 
 
-def test_two_sources_one_fwhm_apart_are_both_recovered(table):
+def test_two_sources_one_fwhm_apart_are_both_recovered(table, measure):
     rng = np.random.default_rng(2)
     fwhm = 2.3548 * SIGMA_PIX
     x = np.array([30.0, 30.0 + fwhm])
@@ -58,7 +64,7 @@ def test_two_sources_one_fwhm_apart_are_both_recovered(table):
     true_flux = np.array([4.0, 2.0])
     noise = 0.01
     image = render((61, 61), x, y, true_flux) + rng.normal(0, noise, (61, 61))
-    flux, err, flag = forced_photometry(image, x, y, [0, 1], table, 17, sky=0.0, sigma=noise)
+    flux, err, flag = measure(image, x, y, [0, 1], table, 17, sky=0.0, sigma=noise)
     assert np.all(flag == 0)
     assert np.all(np.abs(flux - true_flux) < 3 * err)
     isolated_err = noise / np.sqrt((table.stamp_at(30.0, 30.2) ** 2).sum())
@@ -66,20 +72,20 @@ def test_two_sources_one_fwhm_apart_are_both_recovered(table):
     assert np.allclose(err, isolated_err / np.sqrt(1 - overlap**2), rtol=0.01), "blending inflates the error"
 
 
-def test_blank_sky_gives_fluxes_consistent_with_zero(table):
+def test_blank_sky_gives_fluxes_consistent_with_zero(table, measure):
     rng = np.random.default_rng(3)
     noise = 0.02
     x = rng.uniform(10, 90, 200)
     y = rng.uniform(10, 90, 200)
     image = rng.normal(0, noise, (100, 100))
-    flux, err, flag = forced_photometry(image, x, y, np.arange(200), table, 17, sky=0.0, sigma=noise)
+    flux, err, flag = measure(image, x, y, np.arange(200), table, 17, sky=0.0, sigma=noise)
     pull = flux / err
     assert np.all(flag == 0)
     assert abs(np.mean(pull)) < 0.3
     assert 0.8 < np.std(pull) < 1.25
 
 
-def test_pull_over_500_noise_realisations(table):
+def test_pull_over_500_noise_realisations(table, measure):
     rng = np.random.default_rng(4)
     noise = 0.05
     x = np.array([25.3, 27.9, 21.4])
@@ -89,7 +95,7 @@ def test_pull_over_500_noise_realisations(table):
     pulls = []
     for _ in range(500):
         image = clean + rng.normal(0, noise, clean.shape)
-        flux, err, _ = forced_photometry(image, x, y, [0, 1, 2], table, 17, sky=0.0, sigma=noise)
+        flux, err, _ = measure(image, x, y, [0, 1, 2], table, 17, sky=0.0, sigma=noise)
         pulls.append((flux - true_flux) / err)
     pulls = np.array(pulls)
     for k in range(3):
