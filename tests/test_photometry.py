@@ -53,7 +53,7 @@ def test_one_process_and_two_give_the_same_fluxes(field):
 def test_band_overview_counts(field):
     _, table = field
     overview = band_overview(table, ["irac1", "fuv"])
-    assert overview.loc["irac1", "measured"] == len(table)
+    assert overview.loc["irac1", "clean (flag 0)"] == len(table)
     assert overview.loc["irac1", "S/N > 3"] > overview.loc["fuv", "S/N > 3"]
 
 
@@ -87,3 +87,11 @@ def test_scene_mode_agrees_with_per_source_mode(field, band):
     assert (scene[f"{band}_flag"] == table[f"{band}_flag"]).all()
     assert 0.85 < pull.std() < 1.15
     assert difference.abs().median() < 0.3
+
+
+def test_unknown_engine_or_mode_is_refused(field):
+    manifest, _ = field
+    with pytest.raises(ValueError, match="unknown engine 'foo'"):
+        measure_field(manifest, ["irac1"], engine="foo")
+    with pytest.raises(ValueError, match="unknown mode 'Scene'"):
+        measure_field(manifest, ["irac1"], mode="Scene")

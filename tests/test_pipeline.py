@@ -98,3 +98,6 @@ def test_parameters_from_papermill_strings_are_checked():
         RunParameters(radius_arcmin="wide")
     with pytest.raises(ValueError, match="unknown data_source 'vizier'"):
         RunParameters(data_source="vizier")
+    for seed in (-1, "abc", 1.5):
+        with pytest.raises(ValueError, match="seed must be a whole number >= 0"):
+            RunParameters(seed=seed)

@@ -75,7 +75,7 @@ def test_real_irac_prfs_are_centred_and_normalised(real_data_dir, channel):
 
 def test_footprint_area_counts_only_pixels_with_data(real_data_dir, tmp_path):
     manifest = real_galex_manifest(real_data_dir, tmp_path)
-    full = footprint_area_deg2(manifest, "nuv")
+    full = footprint_area_deg2(manifest, ["nuv"])
     assert full == pytest.approx(sky_area_deg2(3.0), rel=0.01)
     manifest.field = {**manifest.field, "ra": 150.135}  # the mosaic's east edge cuts the circle in half
-    assert footprint_area_deg2(manifest, "nuv") == pytest.approx(sky_area_deg2(3.0) / 2, rel=0.05)
+    assert footprint_area_deg2(manifest, ["nuv"]) == pytest.approx(sky_area_deg2(3.0) / 2, rel=0.05)

@@ -52,7 +52,7 @@ def test_chandra_sources_are_cut_to_the_field_and_footprint_is_the_circle(manife
     chandra = load_chandra(manifest)
     separation_arcmin = 60 * np.hypot((chandra["RA"] - 150.2) * np.cos(np.radians(2.4)), chandra["DEC"] - 2.4)
     assert np.all(separation_arcmin <= 1.0)
-    assert footprint_area_deg2(manifest, "irac1") == pytest.approx(sky_area_deg2(1.0), rel=0.01)
+    assert footprint_area_deg2(manifest) == pytest.approx(sky_area_deg2(1.0), rel=0.01)
 
 
 def test_archive_mode_says_it_is_not_yet_available(tmp_path):
@@ -75,3 +75,28 @@ def test_a_failed_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_missing_manifest_says_which_step_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the retrieve step"):
         Manifest.load(tmp_path / "manifest.json")
+
+
+def test_a_tile_without_data_under_the_source_is_not_chosen(tmp_path):
+    """GALEX tiles are zero outside the detector: the nearer pointing loses if it has no data."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from mbphot.retrieve import choose_tiles
+
+    def tile(name, pointing_ra, data_value):
+        wcs = WCS(naxis=2)
+        wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        wcs.wcs.cdelt = [-1.5 / 3600, 1.5 / 3600]
+        wcs.wcs.crval = [150.0, 2.2]
+        wcs.wcs.crpix = [51, 51]
+        header = wcs.to_header()
+        header["RA_CENT"], header["DEC_CENT"] = pointing_ra, 2.2
+        path = tmp_path / f"{name}-nd-int.fits"
+        fits.PrimaryHDU(np.full((101, 101), data_value, dtype=np.float32), header).writeto(path)
+        return path
+
+    near_but_empty = tile("A", 150.01, 0.0)
+    far_with_data = tile("B", 150.4, 1e-3)
+    choice = choose_tiles(np.array([150.0]), np.array([2.2]), [near_but_empty, far_with_data], "nuv")
+    assert choice.tolist() == [1]

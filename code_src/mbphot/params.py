@@ -1,6 +1,6 @@
 """Run parameters: defaults, validation with clear errors, and where a run's files go."""
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .bands import parse_bands
@@ -55,7 +55,7 @@ class RunParameters:
     ra: float = 150.01
     dec: float = 2.20
     radius_arcmin: float = 3.0
-    bands: list = field(default_factory=lambda: "all")
+    bands: list | str = "all"
     data_source: str = "sample"
     seed: int = 42
     engine: str = "mbphot"
@@ -90,8 +90,12 @@ class RunParameters:
             raise ValueError(f"engine='tractor' needs The Tractor, which cannot be imported here. {INSTALL_HINT}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
-            raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        try:
+            whole = not isinstance(self.seed, bool) and int(self.seed) == self.seed
+        except (TypeError, ValueError):
+            whole = False
+        if not whole or int(self.seed) < 0:
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
         self.seed = int(self.seed)
         if self.n_workers is None:
             self.n_workers = 0

@@ -8,6 +8,7 @@ Results are cached per band, so a rerun reuses finished bands.
 
 import multiprocessing
 import os
+import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from .engine import PRFTable, build_prf_table, forced_photometry, sky_and_rms_ma
 from .engine.background import source_mask
 from .io import atomic_path, read_header
 from .manifest import ImageEntry, Manifest
+from .params import ENGINES, MODES
 from .retrieve import _wcs, load_catalog
 
 __all__ = ["band_overview", "load_prf", "measure_field"]
@@ -162,7 +164,10 @@ def _measure_chunk(chunk: _Chunk):
         image, x, y, chunk.targets, chunk.prf, band.cutout_size_pixels, sky=sky, sigma=sigma, fit_sky=chunk.fit_sky
     )
     engine_cpu_s = time.process_time() - started
-    return chunk.targets, flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, engine_cpu_s
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return (
+        chunk.targets, flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, engine_cpu_s, peak_rss_gb
+    )
 
 
 def _engine_function(engine: str, mode: str):
@@ -231,8 +236,8 @@ def measure_field(
     progress : bool
         Show a progress bar.
     reuse : bool
-        Reuse bands measured by an earlier run on the same field (with the same sky, engine
-        and mode).
+        Reuse bands measured by an earlier run on the same field with the same sky, engine
+        and mode (the cached sky and noise maps of the images are reused either way).
     sky : {"auto", "map", "fit"}
         ``"map"`` subtracts the sky map (the archive's, else the source-masked background
         map); ``"fit"`` also fits a constant sky in every cutout; ``"auto"`` (default) fits
@@ -242,7 +247,8 @@ def measure_field(
         ``tests/test_photometry.py``); GALEX sky maps are unbiased and fitting a constant
         there would only add noise.
     engine : {"mbphot", "tractor"}
-        The fitting engine; The Tractor must be importable.
+        The fitting engine; The Tractor must be importable. It fits one cutout at a time,
+        so it always runs in source mode.
     mode : {"scene", "source"}
         ``"scene"``: all sources of a 6' region fitted together; ``"source"``: each target in
         its own cutout with its neighbours. Both give the same accuracy against the truth
@@ -257,7 +263,8 @@ def measure_field(
         ``<band>_flux_err_ujy`` (microJy) and ``<band>_flag`` (see `mbphot.engine.FLAGS`;
         sources that no image covers get the ``off_image`` flag and NaN).
         ``attrs["engine_cpu_s"]`` holds, per band measured in this call, the CPU seconds
-        spent inside the engine (for benchmarks).
+        spent inside the engine, and ``attrs["worker_peak_rss_gb"]`` the largest peak
+        resident memory of the processes that measured (for benchmarks).
     """
     catalog = load_catalog(manifest)
     targets = np.flatnonzero(catalog["in_field"].to_numpy())
@@ -268,8 +275,13 @@ def measure_field(
 
     if sky not in ("auto", "map", "fit"):
         raise ValueError(f"sky must be 'auto', 'map' or 'fit', got {sky!r}")
-    variant = "" if (sky, engine, mode) == ("auto", "mbphot", "scene") else f"_{engine}_{mode}_sky-{sky}"
-    result_path = {name: results_dir / f"{name}{variant}.parquet" for name in bands}
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if engine == "tractor":
+        mode = "source"
+    result_path = {name: results_dir / f"{name}_{engine}_{mode}_sky-{sky}.parquet" for name in bands}
     pending = [b for b in bands if not (reuse and result_path[b].is_file())]
     chunks = []
     for name in pending:
@@ -285,11 +297,11 @@ def measure_field(
     bar = tqdm(total=len(targets) * len(pending), desc="forced photometry", unit="source-band", disable=not progress)
     with bar:
         if n_workers == 1 or len(chunks) <= 1:
-            chunk_cpu_s = _collect((_measure_chunk(chunk) for chunk in chunks), chunks, catalog, measured, bar)
+            chunk_cpu_s, chunk_rss_gb = _collect((_measure_chunk(c) for c in chunks), chunks, catalog, measured, bar)
         else:
             context = multiprocessing.get_context("spawn")
             with _one_blas_thread_per_process(), ProcessPoolExecutor(n_workers, mp_context=context) as pool:
-                chunk_cpu_s = _collect(pool.map(_measure_chunk, chunks), chunks, catalog, measured, bar)
+                chunk_cpu_s, chunk_rss_gb = _collect(pool.map(_measure_chunk, chunks), chunks, catalog, measured, bar)
     engine_cpu_s = {name: 0.0 for name in pending}
     for chunk, seconds in zip(chunks, chunk_cpu_s):
         engine_cpu_s[chunk.band.name] += seconds
@@ -303,6 +315,7 @@ def measure_field(
         frame = pd.read_parquet(result_path[name])
         result = result.merge(frame, on="id", how="left")
     result.attrs["engine_cpu_s"] = engine_cpu_s
+    result.attrs["worker_peak_rss_gb"] = max(chunk_rss_gb, default=0.0)
     return result
 
 
@@ -323,10 +336,12 @@ def _one_blas_thread_per_process():
 
 
 def _collect(outputs, chunks, catalog, measured, bar):
-    """Store each chunk's results as they arrive; return each chunk's engine CPU seconds."""
-    chunk_cpu_s = []
-    for chunk, (indices, flux, flux_err, flag, engine_cpu_s) in zip(chunks, outputs):
+    """Store each chunk's results as they arrive; return each chunk's engine CPU seconds and
+    the peak memory of the process that measured it."""
+    chunk_cpu_s, chunk_rss_gb = [], []
+    for chunk, (indices, flux, flux_err, flag, engine_cpu_s, peak_rss_gb) in zip(chunks, outputs):
         chunk_cpu_s.append(engine_cpu_s)
+        chunk_rss_gb.append(peak_rss_gb)
         flux_col, err_col, flag_col = measured_columns(chunk.band.name)
         frame = measured[chunk.band.name]
         labels = catalog.index[indices]
@@ -334,11 +349,12 @@ def _collect(outputs, chunks, catalog, measured, bar):
         frame.loc[labels, err_col] = flux_err
         frame.loc[labels, flag_col] = flag
         bar.update(len(indices))
-    return chunk_cpu_s
+    return chunk_cpu_s, chunk_rss_gb
 
 
 def band_overview(photometry: pd.DataFrame, bands) -> pd.DataFrame:
-    """Per band: how many sources were measured, flagged and detected, and the typical error."""
+    """Per band: how many sources were measured cleanly (flag 0), flagged and detected, and
+    the typical error."""
     rows = []
     for name in bands:
         flux_col, err_col, flag_col = measured_columns(name)
@@ -347,7 +363,7 @@ def band_overview(photometry: pd.DataFrame, bands) -> pd.DataFrame:
         rows.append(
             {
                 "band": name,
-                "measured": int(good.sum()),
+                "clean (flag 0)": int(good.sum()),
                 "flagged": int((~good).sum()),
                 "S/N > 3": int((good & (snr > 3)).sum()),
                 "S/N > 10": int((good & (snr > 10)).sum()),

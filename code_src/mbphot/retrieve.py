@@ -15,6 +15,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from .bands import BANDS
+from .crossmatch import sky_area_deg2
 from .io import atomic_path, read_header, read_table
 from .manifest import Manifest
 from .params import RunParameters
@@ -54,8 +55,14 @@ def choose_tiles(ra_deg, dec_deg, image_paths, band_name) -> np.ndarray:
         ny, nx = header["NAXIS2"], header["NAXIS1"]
         x, y = wcs.world_to_pixel(coords)
         col, row = np.rint(x), np.rint(y)
-        whole = (col - half_cutout >= 0) & (col + half_cutout < nx) & (row - half_cutout >= 0) & (row + half_cutout < ny)
-        centre_inside = (col >= 0) & (col < nx) & (row >= 0) & (row < ny)
+        with fits.open(path, memmap=True) as hdul:
+            data = hdul[0].data
+            # The cutout's centre and corners must land on data (finite, non-zero: GALEX
+            # tiles are zero outside the detector's field of view).
+            whole = np.ones(n, dtype=bool)
+            for d_col, d_row in ((-1, -1), (-1, 1), (1, -1), (1, 1), (0, 0)):
+                whole &= _has_data(data, col + d_col * half_cutout, row + d_row * half_cutout)
+            centre_inside = _has_data(data, col, row)
         if "RA_CENT" in header and "DEC_CENT" in header:
             pointing = SkyCoord(header["RA_CENT"] * u.deg, header["DEC_CENT"] * u.deg)
         else:
@@ -66,6 +73,14 @@ def choose_tiles(ra_deg, dec_deg, image_paths, band_name) -> np.ndarray:
         best_distance[better] = distance[better]
         fallback[(fallback < 0) & centre_inside] = index
     return np.where(best >= 0, best, fallback)
+
+
+def _has_data(data, col, row) -> np.ndarray:
+    """Whether each (col, row) lies on the image and on a finite, non-zero pixel."""
+    on = np.isfinite(col) & np.isfinite(row) & (col >= 0) & (col < data.shape[1]) & (row >= 0) & (row < data.shape[0])
+    values = np.zeros(col.shape)
+    values[on] = data[row[on].astype(np.intp), col[on].astype(np.intp)]
+    return on & np.isfinite(values) & (values != 0)
 
 
 def load_catalog(manifest: Manifest) -> pd.DataFrame:
@@ -86,14 +101,14 @@ def load_chandra(manifest: Manifest):
     return chandra[positions.separation(centre).arcmin <= manifest.field["radius_arcmin"]]
 
 
-def footprint_area_deg2(manifest: Manifest, band: str, n_grid: int = 201) -> float:
-    """Sky area of the field circle that a band's images actually cover with data.
+def footprint_area_deg2(manifest: Manifest, bands=None, n_grid: int = 201) -> float:
+    """Sky area of the field circle that the field's images actually cover with data.
 
     The circle is sampled on a regular grid; the area is the spherical cap's times the
-    fraction of grid points that land on a finite, non-zero pixel of one of the images.
+    fraction of grid points that land on a finite, non-zero pixel of an image of any of
+    ``bands`` (default: every band of the field, so the answer does not depend on which
+    bands a run measures).
     """
-    from .crossmatch import sky_area_deg2
-
     radius_deg = manifest.field["radius_arcmin"] / 60.0
     offsets = np.linspace(-radius_deg, radius_deg, n_grid)
     d_ra, d_dec = np.meshgrid(offsets, offsets)
@@ -101,15 +116,11 @@ def footprint_area_deg2(manifest: Manifest, band: str, n_grid: int = 201) -> flo
     centre = SkyCoord(manifest.field["ra"] * u.deg, manifest.field["dec"] * u.deg)
     points = centre.spherical_offsets_by(d_ra[inside] * u.deg, d_dec[inside] * u.deg)
     covered = np.zeros(points.size, dtype=bool)
-    for entry in manifest.images(band):
-        with fits.open(entry.image, memmap=True) as hdul:
-            data = hdul[0].data
-            x, y = _wcs(hdul[0].header).world_to_pixel(points)
-            col, row = np.rint(x).astype(int), np.rint(y).astype(int)
-            on = (col >= 0) & (col < data.shape[1]) & (row >= 0) & (row < data.shape[0])
-            values = np.zeros(points.size)
-            values[on] = data[row[on], col[on]]
-            covered |= on & np.isfinite(values) & (values != 0)
+    for band in manifest.bands if bands is None else bands:
+        for entry in manifest.images(band):
+            with fits.open(entry.image, memmap=True) as hdul:
+                x, y = _wcs(hdul[0].header).world_to_pixel(points)
+                covered |= _has_data(hdul[0].data, np.rint(x), np.rint(y))
     return sky_area_deg2(manifest.field["radius_arcmin"]) * covered.mean()
 
 

@@ -36,6 +36,8 @@ from .engine.prf import build_prf_table
 
 __all__ = ["SampleSpec", "make_sample_field", "sample_files"]
 
+SAMPLE_VERSION = 2
+"""Bumped whenever the simulator changes, so that fields made by an older one are rebuilt."""
 SOURCES_PER_ARCMIN2 = 150.0
 HALO_ARCMIN = 1.0
 IRAC_PRF_OVERSAMPLING = 5
@@ -217,7 +219,7 @@ def _draw_sources(spec: SampleSpec, rng: np.random.Generator) -> Table:
     return sources
 
 
-def _airy_prf(band, oversampling, half_size, rng_free_fwhm_tolerance=0.02):
+def _airy_prf(band, oversampling, half_size):
     """Pixel-response function of a diffraction-limited 0.85 m telescope on the 0.6" grid.
 
     Airy pattern, convolved with the native 1.22" detector pixel, a pointing jitter chosen so
@@ -516,7 +518,10 @@ def _make_chandra_and_catalog(spec, sources, rng, out):
 
 
 def make_sample_field(spec: SampleSpec, directory) -> Path:
-    """Write the simulated field for ``spec`` into ``directory`` (reused if already complete).
+    """Write the simulated field for ``spec`` into ``directory``.
+
+    A complete field made by this version of the simulator is reused; one made by another
+    version is rebuilt, with everything derived from it in the folder.
 
     The files are built in a temporary folder beside ``directory`` and moved into place only
     when all are written, so an interrupted run never leaves a half-made field.
@@ -534,7 +539,9 @@ def make_sample_field(spec: SampleSpec, directory) -> Path:
         ``directory``.
     """
     directory = Path(directory)
-    if (directory / "COMPLETE").is_file():
+    stamp = f"mbphot.sample version {SAMPLE_VERSION}: {spec}\n"
+    complete = directory / "COMPLETE"
+    if complete.is_file() and complete.read_text() == stamp:
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([spec.seed, int(round(spec.ra_deg * 1e4)), int(round(spec.dec_deg * 1e4)),
@@ -545,7 +552,7 @@ def make_sample_field(spec: SampleSpec, directory) -> Path:
         _make_irac(spec, sources, rng, staging)
         _make_galex(spec, sources, rng, staging)
         _make_chandra_and_catalog(spec, sources, rng, staging)
-        (staging / "COMPLETE").write_text(f"{spec}\n")
+        (staging / "COMPLETE").write_text(stamp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)

@@ -99,9 +99,9 @@ class PRFTable:
     def stamps_for(self, offset_x: np.ndarray, offset_y: np.ndarray) -> np.ndarray:
         """Stamps for sources at sub-pixel offsets (from their nearest pixel centre).
 
-        Bilinear interpolation between the four neighbouring phases: the tabulated phases
-        are 1/32 pixel apart, and a bright source placed at the nearest phase instead would
-        leave residuals well above the noise.
+        Bilinear interpolation between the four neighbouring phases (1/(n_phase - 1) pixel
+        apart): a bright source placed at the nearest phase instead would leave residuals
+        well above the noise.
 
         Returns
         -------
@@ -135,7 +135,7 @@ def build_prf_table(
 
     Each stamp is the normalised PRF resampled at the image pixel centres by cubic-spline
     interpolation of the PRF samples, so the placement is exact at the PRF's own sample
-    phases and smooth in between. With 17 phases a position is off by at most 1/32 pixel.
+    phases and smooth in between; `PRFTable.stamps_for` interpolates between phases.
 
     Parameters
     ----------

@@ -39,7 +39,8 @@ _TOLERANCE = 1e-6
 _MAX_ITERATIONS = 200
 # Ridge on the unit-diagonal (Jacobi-scaled) normal matrix: coincident catalogue entries make
 # A singular; this keeps it factorisable and splits their flux evenly, with the huge variance
-# they deserve. The per-source engine adds the same 1e-10 (of its largest diagonal element).
+# they deserve. (The per-source engine's ridge is 1e-10 of its largest unscaled diagonal
+# element, sky included, so it is not the same number relative to a source.)
 _RIDGE = 1e-10
 
 

@@ -212,11 +212,12 @@ def forced_photometry(
     unique_index[sources] = np.arange(sources.size)
     windows = _stamp_windows(prf_table, x, y, col_int, row_int, sources, half_cutout)
     order = np.argsort(n_members, kind="stable")
+    sorted_unknowns = n_members[order] + int(fit_sky)
     start = 0
     while start < order.size:
-        n_unknown = n_members[order[min(start + 63, order.size - 1)]]
-        per_target = n_unknown * cutout_size**2
-        n_batch = int(max(1, min(order.size - start, _ELEMENT_BUDGET // per_target)))
+        # Targets are sorted by size, so the last one of a batch sets its padded size.
+        sizes = np.arange(1, order.size - start + 1) * sorted_unknowns[start:] * cutout_size**2
+        n_batch = max(1, int(np.sum(sizes <= _ELEMENT_BUDGET)))
         batch = order[start : start + n_batch]
         n_unknown = n_members[batch].max()
         start += n_batch
