@@ -164,10 +164,24 @@ def _measure_chunk(chunk: _Chunk):
         image, x, y, chunk.targets, chunk.prf, band.cutout_size_pixels, sky=sky, sigma=sigma, fit_sky=chunk.fit_sky
     )
     engine_cpu_s = time.process_time() - started
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    peak_rss_gb = _peak_rss_gb()
     return (
         chunk.targets, flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, engine_cpu_s, peak_rss_gb
     )
+
+
+def _peak_rss_gb() -> float:
+    """Peak resident memory of this process's own address space.
+
+    Linux's VmHWM restarts when a spawned worker executes Python afresh; ``ru_maxrss`` would
+    carry over the parent's peak from the moment of the fork.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def _engine_function(engine: str, mode: str):
