@@ -42,6 +42,7 @@ _MAX_ITERATIONS = 200
 # they deserve. (The per-source engine's ridge is 1e-10 of its largest unscaled diagonal
 # element, sky included, so it is not the same number relative to a source.)
 _RIDGE = 1e-10
+_VARIANCE_BLOCK_UNKNOWNS = 250
 
 
 def _pixel_arrays(image, sky, sigma, margin):
@@ -460,7 +461,11 @@ def scene_photometry(
     fitted = solution[target_unknowns] * scale
     # Beyond the stamp-overlap reach, a sky tile links a target to every source in the tile.
     halo = 2 * half + (cutout_size if fit_sky else 0)
-    variance = _local_variances(scene.normal, scene.centres, scene.extents, target_unknowns, halo, halo) * scale**2
+    # Cells as large as keeps each dense block near _VARIANCE_BLOCK_UNKNOWNS unknowns: fewer,
+    # larger blocks cost less Python per target until the cubic factorisation takes over.
+    density = scene.n_source / (ny * nx)
+    cell_size = max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS / density)) - 2 * halo)
+    variance = _local_variances(scene.normal, scene.centres, scene.extents, target_unknowns, cell_size, halo) * scale**2
 
     target_col = col[targets[measured]]
     target_row = row[targets[measured]]
