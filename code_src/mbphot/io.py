@@ -10,9 +10,9 @@ from pathlib import Path
 from astropy.io import fits
 from astropy.table import Table
 from astropy.units import UnitsWarning
-from astropy.wcs import FITSFixedWarning
+from astropy.wcs import WCS, FITSFixedWarning
 
-__all__ = ["atomic_path", "write_json", "read_table", "read_header"]
+__all__ = ["atomic_path", "write_json", "read_table", "read_header", "read_wcs"]
 
 
 @contextmanager
@@ -46,6 +46,13 @@ def read_table(path) -> Table:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnitsWarning)
         return Table.read(path)
+
+
+def read_wcs(header) -> WCS:
+    """The WCS of a header; archives' non-standard keywords only warn."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header)
 
 
 def read_header(path, ext=0) -> fits.Header:

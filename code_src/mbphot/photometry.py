@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from .bands import BANDS, Band, measured_columns
 from .engine import PRFTable, build_prf_table, forced_photometry, sky_and_rms_maps
 from .engine.background import source_mask
-from .io import atomic_path, read_header
+from .io import atomic_path, read_header, read_wcs
 from .manifest import ImageEntry, Manifest
 from .params import ENGINES, MODES
-from .retrieve import _wcs, load_catalog
+from .retrieve import load_catalog
 
 __all__ = ["band_overview", "load_prf", "measure_field"]
 
@@ -61,8 +61,10 @@ def load_prf(path, band: Band) -> PRFTable:
     return build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction)
 
 
-def _read_image(path, band: Band) -> np.ndarray:
-    image = np.array(fits.getdata(path), dtype=np.float64)
+def _read_image(path, band: Band, section=(slice(None), slice(None))) -> np.ndarray:
+    """An image, or a section of it read through a memory map, as float64 with NaN for no data."""
+    with fits.open(path, memmap=True) as hdul:
+        image = np.array(hdul[0].section[section], dtype=np.float64)
     if band.instrument == "GALEX":
         # GALEX intensity maps hold exact zeros where the detector saw nothing.
         image[image == 0] = np.nan
@@ -149,10 +151,7 @@ def _measure_chunk(chunk: _Chunk):
         x1 = int(min(nx, col[on_image].max() + margin + 1))
         y0 = int(max(0, row[on_image].min() - margin)) // align * align
         y1 = int(min(ny, row[on_image].max() + margin + 1))
-    with fits.open(chunk.image_path, memmap=True) as hdul:
-        image = np.array(hdul[0].section[y0:y1, x0:x1], dtype=np.float64)
-    if band.instrument == "GALEX":
-        image[image == 0] = np.nan
+    image = _read_image(chunk.image_path, band, (slice(y0, y1), slice(x0, x1)))
     sky = np.load(chunk.sky_path, mmap_mode="r")[y0:y1, x0:x1]
     sigma = np.load(chunk.sigma_path, mmap_mode="r")[y0:y1, x0:x1]
     x = chunk.x - x0
@@ -202,7 +201,7 @@ def _chunks_for_band(manifest, band, catalog, targets, tile_choice, cache_dir, s
     coords = SkyCoord(catalog["ra"].to_numpy() * u.deg, catalog["dec"].to_numpy() * u.deg)
     chunks = []
     for entry in manifest.images(band.name):
-        wcs = _wcs(read_header(entry.image))
+        wcs = read_wcs(read_header(entry.image))
         x, y = wcs.world_to_pixel(coords)
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         assigned = targets[tile_choice[targets] == entry.tile]

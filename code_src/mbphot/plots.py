@@ -21,8 +21,6 @@ Catalogue columns used
 A source is *detected* in a band when its flag is 0 and its measured flux / error > 3.
 """
 
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .bands import BANDS, IRAC_BANDS, measured_columns, parse_bands
+from .io import atomic_path
 
 __all__ = [
     "SNR_MIN",
@@ -540,9 +539,9 @@ def uv_ir_color(catalog: pd.DataFrame) -> Figure:
 def save_figure(fig: Figure, path) -> Path:
     """Write ``fig`` as a PNG (120 dpi) so that ``path`` is never seen half-written.
 
-    The image goes to a hidden temporary file in the destination folder, which then
-    replaces ``path`` with `os.replace` (atomic within one file system). Parent folders
-    are created. On failure the temporary file is removed and ``path`` is left as it was.
+    The image goes to a temporary file in the destination folder that replaces ``path``
+    only once complete (`mbphot.io.atomic_path`). Parent folders are created. On failure
+    ``path`` is left as it was.
 
     Parameters
     ----------
@@ -564,16 +563,6 @@ def save_figure(fig: Figure, path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"save_figure writes PNG files; give a path ending in .png, not {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        # "xb" creates the file with the usual umask permissions (unlike mkstemp's 0600).
-        with open(temporary, "xb") as stream:
-            fig.savefig(stream, format="png", dpi=SAVE_DPI)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=SAVE_DPI)
     return path

@@ -4,7 +4,6 @@
 come in later versions; asking for them now says so.
 """
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +11,15 @@ import pandas as pd
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
-from astropy.wcs import WCS, FITSFixedWarning
 
 from .bands import BANDS
 from .crossmatch import sky_area_deg2
-from .io import atomic_path, read_header, read_table
+from .io import atomic_path, read_header, read_table, read_wcs
 from .manifest import Manifest
 from .params import RunParameters
 from .sample import SampleSpec, make_sample_field, sample_files
 
 __all__ = ["retrieve", "choose_tiles", "load_catalog", "load_chandra", "load_truth", "footprint_area_deg2", "summary", "write_tile_choice"]
-
-
-def _wcs(header):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(header)
 
 
 def choose_tiles(ra_deg, dec_deg, image_paths, band_name) -> np.ndarray:
@@ -51,7 +43,7 @@ def choose_tiles(ra_deg, dec_deg, image_paths, band_name) -> np.ndarray:
     coords = SkyCoord(ra_deg * u.deg, dec_deg * u.deg)
     for index, path in enumerate(image_paths):
         header = read_header(path)
-        wcs = _wcs(header)
+        wcs = read_wcs(header)
         ny, nx = header["NAXIS2"], header["NAXIS1"]
         x, y = wcs.world_to_pixel(coords)
         col, row = np.rint(x), np.rint(y)
@@ -119,7 +111,7 @@ def footprint_area_deg2(manifest: Manifest, bands=None, n_grid: int = 201) -> fl
     for band in manifest.bands if bands is None else bands:
         for entry in manifest.images(band):
             with fits.open(entry.image, memmap=True) as hdul:
-                x, y = _wcs(hdul[0].header).world_to_pixel(points)
+                x, y = read_wcs(hdul[0].header).world_to_pixel(points)
                 covered |= _has_data(hdul[0].data, np.rint(x), np.rint(y))
     return sky_area_deg2(manifest.field["radius_arcmin"]) * covered.mean()
 
