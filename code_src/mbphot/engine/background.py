@@ -13,7 +13,7 @@ import numpy as np
 from astropy.stats import sigma_clipped_stats
 from scipy import ndimage
 
-__all__ = ["source_mask", "sky_and_rms_maps"]
+__all__ = ["box_statistics", "grid_to_pixels", "smooth_grid", "source_mask", "sky_and_rms_maps"]
 
 
 def source_mask(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, radius_pixels: float) -> np.ndarray:
@@ -28,7 +28,7 @@ def source_mask(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, radius_pix
     return ndimage.binary_dilation(mask, structure=(xx**2 + yy**2) <= radius_pixels**2)
 
 
-def _box_statistics(values: np.ndarray, box_size: int, min_fraction: float):
+def _clipped_box_statistics(values: np.ndarray, box_size: int, min_fraction: float):
     ny, nx = values.shape
     pad_y, pad_x = (-ny) % box_size, (-nx) % box_size
     padded = np.pad(values, ((0, pad_y), (0, pad_x)), constant_values=np.nan)
@@ -46,14 +46,72 @@ def _box_statistics(values: np.ndarray, box_size: int, min_fraction: float):
     return median, std
 
 
-def _fill_and_upsample(grid: np.ndarray, shape: tuple[int, int], box_size: int) -> np.ndarray:
+def box_statistics(
+    image: np.ndarray,
+    mask: np.ndarray | None = None,
+    sky: np.ndarray | None = None,
+    box_size: int = 32,
+    min_fraction: float = 0.2,
+    with_rms: bool = True,
+):
+    """Sky level and pixel noise of each ``box_size`` square box of an image.
+
+    Boxes start at pixel (0, 0), so the boxes of a horizontal strip of an image whose first
+    row is a multiple of ``box_size`` are exactly the whole image's boxes of those rows: an
+    image can be measured strip by strip, in parallel, with identical results.
+
+    Parameters
+    ----------
+    image : ndarray
+        The image, NaN where there is no data.
+    mask : ndarray of bool, optional
+        True for pixels to leave out (sources); see `source_mask`.
+    sky : ndarray, optional
+        A sky map that came with the image (GALEX ``-skybg``); the noise is measured around it.
+    box_size : int
+        Side of the boxes in pixels.
+    min_fraction : float
+        A box needs at least this fraction of usable pixels; others get NaN.
+    with_rms : bool
+        Also measure the noise (skip it where an uncertainty map gives the noise).
+
+    Returns
+    -------
+    median, rms : ndarray
+        Sigma-clipped median and pixel noise per box (``rms`` is None without ``with_rms``).
+    """
+    values = np.array(image, dtype=np.float64)
+    if sky is not None:
+        values = values - sky
+    if mask is not None:
+        values[mask] = np.nan
+    median, _ = _clipped_box_statistics(values, box_size, min_fraction)
+    if not with_rms:
+        return median, None
+    # Differences of horizontally adjacent pixels carry the white pixel noise and cancel
+    # what is smooth on the PRF scale (faint sources, which the fit models anyway).
+    differences = np.full_like(values, np.nan)
+    differences[:, 1:] = (values[:, 1:] - values[:, :-1]) / np.sqrt(2.0)
+    _, rms = _clipped_box_statistics(differences, box_size, min_fraction)
+    return median, rms
+
+
+def smooth_grid(grid: np.ndarray) -> np.ndarray:
+    """Fill boxes without a measurement from the median of the others, then take the median
+    over each box and its neighbours (which removes boxes spoilt by a bright source)."""
     if not np.isfinite(grid).any():
-        return np.full(shape, np.nan)
+        return np.full(grid.shape, np.nan)
     filled = np.where(np.isfinite(grid), grid, np.nanmedian(grid))
-    smoothed = ndimage.median_filter(filled, size=3, mode="nearest")
-    rows = (np.arange(shape[0]) + 0.5) / box_size - 0.5
-    cols = (np.arange(shape[1]) + 0.5) / box_size - 0.5
-    coords = np.meshgrid(rows, cols, indexing="ij")
+    return ndimage.median_filter(filled, size=3, mode="nearest")
+
+
+def grid_to_pixels(smoothed: np.ndarray, rows: np.ndarray, cols: np.ndarray, box_size: int) -> np.ndarray:
+    """A smoothed box grid interpolated (bilinearly between box centres) to the pixels
+    ``rows`` x ``cols`` (0-based image indices); any section of an image gets the values the
+    whole image would."""
+    grid_rows = (np.asarray(rows) + 0.5) / box_size - 0.5
+    grid_cols = (np.asarray(cols) + 0.5) / box_size - 0.5
+    coords = np.meshgrid(grid_rows, grid_cols, indexing="ij")
     return ndimage.map_coordinates(smoothed, coords, order=1, mode="nearest")
 
 
@@ -64,42 +122,22 @@ def sky_and_rms_maps(
     box_size: int = 32,
     min_fraction: float = 0.2,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sky level and per-pixel noise maps of an image.
+    """Sky level and per-pixel noise maps of a whole image.
 
-    Parameters
-    ----------
-    image : ndarray
-        The image, NaN where there is no data.
-    mask : ndarray of bool, optional
-        True for pixels to leave out (sources); see `source_mask`.
-    sky : ndarray, optional
-        A sky map that came with the image (GALEX ``-skybg``). When given it is returned as
-        the sky and the noise is measured around it.
-    box_size : int
-        Side of the boxes in pixels.
-    min_fraction : float
-        A box needs at least this fraction of usable pixels; others are filled from the
-        median of the rest.
+    See `box_statistics` for the parameters; the box grids are smoothed (`smooth_grid`) and
+    interpolated to every pixel (`grid_to_pixels`). Where ``sky`` is given it is returned as
+    the sky map.
 
     Returns
     -------
     sky_map, rms_map : ndarray
         Both with the image's shape.
     """
-    values = np.array(image, dtype=np.float64)
-    if sky is not None:
-        values = values - sky
-    if mask is not None:
-        values[mask] = np.nan
-    # Differences of horizontally adjacent pixels carry the white pixel noise and cancel
-    # what is smooth on the PRF scale (faint sources, which the fit models anyway).
-    differences = np.full_like(values, np.nan)
-    differences[:, 1:] = (values[:, 1:] - values[:, :-1]) / np.sqrt(2.0)
-    median, _ = _box_statistics(values, box_size, min_fraction)
-    _, std = _box_statistics(differences, box_size, min_fraction)
-    rms_map = _fill_and_upsample(std, values.shape, box_size)
+    median, rms = box_statistics(image, mask, sky, box_size, min_fraction)
+    rows, cols = np.arange(image.shape[0]), np.arange(image.shape[1])
+    rms_map = grid_to_pixels(smooth_grid(rms), rows, cols, box_size)
     if sky is None:
-        sky_map = _fill_and_upsample(median, values.shape, box_size)
+        sky_map = grid_to_pixels(smooth_grid(median), rows, cols, box_size)
     else:
         sky_map = np.asarray(sky, dtype=np.float64)
     return sky_map, rms_map

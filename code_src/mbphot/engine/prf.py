@@ -169,13 +169,14 @@ def build_prf_table(
     phases = np.linspace(-0.5, 0.5, n_phase)
     grid = np.arange(-half_size, half_size + 1, dtype=np.float64)
     size = grid.size
-    stamps = np.empty((n_phase, n_phase, size, size))
-    for iy, phase_y in enumerate(phases):
-        rows = centre_y + oversampling * (grid - phase_y)
-        for ix, phase_x in enumerate(phases):
-            cols = centre_x + oversampling * (grid - phase_x)
-            coords = np.meshgrid(rows, cols, indexing="ij")
-            stamps[iy, ix] = ndimage.map_coordinates(
-                coefficients, coords, order=3, mode="constant", cval=0.0, prefilter=False
-            )
+    # Sample coordinates of every phase's stamp, shape (2, phase_y, phase_x, row, col).
+    rows = centre_y + oversampling * (grid[None, :] - phases[:, None])
+    cols = centre_x + oversampling * (grid[None, :] - phases[:, None])
+    coords = np.stack(
+        [
+            np.broadcast_to(rows[:, None, :, None], (n_phase, n_phase, size, size)),
+            np.broadcast_to(cols[None, :, None, :], (n_phase, n_phase, size, size)),
+        ]
+    )
+    stamps = ndimage.map_coordinates(coefficients, coords, order=3, mode="constant", cval=0.0, prefilter=False)
     return PRFTable(stamps=stamps, phases=phases, half_size=half_size)

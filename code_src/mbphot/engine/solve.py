@@ -77,7 +77,9 @@ def _neighbour_lists(col, row, targets, reach):
     finite = np.flatnonzero(np.isfinite(col) & np.isfinite(row))
     tree = cKDTree(np.column_stack([col[finite], row[finite]]))
     centres = np.column_stack([col[targets], row[targets]])
-    found = tree.query_ball_point(centres, r=reach, p=np.inf)
+    # Sorted, so that a target's neighbours come in catalogue order whatever other sources
+    # were passed: the fit then sums in the same order in any partition of the field.
+    found = tree.query_ball_point(centres, r=reach, p=np.inf, return_sorted=True)
     lists = []
     for target, members in zip(targets, found):
         members = finite[members]
@@ -215,11 +217,13 @@ def forced_photometry(
     sorted_unknowns = n_members[order] + int(fit_sky)
     start = 0
     while start < order.size:
-        # Targets are sorted by size, so the last one of a batch sets its padded size.
-        sizes = np.arange(1, order.size - start + 1) * sorted_unknowns[start:] * cutout_size**2
-        n_batch = max(1, int(np.sum(sizes <= _ELEMENT_BUDGET)))
+        # A batch holds problems of one size only: padding a problem to another's size would
+        # change LAPACK's blocking, and with it the last bits of the result, depending on
+        # which targets happen to share a call.
+        same_size = int(np.searchsorted(sorted_unknowns, sorted_unknowns[start], side="right")) - start
+        n_batch = max(1, min(same_size, _ELEMENT_BUDGET // (int(sorted_unknowns[start]) * cutout_size**2)))
         batch = order[start : start + n_batch]
-        n_unknown = n_members[batch].max()
+        n_unknown = n_members[batch[0]]
         start += n_batch
 
         members = np.full((batch.size, n_unknown), -1, dtype=np.intp)

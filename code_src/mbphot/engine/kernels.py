@@ -1,0 +1,116 @@
+"""Compiled inner loops of the engine (numba), for the few steps that numpy cannot batch.
+
+Each function here is a plain loop over arrays; numba compiles it on first use and caches
+the machine code beside this file, so worker processes start without compiling again.
+"""
+
+import numpy as np
+from numba import njit
+
+__all__ = ["pair_overlaps", "weighted_stamps"]
+
+
+@njit(cache=True, nogil=True)
+def pair_overlaps(stamps, col, row, first, second):
+    """Dot products of pairs of square stamps placed on one pixel grid.
+
+    Parameters
+    ----------
+    stamps : ndarray, shape (n, size, size)
+        One stamp per source, centred on pixel (``row``, ``col``) of the grid.
+    col, row : ndarray of int
+        Pixel of each stamp's centre.
+    first, second : ndarray of int
+        The pairs of stamps (indices into ``stamps``).
+
+    Returns
+    -------
+    ndarray
+        For each pair, the sum over the pixels both stamps cover of the product of their
+        values.
+    """
+    size = stamps.shape[1]
+    values = np.empty(first.size)
+    for pair in range(first.size):
+        i = first[pair]
+        j = second[pair]
+        # Pixel (a, b) of stamp i is pixel (a - d_row, b - d_col) of stamp j.
+        d_row = row[j] - row[i]
+        d_col = col[j] - col[i]
+        total = 0.0
+        for a in range(max(d_row, 0), size + min(d_row, 0)):
+            for b in range(max(d_col, 0), size + min(d_col, 0)):
+                total += stamps[i, a, b] * stamps[j, a - d_row, b - d_col]
+        values[pair] = total
+    return values
+
+
+@njit(cache=True, nogil=True)
+def weighted_stamps(table, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight, valid, reach):
+    """Each source's PRF stamp, interpolated between tabulated phases and multiplied by the
+    square-root weights of the pixels it lands on, with its terms of the normal equations.
+
+    Parameters
+    ----------
+    table : ndarray, shape (n_phase, n_phase, size, size)
+        PRF stamps at regularly spaced sub-pixel phases (see `PRFTable`).
+    first_phase, phase_step : float
+        The phase of the first stamp and the spacing of the phases, in pixels.
+    offset_x, offset_y : ndarray
+        Each source's offset from its nearest pixel centre (``col``, ``row``).
+    col, row : ndarray of int
+        That pixel, in a grid padded by ``size - 1`` on every side.
+    whitened, sqrt_weight : ndarray
+        The padded image, sky-subtracted and divided by its noise, and 1 / noise (0 where
+        unusable); ``valid`` marks usable pixels.
+    reach : int
+        Half-side of the square (around the centre) over which the coverage is measured.
+
+    Returns
+    -------
+    weighted : ndarray, shape (n, size, size)
+        Stamp times sqrt(weight).
+    rhs, diagonal : ndarray
+        ``weighted . whitened`` and ``weighted . weighted`` per source.
+    covered : ndarray
+        Fraction of the stamp's flux within ``reach`` that falls on usable pixels.
+    """
+    n_phase = table.shape[0]
+    size = table.shape[2]
+    half = size // 2
+    n = col.size
+    weighted = np.empty((n, size, size))
+    rhs = np.empty(n)
+    diagonal = np.empty(n)
+    covered = np.empty(n)
+    for source in range(n):
+        position_x = min(max((offset_x[source] - first_phase) / phase_step, 0.0), n_phase - 1.0)
+        position_y = min(max((offset_y[source] - first_phase) / phase_step, 0.0), n_phase - 1.0)
+        low_x = min(int(np.floor(position_x)), n_phase - 2)
+        low_y = min(int(np.floor(position_y)), n_phase - 2)
+        weight_x = position_x - low_x
+        weight_y = position_y - low_y
+        # The padding is size - 1, so a stamp centred on pixel (row, col) starts at row + half.
+        first_row = row[source] + half
+        first_col = col[source] + half
+        b_sum = 0.0
+        a_sum = 0.0
+        core_total = 0.0
+        core_on_data = 0.0
+        for a in range(size):
+            for b in range(size):
+                value = (1 - weight_y) * (
+                    (1 - weight_x) * table[low_y, low_x, a, b] + weight_x * table[low_y, low_x + 1, a, b]
+                ) + weight_y * ((1 - weight_x) * table[low_y + 1, low_x, a, b] + weight_x * table[low_y + 1, low_x + 1, a, b])
+                w = value * sqrt_weight[first_row + a, first_col + b]
+                weighted[source, a, b] = w
+                b_sum += w * whitened[first_row + a, first_col + b]
+                a_sum += w * w
+                if abs(a - half) <= reach and abs(b - half) <= reach:
+                    core_total += value
+                    if valid[first_row + a, first_col + b]:
+                        core_on_data += value
+        rhs[source] = b_sum
+        diagonal[source] = a_sum
+        covered[source] = core_on_data / core_total if core_total > 0 else 0.0
+    return weighted, rhs, diagonal, covered
