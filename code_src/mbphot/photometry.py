@@ -1,45 +1,62 @@
-"""Run the forced-photometry engine over a field: every band, every image, in processes.
+"""Run the forced-photometry engine over a field: every band, in sky partitions, in parallel.
 
-The driver does the I/O the engine must not: it reads PRF files, builds sky and noise maps
-once per image (cached beside the field), splits the targets into spatially compact chunks,
-and sends each chunk to a worker process that reads only the image section it needs.
-Results are cached per band, so a rerun reuses finished bands.
+The field is cut into square sky partitions on a tangent-plane grid centred on the field. One
+task measures one partition in every band: it reads only the image sections it needs (memory
+maps), builds their sky and noise maps from small per-image background grids, and runs the
+engine. The driver writes each partition's result atomically as soon as it arrives, so a
+rerun, or a run resumed after Ctrl-C or a killed process, skips the finished partitions.
+Tasks run in this process, in local worker processes (the default) or on a
+``dask.distributed`` cluster.
+
+The results do not depend on how the work is split. In scene mode each `SCENE_ARCMIN` cell
+of the grid is one scene whatever the partition size; in source mode every target is fitted
+on its own; the background grids are measured box by box. So any number of workers and any
+partition size give the same catalogue, bit for bit.
 """
 
+import functools
+import hashlib
 import multiprocessing
 import os
 import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from astropy import units as u
-from astropy.coordinates import SkyCoord
 from astropy.io import fits
+from astropy.wcs import WCS
 from scipy import ndimage
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .bands import BANDS, Band, measured_columns
-from .engine import PRFTable, build_prf_table, forced_photometry, sky_and_rms_maps
-from .engine.background import source_mask
+from .engine import PRFTable, build_prf_table, forced_photometry
+from .engine.background import box_statistics, grid_to_pixels, smooth_grid, source_mask
+from .engine.solve import FLAGS
 from .io import atomic_path, read_header, read_wcs
 from .manifest import ImageEntry, Manifest
 from .params import ENGINES, MODES
 from .retrieve import load_catalog
 
-__all__ = ["band_overview", "load_prf", "measure_field"]
+__all__ = ["PARTITION_ARCMIN", "SCENE_ARCMIN", "band_overview", "load_prf", "measure_field"]
 
+SCENE_ARCMIN = 6.0
+"""Side of the sky cells fitted as one scene in scene mode (about 5,000 sources at COSMOS
+density)."""
+PARTITION_ARCMIN = 6.0
+"""Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
 CHUNK_SIZE = 500
-REGION_ARCMIN = {"source": 1.5, "scene": 6.0}
-"""Side of the square sky regions the targets are grouped in: a per-source chunk holds at
-most `CHUNK_SIZE` targets of one region; a scene is one whole region (about 5,000 sources at
-COSMOS density)."""
-_BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+"""Source mode: targets per engine call."""
+STRIP_BOXES = 16
+"""Rows of background boxes measured per background task."""
 MAX_MASKED_FRACTION = 0.7
+_BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# The Poisson-noise smoothing (Gaussian sigma 1 pixel, truncated at 4 sigma) reads this far.
+_SMOOTHING_REACH = 4
 
 
 def load_prf(path, band: Band) -> PRFTable:
@@ -61,112 +78,37 @@ def load_prf(path, band: Band) -> PRFTable:
     return build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction)
 
 
-def _read_image(path, band: Band, section=(slice(None), slice(None))) -> np.ndarray:
-    """An image, or a section of it read through a memory map, as float64 with NaN for no data."""
+# Worker processes measure many partitions of the same images: read each PRF and header once.
+_cached_prf = functools.lru_cache(maxsize=16)(load_prf)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_header(path) -> fits.Header:
+    return read_header(path)
+
+
+def _read_map(path, section) -> np.ndarray:
+    """A section of an image as float64, read through a memory map: only its pages are read.
+
+    Slicing the memory-mapped array is much faster than astropy's ``section``, which reads
+    row by row; scaled integer images (BSCALE/BZERO), which astropy would scale whole, and
+    compressed files still go through ``section``.
+    """
     with fits.open(path, memmap=True) as hdul:
-        image = np.array(hdul[0].section[section], dtype=np.float64)
+        hdu = hdul[0]
+        scaled = "BSCALE" in hdu.header or "BZERO" in hdu.header
+        if scaled or str(path).endswith(".gz"):
+            return np.array(hdu.section[section], dtype=np.float64)
+        return np.array(hdu.data[section], dtype=np.float64)
+
+
+def _read_image(path, band: Band, section=(slice(None), slice(None))) -> np.ndarray:
+    """An image, or a section of it, as float64 with NaN for no data."""
+    image = _read_map(path, section)
     if band.instrument == "GALEX":
         # GALEX intensity maps hold exact zeros where the detector saw nothing.
         image[image == 0] = np.nan
     return image
-
-
-def _derived_maps(entry: ImageEntry, band: Band, x, y, cache_dir: Path) -> tuple[Path, Path]:
-    """Sky and per-pixel noise maps of one image, cached as .npy files for the workers."""
-    stem = Path(entry.image).name.removesuffix(".gz").removesuffix(".fits")
-    sky_path = cache_dir / f"{stem}.sky.npy"
-    sigma_path = cache_dir / f"{stem}.sigma.npy"
-    if sky_path.is_file() and sigma_path.is_file():
-        return sky_path, sigma_path
-    image = _read_image(entry.image, band)
-    fwhm_pixels = band.fwhm_arcsec / band.pixel_scale_arcsec
-    mask = source_mask(image.shape, x, y, radius_pixels=1.5 * fwhm_pixels)
-    if mask.mean() > MAX_MASKED_FRACTION:
-        # At GALEX resolution the catalogue covers almost every pixel; mask what is detected.
-        rough_sky, rough_rms = sky_and_rms_maps(image, box_size=2 * band.cutout_size_pixels)
-        mask = source_mask(image.shape, *np.nonzero(image > rough_sky + 2.5 * rough_rms)[::-1], fwhm_pixels)
-    sky_file = None if entry.sky is None else np.asarray(fits.getdata(entry.sky), dtype=np.float64)
-    sky, rms = sky_and_rms_maps(image, mask=mask, sky=sky_file, box_size=2 * band.cutout_size_pixels)
-    if entry.unc is not None:
-        sigma = np.asarray(fits.getdata(entry.unc), dtype=np.float64)
-    elif entry.exposure is not None:
-        sigma = _poisson_sigma(image, sky, np.asarray(fits.getdata(entry.exposure), dtype=np.float64))
-    elif band.instrument == "GALEX":
-        exposure_s = float(read_header(entry.image).get("EXPTIME", np.inf))
-        sigma = np.sqrt(rms**2 + np.clip(image - sky, 0, None) / exposure_s)
-    else:
-        sigma = rms
-    for path, values in ((sky_path, sky), (sigma_path, sigma)):
-        with atomic_path(path) as temporary:
-            with open(temporary, "wb") as handle:
-                np.save(handle, values.astype(np.float32))
-    return sky_path, sigma_path
-
-
-def _poisson_sigma(intensity, sky, exposure_s):
-    """Poisson noise of a count-rate image: sqrt((sky + source) / effective exposure).
-
-    The source term uses the sky-subtracted image smoothed over about a pixel, so that noise
-    in the image itself barely feeds back into its own weights.
-    """
-    source = ndimage.gaussian_filter(np.nan_to_num(intensity - sky), sigma=1.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sigma = np.sqrt((sky + np.clip(source, 0, None)) / exposure_s)
-    return np.where(exposure_s > 0, sigma, np.nan)
-
-
-@dataclass
-class _Chunk:
-    band: Band
-    image_path: Path
-    sky_path: Path
-    sigma_path: Path
-    x: np.ndarray
-    y: np.ndarray
-    targets: np.ndarray
-    prf: PRFTable
-    fit_sky: bool
-    engine: str = "mbphot"
-    mode: str = "source"
-
-
-def _measure_chunk(chunk: _Chunk):
-    """Worker: read the image section around the chunk's targets and run the engine."""
-    band = chunk.band
-    half_cutout = band.cutout_size_pixels // 2
-    header = read_header(chunk.image_path)
-    ny, nx = header["NAXIS2"], header["NAXIS1"]
-    col = np.rint(chunk.x[chunk.targets])
-    row = np.rint(chunk.y[chunk.targets])
-    on_image = (col >= 0) & (col < nx) & (row >= 0) & (row < ny)
-    if not on_image.any():
-        x0 = y0 = 0
-        x1, y1 = 1, 1
-    else:
-        # A scene needs the pixels that constrain its edge sources' neighbours too, and its
-        # sky tiles aligned on the image grid whatever the region.
-        margin = half_cutout + (2 * chunk.prf.half_size + band.cutout_size_pixels if chunk.mode == "scene" else 0)
-        align = band.cutout_size_pixels if chunk.mode == "scene" else 1
-        x0 = int(max(0, col[on_image].min() - margin)) // align * align
-        x1 = int(min(nx, col[on_image].max() + margin + 1))
-        y0 = int(max(0, row[on_image].min() - margin)) // align * align
-        y1 = int(min(ny, row[on_image].max() + margin + 1))
-    image = _read_image(chunk.image_path, band, (slice(y0, y1), slice(x0, x1)))
-    sky = np.load(chunk.sky_path, mmap_mode="r")[y0:y1, x0:x1]
-    sigma = np.load(chunk.sigma_path, mmap_mode="r")[y0:y1, x0:x1]
-    x = chunk.x - x0
-    y = chunk.y - y0
-    # Targets off the whole image stay off the section, whatever the section is.
-    x[chunk.targets[~on_image]] = np.nan
-    started = time.process_time()
-    flux, flux_err, flag = _engine_function(chunk.engine, chunk.mode)(
-        image, x, y, chunk.targets, chunk.prf, band.cutout_size_pixels, sky=sky, sigma=sigma, fit_sky=chunk.fit_sky
-    )
-    engine_cpu_s = time.process_time() - started
-    peak_rss_gb = _peak_rss_gb()
-    return (
-        chunk.targets, flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, engine_cpu_s, peak_rss_gb
-    )
 
 
 def _peak_rss_gb() -> float:
@@ -183,6 +125,197 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+# ---------------------------------------------------------------------------------------------
+# Background grids: sky level and pixel noise per box of each image, measured strip by strip.
+
+
+@dataclass(frozen=True)
+class _BackgroundPlan:
+    """What an image needs: a sky grid (no archive sky map), a noise grid (no uncertainty or
+    exposure map), and where both are cached."""
+
+    entry: ImageEntry
+    band: Band
+    need_sky: bool
+    need_rms: bool
+    path: Path
+
+    @property
+    def box_size(self) -> int:
+        return 2 * self.band.cutout_size_pixels
+
+    @property
+    def mask_radius_pixels(self) -> float:
+        return 1.5 * self.band.fwhm_arcsec / self.band.pixel_scale_arcsec
+
+
+@dataclass
+class _StripTask:
+    plan: _BackgroundPlan
+    first_row: int
+    stop_row: int
+    x: np.ndarray
+    y: np.ndarray
+    rough: tuple | None = None
+
+
+def _strip_statistics(task: _StripTask):
+    """Worker: box statistics of one strip of rows, with sources (or, given ``rough`` sky and
+    noise grids, detected pixels) masked. Returns the grid rows and the masked pixel count."""
+    plan = task.plan
+    band = plan.band
+    header = _cached_header(plan.entry.image)
+    ny, nx = header["NAXIS2"], header["NAXIS1"]
+    reach = int(np.ceil(plan.mask_radius_pixels))
+    low, high = max(0, task.first_row - reach), min(ny, task.stop_row + reach)
+    section = (slice(low, high), slice(None))
+    image = _read_image(plan.entry.image, band, section)
+    if task.rough is None:
+        mask = source_mask(image.shape, task.x, task.y - low, plan.mask_radius_pixels)
+    else:
+        rough_sky, rough_rms = (grid_to_pixels(g, np.arange(low, high), np.arange(nx), plan.box_size) for g in task.rough)
+        detected_row, detected_col = np.nonzero(image > rough_sky + 2.5 * rough_rms)
+        mask = source_mask(image.shape, detected_col, detected_row, band.fwhm_arcsec / band.pixel_scale_arcsec)
+    inner = slice(task.first_row - low, task.stop_row - low)
+    sky_file = None if plan.entry.sky is None else _read_map(plan.entry.sky, (slice(task.first_row, task.stop_row), slice(None)))
+    median, rms = box_statistics(image[inner], mask[inner], sky_file, plan.box_size, with_rms=plan.need_rms)
+    return median, rms, int(mask[inner].sum())
+
+
+def _rough_strip_statistics(task: _StripTask):
+    """Worker: box statistics of one strip with nothing masked (first pass where the
+    catalogue covers most pixels)."""
+    plan = task.plan
+    image = _read_image(plan.entry.image, plan.band, (slice(task.first_row, task.stop_row), slice(None)))
+    return box_statistics(image, box_size=plan.box_size)
+
+
+def _background_grids(plans, positions, run):
+    """Measure and cache the sky and noise grids of every image that needs them.
+
+    ``positions[image]`` holds the pixel (x, y) of every catalogue source on that image;
+    ``run(function, tasks)`` yields ``(task, result)`` pairs in any order.
+    """
+    todo = [plan for plan in plans if (plan.need_sky or plan.need_rms) and not plan.path.is_file()]
+    if not todo:
+        return
+
+    def strips(plan, rough=None):
+        header = _cached_header(plan.entry.image)
+        step = STRIP_BOXES * plan.box_size
+        x, y = positions[plan.entry.image]
+        reach = np.ceil(plan.mask_radius_pixels) + 1
+        for first in range(0, header["NAXIS2"], step):
+            stop = min(header["NAXIS2"], first + step)
+            near = (y >= first - reach) & (y < stop + reach)
+            yield _StripTask(plan, first, stop, x[near], y[near], rough)
+
+    def gather(function, tasks):
+        rows = {}
+        for task, result in run(function, tasks):
+            rows.setdefault(task.plan.path, {})[task.first_row] = result
+        return {path: [rows[path][first] for first in sorted(rows[path])] for path in rows}
+
+    measured = gather(_strip_statistics, [task for plan in todo for task in strips(plan)])
+    crowded = []
+    for plan in todo:
+        header = _cached_header(plan.entry.image)
+        masked = sum(result[2] for result in measured[plan.path])
+        if masked > MAX_MASKED_FRACTION * header["NAXIS1"] * header["NAXIS2"]:
+            crowded.append(plan)
+    if crowded:
+        # At GALEX resolution the catalogue covers almost every pixel: mask what is detected
+        # above a rough, unmasked background instead.
+        rough = gather(_rough_strip_statistics, [task for plan in crowded for task in strips(plan)])
+        rough_grids = {
+            plan.path: tuple(smooth_grid(np.vstack([r[i] for r in rough[plan.path]])) for i in (0, 1)) for plan in crowded
+        }
+        redone = gather(_strip_statistics, [task for plan in crowded for task in strips(plan, rough_grids[plan.path])])
+        measured.update(redone)
+    for plan in todo:
+        results = measured[plan.path]
+        sky_grid = smooth_grid(np.vstack([r[0] for r in results])) if plan.need_sky else np.empty((0, 0))
+        rms_grid = smooth_grid(np.vstack([r[1] for r in results])) if plan.need_rms else np.empty((0, 0))
+        with atomic_path(plan.path) as temporary:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, sky=sky_grid, rms=rms_grid, box_size=plan.box_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_grids(path):
+    with np.load(path) as stored:
+        return stored["sky"], stored["rms"], int(stored["box_size"])
+
+
+def _sky_and_sigma(plan: _BackgroundPlan, image, rows: slice, cols: slice):
+    """Sky and per-pixel noise of an image section (``image`` is that section, padded by
+    `_SMOOTHING_REACH` where the image allows, ``rows``/``cols`` the padded section)."""
+    entry, band = plan.entry, plan.band
+    section = (rows, cols)
+    row_index, col_index = np.arange(rows.start, rows.stop), np.arange(cols.start, cols.stop)
+    if plan.need_sky or plan.need_rms:
+        sky_grid, rms_grid, box_size = _cached_grids(plan.path)
+    if entry.sky is not None:
+        sky = _read_map(entry.sky, section)
+    else:
+        sky = grid_to_pixels(sky_grid, row_index, col_index, box_size)
+    if entry.unc is not None:
+        sigma = _read_map(entry.unc, section)
+    elif entry.exposure is not None:
+        sigma = _poisson_sigma(image, sky, _read_map(entry.exposure, section))
+    else:
+        rms = grid_to_pixels(rms_grid, row_index, col_index, box_size)
+        if band.instrument == "GALEX":
+            exposure_s = float(_cached_header(entry.image).get("EXPTIME", np.inf))
+            sigma = np.sqrt(rms**2 + np.clip(image - sky, 0, None) / exposure_s)
+        else:
+            sigma = rms
+    return sky, sigma
+
+
+def _poisson_sigma(intensity, sky, exposure_s):
+    """Poisson noise of a count-rate image: sqrt((sky + source) / effective exposure).
+
+    The source term uses the sky-subtracted image smoothed over about a pixel, so that noise
+    in the image itself barely feeds back into its own weights.
+    """
+    source = ndimage.gaussian_filter(np.nan_to_num(intensity - sky), sigma=1.0, truncate=_SMOOTHING_REACH)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma = np.sqrt((sky + np.clip(source, 0, None)) / exposure_s)
+    return np.where(exposure_s > 0, sigma, np.nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitions: every band of one square of sky.
+
+
+@dataclass
+class _BandJob:
+    """One band of a partition: the images, the tile of each target and how to fit."""
+
+    band: Band
+    prf_path: Path
+    plans: list
+    target_tiles: np.ndarray
+    fit_sky: list
+
+
+@dataclass
+class _PartitionTask:
+    """One partition: its targets (with their scene cells) and every catalogue source near
+    enough to be a neighbour, by catalogue index and sky position."""
+
+    key: str
+    ra: np.ndarray
+    dec: np.ndarray
+    catalog_index: np.ndarray
+    target_positions: np.ndarray
+    target_cells: np.ndarray
+    jobs: list
+    engine: str
+    mode: str
+
+
 def _engine_function(engine: str, mode: str):
     """The fitting function for an engine name and mode; all share one signature."""
     if engine == "tractor":
@@ -196,140 +329,142 @@ def _engine_function(engine: str, mode: str):
     return forced_photometry
 
 
-def _chunks_for_band(manifest, band, catalog, targets, tile_choice, cache_dir, sky, engine, mode):
-    prf = load_prf(manifest.prf_path(band.name), band)
-    coords = SkyCoord(catalog["ra"].to_numpy() * u.deg, catalog["dec"].to_numpy() * u.deg)
-    chunks = []
-    for entry in manifest.images(band.name):
-        wcs = read_wcs(read_header(entry.image))
-        x, y = wcs.world_to_pixel(coords)
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-        assigned = targets[tile_choice[targets] == entry.tile]
-        if assigned.size == 0:
-            continue
-        sky_path, sigma_path = _derived_maps(entry, band, x, y, cache_dir)
-        region_pixels = REGION_ARCMIN[mode] * 60.0 / band.pixel_scale_arcsec
-        region_x = np.floor(x[assigned] / region_pixels)
-        region_y = np.floor(y[assigned] / region_pixels)
-        order = np.lexsort((x[assigned], y[assigned], region_x, region_y))
-        region = (region_y * 1e6 + region_x)[order]
-        starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
-        for members in np.split(assigned[order], starts[1:]):
-            step = CHUNK_SIZE if mode == "source" else members.size
-            for start in range(0, members.size, step):
-                chunks.append(
-                    _Chunk(
-                        band, entry.image, sky_path, sigma_path, x, y, members[start : start + step], prf,
-                        fit_sky=sky == "fit" or (sky == "auto" and entry.sky is None), engine=engine, mode=mode,
-                    )
-                )
-    return chunks
+def _groups(task: _PartitionTask, members: np.ndarray, x, y):
+    """The target groups fitted together: scene cells, or spatially sorted chunks."""
+    if task.mode == "scene":
+        cells = task.target_cells[members]
+        order = np.argsort(cells, kind="stable")
+        starts = np.flatnonzero(np.r_[True, cells[order][1:] != cells[order][:-1]])
+        return np.split(members[order], starts[1:])
+    positions = task.target_positions[members]
+    order = np.lexsort((x[positions], np.floor(y[positions] / 64)))
+    return [members[order[i : i + CHUNK_SIZE]] for i in range(0, members.size, CHUNK_SIZE)]
 
 
-def measure_field(
-    manifest: Manifest,
-    bands,
-    n_workers=None,
-    progress=True,
-    reuse=True,
-    sky="auto",
-    engine="mbphot",
-    mode="scene",
-) -> pd.DataFrame:
-    """Forced photometry of every catalogue source inside the field, in each band.
+def _fit_group(task, plan, prf, fit_sky, x, y, targets):
+    """Read the section around ``targets`` (indices into x, y) and run the engine on it."""
+    band = plan.band
+    header = _cached_header(plan.entry.image)
+    ny, nx = header["NAXIS2"], header["NAXIS1"]
+    col, row = np.rint(x[targets]), np.rint(y[targets])
+    on_image = (col >= 0) & (col < nx) & (row >= 0) & (row < ny)
+    if not on_image.any():
+        x0, x1, y0, y1 = 0, 1, 0, 1
+    else:
+        # A scene needs the pixels that constrain its edge sources' neighbours too, and its
+        # sky tiles aligned on the image grid whatever the region.
+        scene = task.mode == "scene"
+        margin = band.cutout_size_pixels // 2 + (2 * prf.half_size + band.cutout_size_pixels if scene else 0)
+        align = band.cutout_size_pixels if scene else 1
+        x0 = int(max(0, col[on_image].min() - margin)) // align * align
+        x1 = int(min(nx, col[on_image].max() + margin + 1))
+        y0 = int(max(0, row[on_image].min() - margin)) // align * align
+        y1 = int(min(ny, row[on_image].max() + margin + 1))
+    # Read a few pixels more where the image has them, so that smoothing sees what it would
+    # see on the whole image.
+    py0, px0 = max(0, y0 - _SMOOTHING_REACH), max(0, x0 - _SMOOTHING_REACH)
+    py1, px1 = min(ny, y1 + _SMOOTHING_REACH), min(nx, x1 + _SMOOTHING_REACH)
+    padded = _read_image(plan.entry.image, band, (slice(py0, py1), slice(px0, px1)))
+    sky, sigma = _sky_and_sigma(plan, padded, slice(py0, py1), slice(px0, px1))
+    inner = (slice(y0 - py0, y1 - py0), slice(x0 - px0, x1 - px0))
+    local_x, local_y = x - x0, y - y0
+    # Targets off the whole image stay off the section, whatever the section is.
+    local_x[targets[~on_image]] = np.nan
+    started = time.process_time()
+    flux, flux_err, flag = _engine_function(task.engine, task.mode)(
+        padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
+        sky=sky[inner], sigma=sigma[inner], fit_sky=fit_sky,
+    )
+    return flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, time.process_time() - started
 
-    Parameters
-    ----------
-    manifest : Manifest
-        The retrieved field.
-    bands : list of str
-        Bands to measure.
-    n_workers : int, optional
-        Worker processes (default: one per core); 1 runs in this process.
-    progress : bool
-        Show a progress bar.
-    reuse : bool
-        Reuse bands measured by an earlier run on the same field with the same sky, engine
-        and mode (the cached sky and noise maps of the images are reused either way).
-    sky : {"auto", "map", "fit"}
-        ``"map"`` subtracts the sky map (the archive's, else the source-masked background
-        map); ``"fit"`` also fits a constant sky in every cutout; ``"auto"`` (default) fits
-        it only where the archive gave no sky map. On the simulated IRAC field the
-        source-masked map alone leaves PRF wings of unmasked sources in the sky and biases
-        faint fluxes low by about 15 %, which the fitted constant removes (see
-        ``tests/test_photometry.py``); GALEX sky maps are unbiased and fitting a constant
-        there would only add noise.
-    engine : {"mbphot", "tractor"}
-        The fitting engine; The Tractor must be importable. It fits one cutout at a time,
-        so it always runs in source mode.
-    mode : {"scene", "source"}
-        ``"scene"``: all sources of a 6' region fitted together; ``"source"``: each target in
-        its own cutout with its neighbours. Both give the same accuracy against the truth
-        (``python -m mbphot.bench``: |median bias| < 0.2 % and pull spread 0.98-1.09 at
-        S/N > 10 in every band); scene mode is the default because it is 4 times faster end
-        to end on 1e5 sources (82 s against 330 s on 2 cores), 6-10 times on GALEX.
 
-    Returns
-    -------
-    pandas.DataFrame
-        The catalogue rows inside the field with, per band, ``<band>_flux_ujy``,
-        ``<band>_flux_err_ujy`` (microJy) and ``<band>_flag`` (see `mbphot.engine.FLAGS`;
-        sources that no image covers get the ``off_image`` flag and NaN).
-        ``attrs["engine_cpu_s"]`` holds, per band measured in this call, the CPU seconds
-        spent inside the engine, and ``attrs["worker_peak_rss_gb"]`` the largest peak
-        resident memory of the processes that measured (for benchmarks).
+def _measure_partition(task: _PartitionTask):
+    """Worker: measure one partition in every band of the task.
+
+    Returns ``{band: (flux_ujy, flux_err_ujy, flag, engine_cpu_s, cpu_s)}`` over the
+    partition's targets and the process's peak memory in GB.
     """
-    catalog = load_catalog(manifest)
-    targets = np.flatnonzero(catalog["in_field"].to_numpy())
-    tile_choice = pd.read_parquet(manifest.resolve(manifest.tile_choice))
-    cache_dir = manifest.directory / "derived"
-    results_dir = manifest.directory / "photometry"
-    n_workers = n_workers or os.cpu_count() or 1
+    results = {}
+    n_targets = task.target_positions.size
+    for job in task.jobs:
+        started = time.process_time()
+        flux = np.full(n_targets, np.nan)
+        flux_err = np.full(n_targets, np.nan)
+        flag = np.full(n_targets, FLAGS["off_image"], dtype=np.int32)
+        engine_cpu_s = 0.0
+        prf = _cached_prf(job.prf_path, job.band)
+        for plan, fit_sky in zip(job.plans, job.fit_sky):
+            members = np.flatnonzero(job.target_tiles == plan.entry.tile)
+            if members.size == 0:
+                continue
+            wcs = read_wcs(_cached_header(plan.entry.image))
+            x, y = (np.asarray(v, dtype=np.float64) for v in wcs.wcs_world2pix(task.ra, task.dec, 0))
+            for group in _groups(task, members, x, y):
+                positions = task.target_positions[group]
+                values = _fit_group(task, plan, prf, fit_sky, x, y, positions)
+                flux[group], flux_err[group], flag[group] = values[:3]
+                engine_cpu_s += values[3]
+        results[job.band.name] = (flux, flux_err, flag, engine_cpu_s, time.process_time() - started)
+    return results, _peak_rss_gb()
 
-    if sky not in ("auto", "map", "fit"):
-        raise ValueError(f"sky must be 'auto', 'map' or 'fit', got {sky!r}")
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if engine == "tractor":
-        mode = "source"
-    result_path = {name: results_dir / f"{name}_{engine}_{mode}_sky-{sky}.parquet" for name in bands}
-    pending = [b for b in bands if not (reuse and result_path[b].is_file())]
-    chunks = []
-    for name in pending:
-        choice = tile_choice.set_index("id").loc[catalog["id"], name].to_numpy()
-        chunks.extend(_chunks_for_band(manifest, BANDS[name], catalog, targets, choice, cache_dir, sky, engine, mode))
 
-    measured = {name: pd.DataFrame(index=catalog.index[targets]) for name in pending}
-    for name in pending:
-        flux_col, err_col, flag_col = measured_columns(name)
-        measured[name][flux_col] = np.nan
-        measured[name][err_col] = np.nan
-        measured[name][flag_col] = np.int32(1)
-    bar = tqdm(total=len(targets) * len(pending), desc="forced photometry", unit="source-band", disable=not progress)
-    with bar:
-        if n_workers == 1 or len(chunks) <= 1:
-            chunk_cpu_s, chunk_rss_gb = _collect((_measure_chunk(c) for c in chunks), chunks, catalog, measured, bar)
-        else:
-            context = multiprocessing.get_context("spawn")
-            with _one_blas_thread_per_process(), ProcessPoolExecutor(n_workers, mp_context=context) as pool:
-                chunk_cpu_s, chunk_rss_gb = _collect(pool.map(_measure_chunk, chunks), chunks, catalog, measured, bar)
-    engine_cpu_s = {name: 0.0 for name in pending}
-    for chunk, seconds in zip(chunks, chunk_cpu_s):
-        engine_cpu_s[chunk.band.name] += seconds
-    for name in pending:
-        frame = measured[name].assign(id=catalog["id"].to_numpy()[targets])
-        with atomic_path(result_path[name]) as temporary:
-            frame.to_parquet(temporary, index=False)
+def _tangent_plane_arcmin(ra_deg, dec_deg, centre_ra_deg, centre_dec_deg):
+    """Gnomonic offsets (arcmin) from the field centre: the partition grid's coordinates."""
+    plane = WCS(naxis=2)
+    plane.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    plane.wcs.crval = [centre_ra_deg, centre_dec_deg]
+    plane.wcs.crpix = [0.0, 0.0]
+    plane.wcs.cdelt = [-1 / 60.0, 1 / 60.0]
+    xi, eta = plane.wcs_world2pix(ra_deg, dec_deg, 0)
+    return np.asarray(xi), np.asarray(eta)
 
-    result = catalog.iloc[targets].reset_index(drop=True).drop(columns="in_field")
-    for name in bands:
-        frame = pd.read_parquet(result_path[name])
-        result = result.merge(frame, on="id", how="left")
-    result.attrs["engine_cpu_s"] = engine_cpu_s
-    result.attrs["worker_peak_rss_gb"] = max(chunk_rss_gb, default=0.0)
-    return result
+
+def _halo_arcmin(bands, prfs) -> float:
+    """How far beyond a partition a neighbour can matter in any band: a scene's pixel margin
+    plus a stamp, with room for the difference between the grid's and an image's projection."""
+    reach_arcsec = max(
+        (band.cutout_size_pixels + 2 * prfs[band.name].half_size + band.cutout_size_pixels + prfs[band.name].half_size + 2)
+        * band.pixel_scale_arcsec
+        for band in bands
+    )
+    return 1.5 * reach_arcsec / 60.0 + 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors: this process, local worker processes, or a dask cluster.
+
+
+@contextmanager
+def _executor(n_workers: int, client):
+    """Yield ``run(function, tasks)``, which yields ``(task, result)`` as results arrive."""
+    if client is not None:
+        from distributed import as_completed as dask_completed
+
+        def run(function, tasks):
+            futures = {client.submit(function, task, pure=False): task for task in tasks}
+            for future in dask_completed(futures):
+                yield futures[future], future.result()
+
+        yield run
+    elif n_workers == 1:
+
+        def run(function, tasks):
+            for task in tasks:
+                yield task, function(task)
+
+        # One BLAS thread, as in the workers, so that any split of the work sums alike.
+        with threadpool_limits(limits=1):
+            yield run
+    else:
+        context = multiprocessing.get_context("spawn")
+        with _one_blas_thread_per_process(), ProcessPoolExecutor(n_workers, mp_context=context) as pool:
+
+            def run(function, tasks):
+                futures = {pool.submit(function, task): task for task in tasks}
+                for future in as_completed(futures):
+                    yield futures[future], future.result()
+
+            yield run
 
 
 @contextmanager
@@ -348,21 +483,201 @@ def _one_blas_thread_per_process():
                 os.environ[name] = value
 
 
-def _collect(outputs, chunks, catalog, measured, bar):
-    """Store each chunk's results as they arrive; return each chunk's engine CPU seconds and
-    the peak memory of the process that measured it."""
-    chunk_cpu_s, chunk_rss_gb = [], []
-    for chunk, (indices, flux, flux_err, flag, engine_cpu_s, peak_rss_gb) in zip(chunks, outputs):
-        chunk_cpu_s.append(engine_cpu_s)
-        chunk_rss_gb.append(peak_rss_gb)
-        flux_col, err_col, flag_col = measured_columns(chunk.band.name)
-        frame = measured[chunk.band.name]
-        labels = catalog.index[indices]
-        frame.loc[labels, flux_col] = flux
-        frame.loc[labels, err_col] = flux_err
-        frame.loc[labels, flag_col] = flag
-        bar.update(len(indices))
-    return chunk_cpu_s, chunk_rss_gb
+def _connect(scheduler):
+    """A dask client from a client, a scheduler address, or None for local processes."""
+    if scheduler is None or not isinstance(scheduler, str):
+        return nullcontext(scheduler)
+    from distributed import Client
+
+    return Client(scheduler)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_field(
+    manifest: Manifest,
+    bands,
+    n_workers=None,
+    progress=True,
+    reuse=True,
+    sky="auto",
+    engine="mbphot",
+    mode="scene",
+    partition_arcmin=PARTITION_ARCMIN,
+    scene_arcmin=SCENE_ARCMIN,
+    client=None,
+) -> pd.DataFrame:
+    """Forced photometry of every catalogue source inside the field, in each band.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        The retrieved field.
+    bands : list of str
+        Bands to measure.
+    n_workers : int, optional
+        Local worker processes (default: one per core); 1 runs in this process. Ignored when
+        ``client`` is given.
+    progress : bool
+        Show a progress bar over partitions, with the time left.
+    reuse : bool
+        Reuse partitions measured by an earlier (or interrupted) run on the same field with
+        the same sky, engine, mode and partition grid, and the cached background grids.
+    sky : {"auto", "map", "fit"}
+        ``"map"`` subtracts the sky map (the archive's, else the source-masked background
+        map); ``"fit"`` also fits a constant sky in every cutout; ``"auto"`` (default) fits
+        it only where the archive gave no sky map. On the simulated IRAC field the
+        source-masked map alone leaves PRF wings of unmasked sources in the sky and biases
+        faint fluxes low by about 15 %, which the fitted constant removes (see
+        ``tests/test_photometry.py``); GALEX sky maps are unbiased and fitting a constant
+        there would only add noise.
+    engine : {"mbphot", "tractor"}
+        The fitting engine; The Tractor must be importable. It fits one cutout at a time,
+        so it always runs in source mode.
+    mode : {"scene", "source"}
+        ``"scene"``: all sources of a ``scene_arcmin`` cell fitted together; ``"source"``:
+        each target in its own cutout with its neighbours. Both give the same accuracy
+        against the truth (``python -m mbphot.bench``); scene mode is the default because it
+        is several times faster (4x on IRAC, 6-10x on GALEX at 1e5 sources).
+    partition_arcmin : float
+        Side of the square sky partitions (in scene mode a whole multiple of
+        ``scene_arcmin``). Smaller partitions lose less work to an interruption.
+    scene_arcmin : float
+        Side of the cells fitted as one scene in scene mode.
+    client : distributed.Client or str, optional
+        Run the partitions on this dask cluster (a client, or a scheduler address such as
+        ``"tcp://10.0.0.5:8786"``); the images must be readable by its workers.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The catalogue rows inside the field with, per band, ``<band>_flux_ujy``,
+        ``<band>_flux_err_ujy`` (microJy) and ``<band>_flag`` (see `mbphot.engine.FLAGS`;
+        sources that no image covers get the ``off_image`` flag and NaN).
+        ``attrs["engine_cpu_s"]`` and ``attrs["task_cpu_s"]`` hold, per band measured in this
+        call, the CPU seconds spent inside the engine and in the whole partition tasks
+        (reading, sky and noise, fitting); ``attrs["worker_peak_rss_gb"]`` the largest peak
+        resident memory of the processes that measured; ``attrs["partitions"]`` the number of
+        partitions and how many were reused (for benchmarks).
+    """
+    if sky not in ("auto", "map", "fit"):
+        raise ValueError(f"sky must be 'auto', 'map' or 'fit', got {sky!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if engine == "tractor":
+        mode = "source"
+    ratio = partition_arcmin / scene_arcmin
+    if not partition_arcmin > 0 or (mode == "scene" and (abs(ratio - round(ratio)) > 1e-9 or ratio < 1 - 1e-9)):
+        raise ValueError(
+            f"partition_arcmin={partition_arcmin} must be a positive whole multiple of scene_arcmin={scene_arcmin}, "
+            f"so that partitions never cut a scene; try partition_arcmin={scene_arcmin}"
+        )
+    catalog = load_catalog(manifest)
+    targets = np.flatnonzero(catalog["in_field"].to_numpy())
+    ra, dec = catalog["ra"].to_numpy(dtype=np.float64), catalog["dec"].to_numpy(dtype=np.float64)
+    bands = [BANDS[name] for name in bands]
+    run_dir = manifest.directory / "photometry" / f"{engine}_{mode}_sky-{sky}_p{partition_arcmin:g}_c{scene_arcmin:g}"
+
+    xi, eta = _tangent_plane_arcmin(ra, dec, manifest.field["ra"], manifest.field["dec"])
+    part_col = np.floor(xi[targets] / partition_arcmin).astype(np.int64)
+    part_row = np.floor(eta[targets] / partition_arcmin).astype(np.int64)
+    cell = (np.floor(eta[targets] / scene_arcmin) * 100_003 + np.floor(xi[targets] / scene_arcmin)).astype(np.int64)
+    keys = np.array([f"r{r:+d}_c{c:+d}" for r, c in zip(part_row, part_col)], dtype=str)
+    partition_keys, first_target, partition_of_target = np.unique(keys, return_index=True, return_inverse=True)
+
+    def result_path(band, key):
+        return run_dir / band.name / f"{key}.parquet"
+
+    pending = {
+        key: [band for band in bands if not (reuse and result_path(band, key).is_file())] for key in partition_keys
+    }
+    pending = {key: todo for key, todo in pending.items() if todo}
+    n_workers = n_workers or os.cpu_count() or 1
+    stats = {"engine_cpu_s": {b.name: 0.0 for b in bands}, "task_cpu_s": {b.name: 0.0 for b in bands}, "rss": [0.0]}
+
+    if pending:
+        tile_choice = pd.read_parquet(manifest.resolve(manifest.tile_choice)).set_index("id").loc[catalog["id"]]
+        todo_bands = [band for band in bands if any(band in todo for todo in pending.values())]
+        prfs = {band.name: _cached_prf(manifest.prf_path(band.name), band) for band in todo_bands}
+        plans = {band.name: _plans(manifest, band) for band in todo_bands}
+        halo = _halo_arcmin(todo_bands, prfs)
+        with _connect(client) as dask_client, _executor(n_workers, dask_client) as run:
+            positions = {}
+            for band in todo_bands:
+                for plan in plans[band.name]:
+                    if (plan.need_sky or plan.need_rms) and not plan.path.is_file():
+                        wcs = read_wcs(_cached_header(plan.entry.image))
+                        positions[plan.entry.image] = wcs.wcs_world2pix(ra, dec, 0)
+            _background_grids([plan for band in todo_bands for plan in plans[band.name]], positions, run)
+            tasks = []
+            for key, todo in pending.items():
+                number = np.searchsorted(partition_keys, key)
+                members = np.flatnonzero(partition_of_target == number)
+                row, col = part_row[first_target[number]], part_col[first_target[number]]
+                near = np.flatnonzero(
+                    (xi >= col * partition_arcmin - halo) & (xi < (col + 1) * partition_arcmin + halo)
+                    & (eta >= row * partition_arcmin - halo) & (eta < (row + 1) * partition_arcmin + halo)
+                )
+                jobs = [
+                    _BandJob(
+                        band, manifest.prf_path(band.name), plans[band.name],
+                        tile_choice[band.name].to_numpy()[targets[members]],
+                        [sky == "fit" or (sky == "auto" and plan.entry.sky is None) for plan in plans[band.name]],
+                    )
+                    for band in todo
+                ]
+                tasks.append(
+                    _PartitionTask(
+                        key, ra[near], dec[near], near, np.searchsorted(near, targets[members]), cell[members],
+                        jobs, engine, mode,
+                    )
+                )
+            bar = tqdm(total=len(tasks), desc="forced photometry", unit="partition", disable=not progress)
+            with bar:
+                for task, (results, peak_rss_gb) in run(_measure_partition, tasks):
+                    ids = catalog["id"].to_numpy()[task.catalog_index[task.target_positions]]
+                    for name, (flux, flux_err, flag, engine_cpu_s, task_cpu_s) in results.items():
+                        flux_col, err_col, flag_col = measured_columns(name)
+                        frame = pd.DataFrame({"id": ids, flux_col: flux, err_col: flux_err, flag_col: flag})
+                        with atomic_path(result_path(BANDS[name], task.key)) as temporary:
+                            frame.to_parquet(temporary, index=False)
+                        stats["engine_cpu_s"][name] += engine_cpu_s
+                        stats["task_cpu_s"][name] += task_cpu_s
+                    stats["rss"].append(peak_rss_gb)
+                    bar.update(1)
+
+    result = catalog.iloc[targets].reset_index(drop=True).drop(columns="in_field")
+    for band in bands:
+        parts = [pd.read_parquet(result_path(band, key)) for key in partition_keys]
+        if parts:
+            result = result.merge(pd.concat(parts, ignore_index=True), on="id", how="left")
+        else:
+            result = result.assign(**dict.fromkeys(measured_columns(band.name), np.nan))
+    result.attrs["engine_cpu_s"] = stats["engine_cpu_s"]
+    result.attrs["task_cpu_s"] = stats["task_cpu_s"]
+    result.attrs["worker_peak_rss_gb"] = max(stats["rss"])
+    result.attrs["partitions"] = {"total": len(partition_keys), "measured": len(pending)}
+    return result
+
+
+def _plans(manifest: Manifest, band: Band) -> list:
+    """What each image of a band needs for its sky and noise, and where its grids are cached:
+    named for the image file, its size and its modification time, so a changed image is
+    measured afresh."""
+    cache_dir = manifest.directory / "derived"
+    plans = []
+    for entry in manifest.images(band.name):
+        path = Path(entry.image).resolve()
+        status = path.stat()
+        digest = hashlib.sha1(f"{path}|{status.st_size}|{status.st_mtime_ns}".encode()).hexdigest()[:12]
+        stem = path.name.removesuffix(".gz").removesuffix(".fits")
+        need_rms = entry.unc is None and entry.exposure is None
+        grids = cache_dir / f"{stem}_{digest}.background.npz"
+        plans.append(_BackgroundPlan(entry, band, entry.sky is None, need_rms, grids))
+    return plans
 
 
 def band_overview(photometry: pd.DataFrame, bands) -> pd.DataFrame:

@@ -1,0 +1,105 @@
+"""Partitioned photometry: any split of the work gives the same catalogue, bit for bit, and a
+killed run resumes where it stopped."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from mbphot.bands import measured_columns
+from mbphot.params import RunParameters
+from mbphot.photometry import measure_field
+from mbphot.retrieve import retrieve
+
+BANDS = ["irac1", "nuv"]
+SMALL_GRID = {"scene_arcmin": 1.0}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    params = RunParameters(ra=150.05, dec=2.25, radius_arcmin=2.0, seed=11, data_dir=str(tmp_path_factory.mktemp("d")))
+    return retrieve(params)
+
+
+def _flux_columns(table):
+    return {column: table[column].to_numpy() for band in BANDS for column in measured_columns(band)}
+
+
+def _assert_identical(first, second):
+    assert np.array_equal(first["id"].to_numpy(), second["id"].to_numpy())
+    for column, values in _flux_columns(first).items():
+        assert np.array_equal(values, second[column].to_numpy(), equal_nan=True), column
+
+
+@pytest.fixture(scope="module")
+def reference(manifest):
+    table = measure_field(manifest, BANDS, n_workers=1, progress=False, reuse=False, partition_arcmin=1.0, **SMALL_GRID)
+    assert table.attrs["partitions"]["total"] >= 9
+    return table
+
+
+def test_partition_size_and_workers_do_not_change_the_results(manifest, reference):
+    coarse = measure_field(manifest, BANDS, n_workers=2, progress=False, reuse=False, partition_arcmin=3.0, **SMALL_GRID)
+    assert coarse.attrs["partitions"]["total"] < reference.attrs["partitions"]["total"]
+    _assert_identical(reference, coarse)
+
+
+def test_source_mode_partitions_do_not_change_the_results(manifest):
+    fine = measure_field(manifest, ["irac2"], n_workers=2, progress=False, reuse=False, mode="source", partition_arcmin=0.7)
+    whole = measure_field(manifest, ["irac2"], n_workers=1, progress=False, reuse=False, mode="source", partition_arcmin=10)
+    assert whole.attrs["partitions"]["total"] * 4 <= fine.attrs["partitions"]["total"]
+    for column in measured_columns("irac2"):
+        assert np.array_equal(fine[column].to_numpy(), whole[column].to_numpy(), equal_nan=True)
+
+
+def test_partitions_must_not_cut_scenes(manifest):
+    with pytest.raises(ValueError, match="partition_arcmin=1.5 must be a positive whole multiple of scene_arcmin=1.0"):
+        measure_field(manifest, BANDS, partition_arcmin=1.5, scene_arcmin=1.0)
+
+
+def test_dask_local_cluster_gives_the_same_catalogue(manifest, reference):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            on_cluster = measure_field(
+                manifest, BANDS, progress=False, reuse=False, partition_arcmin=1.0, client=client, **SMALL_GRID
+            )
+            workers_used = len(client.scheduler_info()["workers"])
+    assert workers_used == 3
+    assert on_cluster.attrs["partitions"]["measured"] == reference.attrs["partitions"]["total"]
+    _assert_identical(reference, on_cluster)
+
+
+def test_killed_run_resumes_and_ends_with_the_same_catalogue(manifest, reference):
+    run_dir = manifest.directory / "photometry" / "mbphot_scene_sky-auto_p1_c1"
+    for path in run_dir.rglob("*.parquet"):
+        path.unlink()
+    script = textwrap.dedent(
+        f"""
+        from mbphot.manifest import Manifest
+        from mbphot.photometry import measure_field
+        manifest = Manifest.load({str(manifest.path)!r})
+        measure_field(manifest, {BANDS!r}, n_workers=1, progress=False, partition_arcmin=1.0, scene_arcmin=1.0)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script])
+    total = reference.attrs["partitions"]["total"]
+    deadline = time.monotonic() + 120
+    while len(list(run_dir.glob("nuv/*.parquet"))) < 3:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = {band: {p.name for p in run_dir.glob(f"{band}/*.parquet")} for band in BANDS}
+    assert 3 <= len(finished["nuv"]) < total, "killed part way"
+    assert not list(run_dir.rglob(".*")), "an interrupted write leaves no file behind"
+
+    resumed = measure_field(manifest, BANDS, n_workers=1, progress=False, partition_arcmin=1.0, **SMALL_GRID)
+    done_before = len(finished["nuv"])
+    assert resumed.attrs["partitions"]["measured"] == total - done_before, "finished partitions are not redone"
+    _assert_identical(reference, resumed)
