@@ -1,5 +1,7 @@
 """The four notebooks end to end with papermill, and the command line's errors."""
 
+import json
+import socket
 import subprocess
 import sys
 
@@ -62,9 +64,17 @@ def test_catalog_has_documented_columns_units_and_parameters(pipeline_run):
 
 @pytest.mark.slow
 def test_failing_notebook_is_named_with_its_cell(tmp_path):
-    result = run_cli("--data-source", "archive", "--data-dir", "d", "--output-dir", "o", cwd=tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    (tmp_path / "endpoints.json").write_text(
+        json.dumps({"irsa_tap": f"{closed}/TAP", "mast": closed, "heasarc": closed, "retries": 0})
+    )
+    result = run_cli("--data-source", "archive", "--endpoints", "endpoints.json", "--data-dir", "d", "--output-dir", "o",
+                     cwd=tmp_path)
     assert result.returncode == 1
     assert "notebook 01_retrieve failed in cell" in result.stderr
+    assert f"cannot reach IRSA TAP at {closed}/TAP" in result.stderr
     assert "use data_source='sample'" in result.stderr
     assert not (tmp_path / "o" / "notebooks" / "02_photometry.ipynb").exists()
 

@@ -55,11 +55,6 @@ def test_chandra_sources_are_cut_to_the_field_and_footprint_is_the_circle(manife
     assert footprint_area_deg2(manifest) == pytest.approx(sky_area_deg2(1.0), rel=0.01)
 
 
-def test_archive_mode_says_it_is_not_yet_available(tmp_path):
-    with pytest.raises(NotImplementedError, match="use data_source='sample'"):
-        retrieve(RunParameters(data_source="archive", data_dir=str(tmp_path)))
-
-
 def test_a_failed_generation_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("disk full")

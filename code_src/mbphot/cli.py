@@ -1,22 +1,42 @@
 """``mbphot run``: execute the four notebooks in order with papermill.
 
 Each notebook is MyST markdown; it is converted with jupytext, run with the parameters given
-on the command line, and saved executed under ``<output>/notebooks/``. The run stops at the
-first failing notebook and names it and its failing cell.
+on the command line and/or in a YAML or JSON parameter file (``--params``; options override
+the file), and saved executed. The run stops at the first failing notebook and names it and
+its failing cell.
+
+Each run writes into its own folder, ``<output>/runs/<run tag>/``, named for its parameters
+(`RunParameters.run_tag`). Only when every notebook has succeeded does that folder get its
+``COMPLETE`` marker and are its catalogue, figures and notebooks copied to the fixed places
+``<output>/catalog``, ``<output>/figures`` and ``<output>/notebooks``, which therefore always
+hold the latest successful run.
 """
 
 import argparse
+import difflib
+import json
+import os
+import shutil
 import sys
 import tempfile
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
-from .bands import BAND_NAMES
-from .params import DATA_SOURCES, ENGINES, MODES, RunParameters
+import yaml
 
-__all__ = ["main", "run_notebooks", "NOTEBOOKS"]
+from .archive.config import ENDPOINTS_ENV
+from .bands import BAND_NAMES
+from .io import atomic_path, write_json
+from .params import DATA_SOURCES, ENGINES, MODES, PARAMETER_NAMES, RunParameters
+
+__all__ = ["main", "run_notebooks", "run_pipeline", "read_parameter_file", "NOTEBOOKS", "COMPLETE_MARKER"]
 
 NOTEBOOKS = ("01_retrieve", "02_photometry", "03_crossmatch", "04_plots")
 DEFAULT_NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+COMPLETE_MARKER = "COMPLETE"
+LATEST_RECORD = "latest_run.json"
+PATH_PARAMETERS = ("data_dir", "output_dir", "files_manifest")
 
 
 class NotebookFailed(RuntimeError):
@@ -36,7 +56,7 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
     Returns
     -------
     list of Path
-        The executed notebooks.
+        The executed notebooks, under ``<output_dir>/notebooks``.
     """
     import jupytext
     import papermill
@@ -44,19 +64,7 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
 
     notebook_dir = Path(notebook_dir)
     output_dir = Path(params.output_dir).resolve()
-    parameters = {
-        "ra": params.ra,
-        "dec": params.dec,
-        "radius_arcmin": params.radius_arcmin,
-        "bands": list(params.bands),
-        "data_source": params.data_source,
-        "seed": params.seed,
-        "engine": params.engine,
-        "mode": params.mode,
-        "n_workers": params.n_workers,
-        "data_dir": str(Path(params.data_dir).resolve()),
-        "output_dir": str(output_dir),
-    }
+    parameters = {**params.as_dict(), "data_dir": str(Path(params.data_dir).resolve()), "output_dir": str(output_dir)}
     executed = []
     with tempfile.TemporaryDirectory(prefix="mbphot-notebooks-") as scratch:
         for name in NOTEBOOKS:
@@ -85,22 +93,125 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
     return executed
 
 
+def run_pipeline(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, progress=True) -> Path:
+    """Run the notebooks into the run's own folder, then publish it as the latest run.
+
+    The run folder ``<output_dir>/runs/<params.run_tag>/`` is emptied first, so that a rerun
+    never mixes its files with an earlier run's. It holds ``parameters.json`` (usable as
+    ``--params``), the executed notebooks and everything the notebooks write. Only after the
+    last notebook has succeeded is ``COMPLETE`` written there and every file copied, one
+    atomic replacement each, to the same place under ``output_dir``; ``latest_run.json``
+    there is written last and names the run.
+
+    Returns
+    -------
+    Path
+        The run folder.
+
+    Raises
+    ------
+    NotebookFailed
+        A notebook failed; the run folder has no ``COMPLETE`` and ``output_dir``'s latest
+        outputs are untouched.
+    """
+    output_dir = Path(params.output_dir).resolve()
+    run_dir = output_dir / "runs" / params.run_tag
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    recorded = {**params.as_dict(), "data_dir": str(Path(params.data_dir).resolve()), "output_dir": str(output_dir)}
+    write_json(run_dir / "parameters.json", recorded)
+    run_notebooks(replace(params, output_dir=str(run_dir)), notebook_dir, progress=progress)
+    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json(run_dir / COMPLETE_MARKER, {"run_tag": params.run_tag, "finished_utc": finished, "parameters": recorded})
+    for path in sorted(run_dir.rglob("*")):
+        relative = path.relative_to(run_dir)
+        if path.is_file() and str(relative) not in ("parameters.json", COMPLETE_MARKER):
+            with atomic_path(output_dir / relative) as temporary:
+                shutil.copyfile(path, temporary)
+    write_json(output_dir / LATEST_RECORD, {"run_tag": params.run_tag, "run_dir": str(run_dir), "finished_utc": finished})
+    return run_dir
+
+
+def read_parameter_file(path) -> dict:
+    """Read run parameters from a YAML (``.yaml``, ``.yml``) or JSON (``.json``) file.
+
+    The file holds a mapping of notebook parameter names (`PARAMETER_NAMES`) to values.
+    Relative ``data_dir``, ``output_dir`` and ``files_manifest`` are read from the file's
+    folder, like the paths in a files manifest.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        Unreadable content, or a key that is not a parameter (named, with the allowed keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameter file {path} not found; give a YAML or JSON file with --params")
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"parameter file {path} must end in .yaml, .yml or .json, got {suffix or 'no suffix'!r}")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"parameter file {path} is not valid {'JSON' if suffix == '.json' else 'YAML'}: {error}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"parameter file {path} must hold a mapping of parameter names to values, got {type(values).__name__}"
+        )
+    for key in values:
+        if key not in PARAMETER_NAMES:
+            close = difflib.get_close_matches(str(key), PARAMETER_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"parameter file {path}: unknown parameter {key!r}; allowed: {', '.join(PARAMETER_NAMES)}{hint}"
+            )
+    for key in PATH_PARAMETERS:
+        if isinstance(values.get(key), str) and not Path(values[key]).expanduser().is_absolute():
+            values[key] = str(path.resolve().parent / values[key])
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbphot", description="Multiband forced photometry of COSMOS fields.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the four notebooks headless (papermill)")
+    run = commands.add_parser(
+        "run",
+        help="run the four notebooks headless (papermill)",
+        description="Run the four notebooks headless. Options override --params; the rest take their defaults.",
+    )
     defaults = RunParameters()
-    run.add_argument("--ra", type=float, default=defaults.ra, help="field centre RA in deg (default %(default)s)")
-    run.add_argument("--dec", type=float, default=defaults.dec, help="field centre Dec in deg (default %(default)s)")
-    run.add_argument("--radius", type=float, default=defaults.radius_arcmin, help="radius in arcmin (default %(default)s)")
-    run.add_argument("--bands", default="all", help=f"comma-separated subset of {','.join(BAND_NAMES)} or 'all'")
-    run.add_argument("--data-source", default="sample", choices=DATA_SOURCES)
-    run.add_argument("--engine", default="mbphot", choices=ENGINES, help="photometry engine (tractor where installed)")
-    run.add_argument("--mode", default="scene", choices=MODES, help="per-source cutouts or whole-region scene fits")
-    run.add_argument("--seed", type=int, default=defaults.seed, help="seed of the simulated field")
-    run.add_argument("--n-workers", type=int, default=0, help="photometry processes (default 0: one per core)")
-    run.add_argument("--data-dir", default="data", help="where retrieved and derived data go")
-    run.add_argument("--output-dir", default="output", help="where notebooks, catalogue and figures go")
+    # No argparse defaults or types: an option given overrides the parameter file, one not
+    # given leaves it, and RunParameters checks every value with one kind of message.
+    option = {"default": argparse.SUPPRESS}
+    run.add_argument("--params", dest="params_file", default=None, metavar="FILE",
+                     help="YAML or JSON file of parameters (notebook names, e.g. radius_arcmin)")
+    run.add_argument("--ra", dest="ra", **option, help=f"field centre RA in deg (default {defaults.ra})")
+    run.add_argument("--dec", dest="dec", **option, help=f"field centre Dec in deg (default {defaults.dec})")
+    run.add_argument("--radius", "--radius-arcmin", dest="radius_arcmin", **option,
+                     help=f"radius in arcmin (default {defaults.radius_arcmin})")
+    run.add_argument("--bands", dest="bands", **option, help=f"comma-separated subset of {','.join(BAND_NAMES)} or 'all'")
+    run.add_argument("--data-source", dest="data_source", **option,
+                     help=f"one of {', '.join(DATA_SOURCES)} (default {defaults.data_source})")
+    run.add_argument("--files-manifest", dest="files_manifest", **option, metavar="FILE",
+                     help="YAML files manifest of your own files (data source 'files')")
+    run.add_argument("--engine", dest="engine", **option,
+                     help=f"photometry engine, one of {', '.join(ENGINES)} (tractor where installed)")
+    run.add_argument("--mode", dest="mode", **option,
+                     help=f"one of {', '.join(MODES)}: per-source cutouts or whole-region scene fits (default {defaults.mode})")
+    run.add_argument("--seed", dest="seed", **option, help=f"seed of the simulated field (default {defaults.seed})")
+    run.add_argument("--n-workers", dest="n_workers", **option, help="photometry processes (default 0: one per core)")
+    run.add_argument("--data-dir", dest="data_dir", **option, help=f"where retrieved and derived data go (default {defaults.data_dir})")
+    run.add_argument("--output-dir", dest="output_dir", **option,
+                     help=f"where run folders and the latest catalogue, figures and notebooks go (default {defaults.output_dir})")
+    run.add_argument("--scheduler", dest="scheduler", **option, metavar="ADDRESS",
+                     help="dask scheduler to run the photometry on, e.g. tcp://10.0.0.5:8786 (default: local processes)")
+    run.add_argument("--endpoints", default=None, metavar="FILE",
+                     help=f"YAML or JSON file of archive endpoints for data source 'archive' (sets ${ENDPOINTS_ENV})")
     run.add_argument("--notebooks", default=str(DEFAULT_NOTEBOOK_DIR), help="folder holding the notebooks")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -109,23 +220,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        params = RunParameters(
-            ra=args.ra,
-            dec=args.dec,
-            radius_arcmin=args.radius,
-            bands=args.bands,
-            data_source=args.data_source,
-            seed=args.seed,
-            engine=args.engine,
-            mode=args.mode,
-            n_workers=args.n_workers,
-            data_dir=args.data_dir,
-            output_dir=args.output_dir,
-        )
-        executed = run_notebooks(params, args.notebooks, progress=not args.no_progress)
+        values = read_parameter_file(args.params_file) if args.params_file else {}
+        values.update({name: getattr(args, name) for name in PARAMETER_NAMES if hasattr(args, name)})
+        params = RunParameters(**values)
+        if args.endpoints:
+            endpoints = Path(args.endpoints).expanduser().resolve()
+            if not endpoints.is_file():
+                raise FileNotFoundError(f"--endpoints {args.endpoints}: no such file; give a YAML or JSON endpoints file")
+            # The notebook kernels inherit the environment, and archive mode reads its endpoints from it.
+            os.environ[ENDPOINTS_ENV] = str(endpoints)
+        run_dir = run_pipeline(params, args.notebooks, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError, NotebookFailed) as error:
         print(f"mbphot run: {error}", file=sys.stderr)
         return 1
-    for path in executed:
-        print(f"executed {path}")
+    print(f"run folder {run_dir}")
+    print(f"latest catalogue, figures and notebooks in {run_dir.parents[1]}")
     return 0

@@ -1,7 +1,8 @@
 """Retrieve a field: catalogue, images, PRFs and the Chandra catalogue, then write a manifest.
 
-``data_source="sample"`` builds the simulated field offline. Archive retrieval and user files
-come in later versions; asking for them now says so.
+``data_source="sample"`` builds the simulated field offline; ``data_source="archive"`` fetches
+the real data from IRSA, MAST and HEASARC (`mbphot.archive`); ``data_source="files"`` takes your
+own files, listed in a YAML files manifest (`mbphot.user_files`).
 """
 
 from pathlib import Path
@@ -18,6 +19,7 @@ from .io import atomic_path, read_header, read_table, read_wcs
 from .manifest import Manifest
 from .params import RunParameters
 from .sample import SampleSpec, make_sample_field, sample_files
+from .user_files import retrieve_files
 
 __all__ = ["retrieve", "choose_tiles", "load_catalog", "load_chandra", "load_truth", "footprint_area_deg2", "summary", "write_tile_choice"]
 
@@ -166,24 +168,28 @@ def _sample_manifest(params: RunParameters) -> Manifest:
     )
 
 
-def retrieve(params: RunParameters) -> Manifest:
+def retrieve(params: RunParameters, progress: bool = True) -> Manifest:
     """Get every file the run needs and write the field's manifest.
 
     Parameters
     ----------
     params : RunParameters
+    progress : bool
+        Show download progress bars (archive mode).
 
     Returns
     -------
     Manifest
         Also saved as ``params.manifest_path``.
     """
-    if params.data_source != "sample":
-        raise NotImplementedError(
-            f"data_source={params.data_source!r} is not yet available in this version of mbphot; "
-            "use data_source='sample' to run on the embedded simulated COSMOS field"
-        )
-    manifest = _sample_manifest(params)
+    if params.data_source == "sample":
+        manifest = _sample_manifest(params)
+    elif params.data_source == "files":
+        manifest = retrieve_files(params)
+    else:
+        from .archive import retrieve_archive
+
+        manifest = retrieve_archive(params, progress=progress)
     write_tile_choice(manifest)
     manifest.save()
     return manifest

@@ -1,0 +1,179 @@
+"""``mbphot run``: parameter files, command-line overrides, per-run folders and the latest outputs.
+
+The runs here use small stand-in notebooks (a few seconds each) with the pipeline's names;
+the real notebooks run in tests/test_pipeline.py and tests/test_user_files.py.
+"""
+
+import json
+import textwrap
+
+import pytest
+from astropy.table import Table
+
+from mbphot.cli import main, read_parameter_file
+
+HEADER = textwrap.dedent("""\
+    ---
+    jupytext:
+      text_representation:
+        extension: .md
+        format_name: myst
+    kernelspec:
+      display_name: Python 3 (ipykernel)
+      language: python
+      name: python3
+    ---
+    """)
+
+PARAMETERS_CELL = "```{code-cell} ipython3\n:tags: [parameters]\n\nra = 150.01\n```\n\n"
+
+WRITE_CATALOG = textwrap.dedent("""\
+    ```{code-cell} ipython3
+    import pandas as pd
+    import mbphot
+
+    params = mbphot.RunParameters.from_namespace(globals())
+    frame = pd.DataFrame({"id": [1, 2], "ra": [params.ra, params.ra], "dec": [params.dec, params.dec]})
+    mbphot.write_catalog(mbphot.science_catalog(frame, params.as_dict()), params.output_dir)
+    ```
+    """)
+
+WRITE_FIGURE = textwrap.dedent("""\
+    ```{code-cell} ipython3
+    from pathlib import Path
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mbphot import plots
+
+    figure = plt.figure()
+    plots.save_figure(figure, Path(output_dir) / "figures" / "stand_in.png")
+    ```
+    """)
+
+RAISE = "```{code-cell} ipython3\nraise RuntimeError('photometry broke')\n```\n"
+PASS = "```{code-cell} ipython3\nassert True\n```\n"
+
+
+def write_notebooks(folder, bodies):
+    folder.mkdir()
+    for name, body in zip(("01_retrieve", "02_photometry", "03_crossmatch", "04_plots"), bodies):
+        (folder / f"{name}.md").write_text(HEADER + PARAMETERS_CELL + body)
+    return folder
+
+
+@pytest.fixture
+def good_notebooks(tmp_path):
+    return write_notebooks(tmp_path / "good", (WRITE_CATALOG, PASS, PASS, WRITE_FIGURE))
+
+
+@pytest.fixture
+def failing_notebooks(tmp_path):
+    return write_notebooks(tmp_path / "failing", (WRITE_CATALOG, RAISE, PASS, PASS))
+
+
+def run(tmp_path, notebooks, *arguments):
+    return main(["run", "--no-progress", "--notebooks", str(notebooks), "--data-dir", str(tmp_path / "data"),
+                 "--output-dir", str(tmp_path / "output"), *arguments])
+
+
+# ---- the parameter file --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".yaml", "ra: 150.2\nbands: [irac1, nuv]\nradius_arcmin: '2'\nfiles_manifest: fields/f.yaml\n"),
+    (".json", '{"ra": 150.2, "bands": ["irac1", "nuv"], "radius_arcmin": "2", "files_manifest": "fields/f.yaml"}'),
+])
+def test_parameter_file_yaml_or_json(tmp_path, suffix, text):
+    path = tmp_path / f"params{suffix}"
+    path.write_text(text)
+    values = read_parameter_file(path)
+    assert values == {"ra": 150.2, "bands": ["irac1", "nuv"], "radius_arcmin": "2",
+                      "files_manifest": str(tmp_path / "fields/f.yaml")}
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("p.yaml", "radius: 2\n", "unknown parameter 'radius'; allowed: ra, dec, radius_arcmin"),
+    ("p.yaml", "radius: 2\n", "did you mean 'radius_arcmin'?"),
+    ("p.json", '{"ra": 150.1, "colour": "red"}', "unknown parameter 'colour'"),
+    ("p.json", '{"ra": 150.1,}', "is not valid JSON"),
+    ("p.yaml", "ra: [150.1\n", "is not valid YAML"),
+    ("p.yaml", "- ra\n- dec\n", "must hold a mapping of parameter names to values, got list"),
+    ("p.toml", "ra = 150.1\n", "must end in .yaml, .yml or .json, got '.toml'"),
+])
+def test_parameter_file_mistakes_fail_before_any_work(tmp_path, capsys, name, text, message):
+    (tmp_path / name).write_text(text)
+    assert main(["run", "--params", str(tmp_path / name), "--output-dir", str(tmp_path / "output")]) == 1
+    error = capsys.readouterr().err
+    assert message in error and str(tmp_path / name) in error
+    assert not (tmp_path / "output").exists()
+
+
+def test_bad_value_in_parameter_file_is_named(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("radius_arcmin: -1\n")
+    assert main(["run", "--params", str(tmp_path / "p.yaml"), "--output-dir", str(tmp_path / "output")]) == 1
+    assert "radius_arcmin must be positive (> 0 arcmin), got -1" in capsys.readouterr().err
+    assert not (tmp_path / "output").exists()
+
+
+def test_missing_parameter_file(tmp_path, capsys):
+    assert main(["run", "--params", str(tmp_path / "none.yaml")]) == 1
+    assert f"parameter file {tmp_path / 'none.yaml'} not found" in capsys.readouterr().err
+
+
+# ---- runs: per-run folders, COMPLETE, the latest outputs -----------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_has_its_own_folder_and_becomes_the_latest(tmp_path, good_notebooks):
+    (tmp_path / "p.yaml").write_text("ra: 150.2\nradius_arcmin: 1.0\nbands: irac1,nuv\nseed: 4\nmode: source\n")
+    assert run(tmp_path, good_notebooks, "--params", str(tmp_path / "p.yaml"), "--radius", "2", "--seed", "6") == 0
+
+    output = tmp_path / "output"
+    tag = "ra150.2000_dec+2.2000_r2_irac1-nuv_sample-s6_mbphot-source"  # --radius and --seed override the file
+    run_dir = output / "runs" / tag
+    assert [d.name for d in (output / "runs").iterdir()] == [tag]
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    assert files == ["COMPLETE", "catalog/multiband_catalog.fits", "catalog/multiband_catalog.parquet",
+                     "figures/stand_in.png", "notebooks/01_retrieve.ipynb", "notebooks/02_photometry.ipynb",
+                     "notebooks/03_crossmatch.ipynb", "notebooks/04_plots.ipynb", "parameters.json"]
+    complete = json.loads((run_dir / "COMPLETE").read_text())
+    assert complete["run_tag"] == tag
+    recorded = json.loads((run_dir / "parameters.json").read_text())
+    assert (recorded["radius_arcmin"], recorded["seed"], recorded["ra"], recorded["mode"]) == (2.0, 6, 150.2, "source")
+    assert recorded["output_dir"] == str(output) and recorded["bands"] == ["irac1", "nuv"]
+
+    # The fixed places hold copies of this run, and the catalogue records its parameters.
+    for relative in files:
+        if relative not in ("COMPLETE", "parameters.json"):
+            assert (output / relative).read_bytes() == (run_dir / relative).read_bytes(), relative
+    assert json.loads((output / "latest_run.json").read_text())["run_tag"] == tag
+    meta = json.loads(Table.read(output / "catalog/multiband_catalog.parquet").meta["PARAMS"])
+    assert (meta["radius_arcmin"], meta["seed"], meta["bands"]) == (2.0, 6, ["irac1", "nuv"])
+
+    # parameters.json reruns the same run.
+    assert run(tmp_path, good_notebooks, "--params", str(run_dir / "parameters.json")) == 0
+    assert [d.name for d in (output / "runs").iterdir()] == [tag]
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_not_complete_and_leaves_the_latest_outputs(tmp_path, good_notebooks, failing_notebooks, capsys):
+    assert run(tmp_path, good_notebooks, "--radius", "1") == 0
+    output = tmp_path / "output"
+    latest = {path: path.read_bytes() for path in output.rglob("*") if path.is_file() and "runs" not in path.parts}
+
+    # A rerun with the same parameters, so the same folder, that fails in notebook 02.
+    assert run(tmp_path, failing_notebooks, "--radius", "1") == 1
+    error = capsys.readouterr().err
+    assert "notebook 02_photometry failed in cell" in error and "RuntimeError: photometry broke" in error
+    run_dir = output / "runs" / "ra150.0100_dec+2.2000_r1_all_sample-s42_mbphot-scene"
+    assert not (run_dir / "COMPLETE").exists()
+    assert not (run_dir / "figures").exists(), "the earlier run's files were cleared before the rerun"
+    assert (run_dir / "notebooks/02_photometry.ipynb").is_file()
+    assert {path: path.read_bytes() for path in latest} == latest
+
+    # A failing run with other parameters does not touch the latest outputs either.
+    assert run(tmp_path, failing_notebooks, "--radius", "0.5") == 1
+    assert not (output / "runs/ra150.0100_dec+2.2000_r0.5_all_sample-s42_mbphot-scene/COMPLETE").exists()
+    assert {path: path.read_bytes() for path in latest} == latest
+    assert json.loads((output / "latest_run.json").read_text())["run_tag"].startswith("ra150.0100_dec+2.2000_r1_")
