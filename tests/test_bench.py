@@ -18,7 +18,7 @@ def test_accuracy_bins_by_true_signal_to_noise():
 
 
 def test_bench_writes_summary_json(tmp_path, capsys):
-    assert main(["--sizes", "300", "--bands", "irac1,nuv", "--cores", "1",
+    assert main(["--sizes", "300", "--bands", "irac1,nuv", "--cores", "1", "--dask-workers", "1,2", "--dask-sources", "300",
                  "--tractor-sources", "100", "--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "o")]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     run = summary["runs"][0]
@@ -28,6 +28,8 @@ def test_bench_writes_summary_json(tmp_path, capsys):
     assert [r["mode"] for r in summary["runs"]] == ["source", "scene"]
     assert run["bands"]["irac1"]["snr_gt10"]["n"] > 10
     assert 0.7 < run["bands"]["irac1"]["snr_gt10"]["pull_std"] < 1.3
+    assert [entry["workers"] for entry in summary["dask_scaling"]] == [1, 2]
+    assert all(entry["n_sources"] == run["n_sources"] and entry["wall_s"] > 0 for entry in summary["dask_scaling"])
     assert "tractor" in summary
     assert (tmp_path / "o" / "speed_accuracy.png").is_file()
     assert "source-bands/s/core" in capsys.readouterr().out

@@ -1,16 +1,26 @@
 """Benchmark: speed, memory and accuracy of forced photometry on simulated COSMOS fields.
 
 ``python -m mbphot.bench`` simulates fields at COSMOS density holding about 1e3, 1e4 and 1e5
-sources, measures every band, and prints per band and in total the source-bands per second per
-core (end to end: image reading, sky and noise maps, worker start-up and the fits; and, as
-"engine", per CPU second spent inside the fitting engine alone), the wall time, the peak resident memory and the accuracy against the truth in
-signal-to-noise bins. It writes ``output/bench/summary.json`` and a figure beside it.
+sources and measures all their bands in one run, as the pipeline does. It prints and writes
+to ``output/bench/summary.json``:
+
+* per run: the photometry's wall time and source-bands per second per core end to end (worker
+  start-up, background grids, image reading, fits and writing, over wall time x cores), the
+  time to simulate the field, the time spent reading image sections, and peak resident memory;
+* per band: source-bands per CPU second of the workers for that band (reading, sky and noise,
+  fits: what one core does), the same inside the fitting engine alone, and the accuracy
+  against the truth in signal-to-noise bins.
+
+``--full`` measures a full-COSMOS-size field (48' radius, about 1.1 million sources);
+``--dask-workers 1,2,4`` times a 1e5-source field (``--dask-sources``) on local dask clusters of that
+many workers.
+Where The Tractor imports it is compared with the mbphot engine on a small field.
 """
 
 import argparse
 import os
 import resource
-import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,20 +30,17 @@ import numpy as np
 from .bands import BAND_NAMES, measured_columns, parse_bands
 from .engine.tractor import tractor_available
 from .io import write_json
-from .params import RunParameters
-from .photometry import measure_field
+from .manifest import Manifest
+from .params import FULL_FIELD_RADIUS_ARCMIN, RunParameters
+from .photometry import measure_field, peak_rss_gb
 from .retrieve import load_truth, retrieve
 from .sample import SOURCES_PER_ARCMIN2
 
-__all__ = ["accuracy", "compare_with_tractor", "main", "run_size"]
+__all__ = ["accuracy", "compare_with_tractor", "dask_scaling", "main", "run_size"]
 
 DEFAULT_SIZES = (1_000, 10_000, 100_000)
 SNR_BINS = {"snr_gt10": (10.0, np.inf), "snr_3_10": (3.0, 10.0)}
-
-
-def _peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (it also simulates the fields)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+SEED = 2026
 
 
 def accuracy(measured, true, error) -> dict:
@@ -54,49 +61,92 @@ def accuracy(measured, true, error) -> dict:
     return result
 
 
-def run_size(n_sources: int, bands, cores: int, data_dir: Path, mode: str = "source", seed: int = 2026) -> dict:
-    """Simulate a field with about ``n_sources`` sources inside it and measure it."""
-    radius_arcmin = float(np.sqrt(n_sources / (np.pi * SOURCES_PER_ARCMIN2)))
-    params = RunParameters(radius_arcmin=round(radius_arcmin, 3), seed=seed, data_dir=str(data_dir))
+def _field_parameters(n_sources: int, data_dir: Path, radius_arcmin: float | None = None) -> RunParameters:
+    if radius_arcmin is None:
+        radius_arcmin = round(float(np.sqrt(n_sources / (np.pi * SOURCES_PER_ARCMIN2))), 3)
+    return RunParameters(radius_arcmin=radius_arcmin, seed=SEED, data_dir=str(data_dir))
+
+
+def _simulate(params: RunParameters) -> tuple[Manifest, float, float]:
+    """Simulate (or reuse) a field in a child process, so that this process's memory is the
+    photometry's alone. Returns the manifest, the seconds it took and the largest peak memory
+    (GB) of any child process so far."""
     started = time.perf_counter()
-    manifest = retrieve(params)
+    script = (
+        "from mbphot.params import RunParameters; from mbphot.retrieve import retrieve; "
+        f"retrieve(RunParameters(radius_arcmin={params.radius_arcmin!r}, seed={params.seed}, "
+        f"data_dir={params.data_dir!r}), progress=False)"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
     simulate_s = time.perf_counter() - started
-    truth = load_truth(manifest)
-    shutil.rmtree(manifest.directory / "derived", ignore_errors=True)
-    run = {"n_sources": 0, "mode": mode, "cores": cores, "radius_arcmin": params.radius_arcmin,
-           "simulate_s": simulate_s, "bands": {}}
-    total_wall = 0.0
-    worker_peak_rss_gb = 0.0
+    children_peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    return Manifest.load(params.manifest_path), simulate_s, children_peak_gb
+
+
+def run_size(n_sources: int, bands, cores: int, data_dir: Path, mode: str = "scene", radius_arcmin=None) -> dict:
+    """Simulate a field with about ``n_sources`` sources inside it and measure all ``bands``."""
+    params = _field_parameters(n_sources, data_dir, radius_arcmin)
+    manifest, simulate_s, simulate_peak_gb = _simulate(params)
+    started = time.perf_counter()
+    photometry = measure_field(
+        manifest, bands, n_workers=cores, progress=False, reuse=False, mode="scene" if mode == "full" else mode
+    )
+    wall_s = time.perf_counter() - started
+    table = photometry.merge(load_truth(manifest), on="id")
+    n = len(table)
+    worker_peak_gb = photometry.attrs["worker_peak_rss_gb"]
+    parent_peak_gb = peak_rss_gb()
+    run = {
+        "n_sources": n,
+        "mode": mode,
+        "cores": cores,
+        "radius_arcmin": params.radius_arcmin,
+        "simulate_s": simulate_s,
+        "simulate_peak_rss_gb": simulate_peak_gb,
+        "wall_s": wall_s,
+        "read_s": sum(photometry.attrs["read_s"].values()),
+        "source_bands_per_s_per_core": n * len(bands) / wall_s / cores,
+        "peak_rss_gb": max(worker_peak_gb, parent_peak_gb),
+        "peak_rss_all_processes_gb": parent_peak_gb + cores * worker_peak_gb,
+        "bands": {},
+    }
     for band in bands:
-        started = time.perf_counter()
-        photometry = measure_field(manifest, [band], n_workers=cores, progress=False, reuse=False, mode=mode)
-        wall = time.perf_counter() - started
-        total_wall += wall
-        worker_peak_rss_gb = max(worker_peak_rss_gb, photometry.attrs["worker_peak_rss_gb"])
-        table = photometry.merge(truth, on="id")
         flux_col, err_col, _ = measured_columns(band)
-        run["n_sources"] = len(table)
+        worker_cpu_s = photometry.attrs["task_cpu_s"][band] + photometry.attrs["background_cpu_s"][band]
         run["bands"][band] = {
-            "wall_s": wall,
-            "source_bands_per_s_per_core": len(table) / wall / cores,
-            "engine_source_bands_per_cpu_s": len(table) / photometry.attrs["engine_cpu_s"][band],
+            "source_bands_per_s_per_core": n / worker_cpu_s,
+            "engine_source_bands_per_cpu_s": n / photometry.attrs["engine_cpu_s"][band],
+            "worker_cpu_s": worker_cpu_s,
+            "read_s": photometry.attrs["read_s"][band],
             **accuracy(table[flux_col].to_numpy(), table[f"true_{band}_flux_ujy"].to_numpy(), table[err_col].to_numpy()),
         }
-    run["wall_s"] = total_wall
-    run["source_bands_per_s_per_core"] = run["n_sources"] * len(bands) / total_wall / cores
-    run["peak_rss_gb"] = worker_peak_rss_gb
-    run["parent_peak_rss_gb"] = _peak_rss_gb()
     return run
 
 
-def compare_with_tractor(n_sources: int, bands, data_dir: Path, seed: int = 2026) -> dict:
+def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path) -> list:
+    """Photometry wall time of one field on local dask clusters of each number of workers."""
+    from distributed import Client, LocalCluster
+
+    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir))
+    results = []
+    for n_workers in worker_counts:
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            with Client(cluster) as client:
+                started = time.perf_counter()
+                photometry = measure_field(manifest, bands, progress=False, reuse=False, client=client)
+                wall_s = time.perf_counter() - started
+        results.append({"n_sources": len(photometry), "workers": n_workers, "wall_s": wall_s})
+        print(f"dask, {n_workers} worker(s): {len(photometry)} sources x {len(bands)} bands in {wall_s:.1f} s", flush=True)
+    return results
+
+
+def compare_with_tractor(n_sources: int, bands, data_dir: Path) -> dict:
     """The Tractor and the mbphot engine on the same field of about ``n_sources`` sources.
 
-    Both run in this process on the same cutouts, neighbours, sky and noise; the speed-up is
-    the ratio of CPU seconds spent inside the two engines.
+    Both run in this process, in source mode, on the same cutouts, neighbours, sky and noise;
+    the speed-up is the ratio of CPU seconds spent inside the two engines.
     """
-    radius_arcmin = float(np.sqrt(n_sources / (np.pi * SOURCES_PER_ARCMIN2)))
-    manifest = retrieve(RunParameters(radius_arcmin=round(radius_arcmin, 3), seed=seed, data_dir=str(data_dir)))
+    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir))
     native = measure_field(manifest, bands, n_workers=1, progress=False, reuse=False, mode="source")
     tractor = measure_field(manifest, bands, n_workers=1, progress=False, reuse=False, engine="tractor")
     ratios, n_source_bands = [], 0
@@ -114,17 +164,16 @@ def compare_with_tractor(n_sources: int, bands, data_dir: Path, seed: int = 2026
 
 
 def _print_run(run: dict) -> None:
-    print(f"\nN = {run['n_sources']} sources (radius {run['radius_arcmin']}'), mode {run['mode']}, "
-          f"{run['cores']} cores: wall {run['wall_s']:.1f} s, "
-          f"{run['source_bands_per_s_per_core']:.0f} source-bands/s/core, peak RSS of the photometry "
-          f"processes {run['peak_rss_gb']:.2f} GB (of the parent, which also simulates, {run['parent_peak_rss_gb']:.2f} GB) "
-          f"(simulation {run['simulate_s']:.1f} s)")
-    print(f"  {'band':6s} {'sb/s/core':>10s} {'engine':>8s} {'wall s':>7s} | {'S/N>10: n':>9s} {'bias':>8s} {'pull sd':>7s} "
+    print(f"\nN = {run['n_sources']} sources (radius {run['radius_arcmin']}'), mode {run['mode']}, {run['cores']} cores: "
+          f"photometry wall {run['wall_s']:.1f} s, {run['source_bands_per_s_per_core']:.0f} source-bands/s/core end to "
+          f"end; reading image sections {run['read_s']:.1f} s; simulation {run['simulate_s']:.1f} s; peak RSS "
+          f"{run['peak_rss_gb']:.2f} GB per process, {run['peak_rss_all_processes_gb']:.2f} GB all photometry "
+          f"processes; simulation {run['simulate_peak_rss_gb']:.2f} GB")
+    print(f"  {'band':6s} {'sb/s/core':>10s} {'engine':>8s} | {'S/N>10: n':>9s} {'bias':>8s} {'pull sd':>7s} "
           f"| {'S/N 3-10: n':>11s} {'bias':>8s} {'pull sd':>7s}")
     for band, figures in run["bands"].items():
         high, mid = figures["snr_gt10"], figures["snr_3_10"]
-        print(f"  {band:6s} {figures['source_bands_per_s_per_core']:10.0f} "
-              f"{figures['engine_source_bands_per_cpu_s']:8.0f} {figures['wall_s']:7.1f} | "
+        print(f"  {band:6s} {figures['source_bands_per_s_per_core']:10.0f} {figures['engine_source_bands_per_cpu_s']:8.0f} | "
               f"{high['n']:9d} {high['median_frac_bias']:+8.4f} {high['pull_std']:7.3f} | "
               f"{mid['n']:11d} {mid['median_frac_bias']:+8.4f} {mid['pull_std']:7.3f}")
 
@@ -136,7 +185,7 @@ def _figure(runs, path: Path) -> None:
 
     figure = Figure(figsize=(10, 4), layout="constrained")
     speed, pulls = figure.subplots(1, 2)
-    for mode, style in (("source", "o-"), ("scene", "s--")):
+    for mode, style in (("source", "o-"), ("scene", "s--"), ("full", "D:")):
         mode_runs = [r for r in runs if r["mode"] == mode]
         if not mode_runs:
             continue
@@ -149,7 +198,7 @@ def _figure(runs, path: Path) -> None:
         axis.set_xscale("log")
         axis.set_xlabel("sources in the field")
     speed.set_yscale("log")
-    speed.set_ylabel("source-bands per second per core (end to end)")
+    speed.set_ylabel("source-bands per worker CPU second")
     pulls.axhspan(0.9, 1.1, color="0.9")
     pulls.set_ylabel("pull standard deviation (S/N > 10)")
     speed.legend(fontsize="x-small", ncol=2)
@@ -159,9 +208,15 @@ def _figure(runs, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mbphot.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(str(n) for n in DEFAULT_SIZES),
-                        help="comma-separated numbers of sources (default %(default)s)")
+                        help="comma-separated numbers of sources, or 'none' (default %(default)s)")
     parser.add_argument("--bands", default="all", help=f"subset of {','.join(BAND_NAMES)}")
     parser.add_argument("--modes", default="source,scene", help="photometry modes to compare (default %(default)s)")
+    parser.add_argument("--full", action="store_true",
+                        help=f"also measure a full-COSMOS-size field ({FULL_FIELD_RADIUS_ARCMIN:g}' radius, scene mode)")
+    parser.add_argument("--dask-workers", default="",
+                        help="comma-separated numbers of local dask workers to time one field with, e.g. 1,2,4")
+    parser.add_argument("--dask-sources", type=int, default=100_000,
+                        help="sources in the field timed on dask (default %(default)s)")
     parser.add_argument("--cores", type=int, default=0, help="worker processes (default: all cores)")
     parser.add_argument("--data-dir", default="data/bench", help="where the simulated fields go (reused)")
     parser.add_argument("--output-dir", default="output/bench", help="where summary.json and the figure go")
@@ -170,15 +225,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cores = args.cores or os.cpu_count() or 1
     bands = parse_bands(args.bands)
+    data_dir = Path(args.data_dir)
     runs = []
-    for n_sources in (int(float(n)) for n in args.sizes.split(",")):
+    sizes = [] if args.sizes == "none" else [int(float(n)) for n in args.sizes.split(",")]
+    for n_sources in sizes:
         for mode in args.modes.split(","):
-            run = run_size(n_sources, bands, cores, Path(args.data_dir), mode=mode)
-            _print_run(run)
-            runs.append(run)
+            runs.append(run_size(n_sources, bands, cores, data_dir, mode=mode))
+            _print_run(runs[-1])
+    if args.full:
+        runs.append(run_size(0, bands, cores, data_dir, mode="full", radius_arcmin=FULL_FIELD_RADIUS_ARCMIN))
+        _print_run(runs[-1])
     summary = {"runs": runs, "tractor": None}
+    if args.dask_workers:
+        summary["dask_scaling"] = dask_scaling(
+            args.dask_sources, bands, [int(n) for n in args.dask_workers.split(",")], data_dir
+        )
     if tractor_available():
-        summary["tractor"] = compare_with_tractor(args.tractor_sources, bands, Path(args.data_dir))
+        summary["tractor"] = compare_with_tractor(args.tractor_sources, bands, data_dir)
         print(f"\nThe Tractor on the same {summary['tractor']['n_source_bands']} source-bands: mbphot is "
               f"{summary['tractor']['speedup']:.0f}x faster; median flux ratio Tractor/mbphot (S/N > 10) "
               f"{summary['tractor']['median_flux_ratio']:.4f}")

@@ -111,7 +111,7 @@ def _read_image(path, band: Band, section=(slice(None), slice(None))) -> np.ndar
     return image
 
 
-def _peak_rss_gb() -> float:
+def peak_rss_gb() -> float:
     """Peak resident memory of this process's own address space.
 
     Linux's VmHWM restarts when a spawned worker executes Python afresh; ``ru_maxrss`` would
@@ -161,7 +161,9 @@ class _StripTask:
 
 def _strip_statistics(task: _StripTask):
     """Worker: box statistics of one strip of rows, with sources (or, given ``rough`` sky and
-    noise grids, detected pixels) masked. Returns the grid rows and the masked pixel count."""
+    noise grids, detected pixels) masked. Returns the grid rows, the masked pixel count and
+    the CPU seconds spent."""
+    started = time.process_time()
     plan = task.plan
     band = plan.band
     header = _cached_header(plan.entry.image)
@@ -179,26 +181,29 @@ def _strip_statistics(task: _StripTask):
     inner = slice(task.first_row - low, task.stop_row - low)
     sky_file = None if plan.entry.sky is None else _read_map(plan.entry.sky, (slice(task.first_row, task.stop_row), slice(None)))
     median, rms = box_statistics(image[inner], mask[inner], sky_file, plan.box_size, with_rms=plan.need_rms)
-    return median, rms, int(mask[inner].sum())
+    return median, rms, int(mask[inner].sum()), time.process_time() - started
 
 
 def _rough_strip_statistics(task: _StripTask):
     """Worker: box statistics of one strip with nothing masked (first pass where the
     catalogue covers most pixels)."""
+    started = time.process_time()
     plan = task.plan
     image = _read_image(plan.entry.image, plan.band, (slice(task.first_row, task.stop_row), slice(None)))
-    return box_statistics(image, box_size=plan.box_size)
+    return (*box_statistics(image, box_size=plan.box_size), 0, time.process_time() - started)
 
 
 def _background_grids(plans, positions, run):
     """Measure and cache the sky and noise grids of every image that needs them.
 
     ``positions[image]`` holds the pixel (x, y) of every catalogue source on that image;
-    ``run(function, tasks)`` yields ``(task, result)`` pairs in any order.
+    ``run(function, tasks)`` yields ``(task, result)`` pairs in any order. Returns the CPU
+    seconds spent per band.
     """
+    cpu_s = {}
     todo = [plan for plan in plans if (plan.need_sky or plan.need_rms) and not plan.path.is_file()]
     if not todo:
-        return
+        return cpu_s
 
     def strips(plan, rough=None):
         header = _cached_header(plan.entry.image)
@@ -214,6 +219,7 @@ def _background_grids(plans, positions, run):
         rows = {}
         for task, result in run(function, tasks):
             rows.setdefault(task.plan.path, {})[task.first_row] = result
+            cpu_s[task.plan.band.name] = cpu_s.get(task.plan.band.name, 0.0) + result[-1]
         return {path: [rows[path][first] for first in sorted(rows[path])] for path in rows}
 
     measured = gather(_strip_statistics, [task for plan in todo for task in strips(plan)])
@@ -239,6 +245,7 @@ def _background_grids(plans, positions, run):
         with atomic_path(plan.path) as temporary:
             with open(temporary, "wb") as handle:
                 np.savez(handle, sky=sky_grid, rms=rms_grid, box_size=plan.box_size)
+    return cpu_s
 
 
 @functools.lru_cache(maxsize=64)
@@ -247,26 +254,33 @@ def _cached_grids(path):
         return stored["sky"], stored["rms"], int(stored["box_size"])
 
 
-def _sky_and_sigma(plan: _BackgroundPlan, image, rows: slice, cols: slice):
-    """Sky and per-pixel noise of an image section (``image`` is that section, padded by
-    `_SMOOTHING_REACH` where the image allows, ``rows``/``cols`` the padded section)."""
-    entry, band = plan.entry, plan.band
+def _read_section(plan: _BackgroundPlan, rows: slice, cols: slice) -> dict:
+    """The image section and the same section of its sky, uncertainty and exposure maps."""
+    entry = plan.entry
     section = (rows, cols)
+    maps = {"image": _read_image(entry.image, plan.band, section)}
+    for name in ("sky", "unc", "exposure"):
+        path = getattr(entry, name)
+        maps[name] = None if path is None else _read_map(path, section)
+    return maps
+
+
+def _sky_and_sigma(plan: _BackgroundPlan, maps: dict, rows: slice, cols: slice):
+    """Sky and per-pixel noise of an image section (``maps`` from `_read_section`, padded by
+    `_SMOOTHING_REACH` where the image allows; ``rows``/``cols`` the padded section)."""
     row_index, col_index = np.arange(rows.start, rows.stop), np.arange(cols.start, cols.stop)
     if plan.need_sky or plan.need_rms:
         sky_grid, rms_grid, box_size = _cached_grids(plan.path)
-    if entry.sky is not None:
-        sky = _read_map(entry.sky, section)
-    else:
-        sky = grid_to_pixels(sky_grid, row_index, col_index, box_size)
-    if entry.unc is not None:
-        sigma = _read_map(entry.unc, section)
-    elif entry.exposure is not None:
-        sigma = _poisson_sigma(image, sky, _read_map(entry.exposure, section))
+    image = maps["image"]
+    sky = maps["sky"] if maps["sky"] is not None else grid_to_pixels(sky_grid, row_index, col_index, box_size)
+    if maps["unc"] is not None:
+        sigma = maps["unc"]
+    elif maps["exposure"] is not None:
+        sigma = _poisson_sigma(image, sky, maps["exposure"])
     else:
         rms = grid_to_pixels(rms_grid, row_index, col_index, box_size)
-        if band.instrument == "GALEX":
-            exposure_s = float(_cached_header(entry.image).get("EXPTIME", np.inf))
+        if plan.band.instrument == "GALEX":
+            exposure_s = float(_cached_header(plan.entry.image).get("EXPTIME", np.inf))
             sigma = np.sqrt(rms**2 + np.clip(image - sky, 0, None) / exposure_s)
         else:
             sigma = rms
@@ -364,8 +378,11 @@ def _fit_group(task, plan, prf, fit_sky, x, y, targets):
     # see on the whole image.
     py0, px0 = max(0, y0 - _SMOOTHING_REACH), max(0, x0 - _SMOOTHING_REACH)
     py1, px1 = min(ny, y1 + _SMOOTHING_REACH), min(nx, x1 + _SMOOTHING_REACH)
-    padded = _read_image(plan.entry.image, band, (slice(py0, py1), slice(px0, px1)))
-    sky, sigma = _sky_and_sigma(plan, padded, slice(py0, py1), slice(px0, px1))
+    reading = time.perf_counter()
+    maps = _read_section(plan, slice(py0, py1), slice(px0, px1))
+    read_s = time.perf_counter() - reading
+    padded = maps["image"]
+    sky, sigma = _sky_and_sigma(plan, maps, slice(py0, py1), slice(px0, px1))
     inner = (slice(y0 - py0, y1 - py0), slice(x0 - px0, x1 - px0))
     local_x, local_y = x - x0, y - y0
     # Targets off the whole image stay off the section, whatever the section is.
@@ -375,14 +392,16 @@ def _fit_group(task, plan, prf, fit_sky, x, y, targets):
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner], sigma=sigma[inner], fit_sky=fit_sky,
     )
-    return flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, time.process_time() - started
+    engine_cpu_s = time.process_time() - started
+    return flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, engine_cpu_s, read_s
 
 
 def _measure_partition(task: _PartitionTask):
     """Worker: measure one partition in every band of the task.
 
-    Returns ``{band: (flux_ujy, flux_err_ujy, flag, engine_cpu_s, cpu_s)}`` over the
-    partition's targets and the process's peak memory in GB.
+    Returns ``{band: (flux_ujy, flux_err_ujy, flag, engine_cpu_s, cpu_s, read_s)}`` over the
+    partition's targets (CPU seconds in the engine and in the whole task, wall seconds reading
+    images) and the process's peak memory in GB.
     """
     results = {}
     n_targets = task.target_positions.size
@@ -391,7 +410,7 @@ def _measure_partition(task: _PartitionTask):
         flux = np.full(n_targets, np.nan)
         flux_err = np.full(n_targets, np.nan)
         flag = np.full(n_targets, FLAGS["off_image"], dtype=np.int32)
-        engine_cpu_s = 0.0
+        engine_cpu_s = read_s = 0.0
         prf = _cached_prf(job.prf_path, job.band)
         for plan, fit_sky in zip(job.plans, job.fit_sky):
             members = np.flatnonzero(job.target_tiles == plan.entry.tile)
@@ -404,8 +423,9 @@ def _measure_partition(task: _PartitionTask):
                 values = _fit_group(task, plan, prf, fit_sky, x, y, positions)
                 flux[group], flux_err[group], flag[group] = values[:3]
                 engine_cpu_s += values[3]
-        results[job.band.name] = (flux, flux_err, flag, engine_cpu_s, time.process_time() - started)
-    return results, _peak_rss_gb()
+                read_s += values[4]
+        results[job.band.name] = (flux, flux_err, flag, engine_cpu_s, time.process_time() - started, read_s)
+    return results, peak_rss_gb()
 
 
 def _tangent_plane_arcmin(ra_deg, dec_deg, centre_ra_deg, centre_dec_deg):
@@ -555,9 +575,11 @@ def measure_field(
         The catalogue rows inside the field with, per band, ``<band>_flux_ujy``,
         ``<band>_flux_err_ujy`` (microJy) and ``<band>_flag`` (see `mbphot.engine.FLAGS`;
         sources that no image covers get the ``off_image`` flag and NaN).
-        ``attrs["engine_cpu_s"]`` and ``attrs["task_cpu_s"]`` hold, per band measured in this
-        call, the CPU seconds spent inside the engine and in the whole partition tasks
-        (reading, sky and noise, fitting); ``attrs["worker_peak_rss_gb"]`` the largest peak
+        ``attrs["engine_cpu_s"]``, ``attrs["task_cpu_s"]`` and ``attrs["background_cpu_s"]``
+        hold, per band measured in this call, the CPU seconds spent inside the engine, in the
+        whole partition tasks (reading, sky and noise, fitting) and in measuring the
+        background grids; ``attrs["read_s"]`` the seconds the tasks spent reading image
+        sections; ``attrs["worker_peak_rss_gb"]`` the largest peak
         resident memory of the processes that measured; ``attrs["partitions"]`` the number of
         partitions and how many were reused (for benchmarks).
     """
@@ -596,7 +618,8 @@ def measure_field(
     }
     pending = {key: todo for key, todo in pending.items() if todo}
     n_workers = n_workers or os.cpu_count() or 1
-    stats = {"engine_cpu_s": {b.name: 0.0 for b in bands}, "task_cpu_s": {b.name: 0.0 for b in bands}, "rss": [0.0]}
+    stats = {name: {b.name: 0.0 for b in bands} for name in ("engine_cpu_s", "task_cpu_s", "background_cpu_s", "read_s")}
+    stats["rss"] = [0.0]
 
     if pending:
         tile_choice = pd.read_parquet(manifest.resolve(manifest.tile_choice)).set_index("id").loc[catalog["id"]]
@@ -611,7 +634,8 @@ def measure_field(
                     if (plan.need_sky or plan.need_rms) and not plan.path.is_file():
                         wcs = read_wcs(_cached_header(plan.entry.image))
                         positions[plan.entry.image] = wcs.wcs_world2pix(ra, dec, 0)
-            _background_grids([plan for band in todo_bands for plan in plans[band.name]], positions, run)
+            background_cpu_s = _background_grids([plan for band in todo_bands for plan in plans[band.name]], positions, run)
+            stats["background_cpu_s"].update(background_cpu_s)
             tasks = []
             for key, todo in pending.items():
                 number = np.searchsorted(partition_keys, key)
@@ -637,16 +661,17 @@ def measure_field(
                 )
             bar = tqdm(total=len(tasks), desc="forced photometry", unit="partition", disable=not progress)
             with bar:
-                for task, (results, peak_rss_gb) in run(_measure_partition, tasks):
+                for task, (results, worker_peak_gb) in run(_measure_partition, tasks):
                     ids = catalog["id"].to_numpy()[task.catalog_index[task.target_positions]]
-                    for name, (flux, flux_err, flag, engine_cpu_s, task_cpu_s) in results.items():
+                    for name, (flux, flux_err, flag, engine_cpu_s, task_cpu_s, read_s) in results.items():
                         flux_col, err_col, flag_col = measured_columns(name)
                         frame = pd.DataFrame({"id": ids, flux_col: flux, err_col: flux_err, flag_col: flag})
                         with atomic_path(result_path(BANDS[name], task.key)) as temporary:
                             frame.to_parquet(temporary, index=False)
                         stats["engine_cpu_s"][name] += engine_cpu_s
                         stats["task_cpu_s"][name] += task_cpu_s
-                    stats["rss"].append(peak_rss_gb)
+                        stats["read_s"][name] += read_s
+                    stats["rss"].append(worker_peak_gb)
                     bar.update(1)
 
     result = catalog.iloc[targets].reset_index(drop=True).drop(columns="in_field")
@@ -656,8 +681,8 @@ def measure_field(
             result = result.merge(pd.concat(parts, ignore_index=True), on="id", how="left")
         else:
             result = result.assign(**dict.fromkeys(measured_columns(band.name), np.nan))
-    result.attrs["engine_cpu_s"] = stats["engine_cpu_s"]
-    result.attrs["task_cpu_s"] = stats["task_cpu_s"]
+    for name in ("engine_cpu_s", "task_cpu_s", "background_cpu_s", "read_s"):
+        result.attrs[name] = stats[name]
     result.attrs["worker_peak_rss_gb"] = max(stats["rss"])
     result.attrs["partitions"] = {"total": len(partition_keys), "measured": len(pending)}
     return result
