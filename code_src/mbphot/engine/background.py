@@ -17,15 +17,26 @@ __all__ = ["box_statistics", "grid_to_pixels", "smooth_grid", "source_mask", "sk
 
 
 def source_mask(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, radius_pixels: float) -> np.ndarray:
-    """Boolean image, True within ``radius_pixels`` of any source at 0-based (x, y)."""
+    """Boolean image, True within ``radius_pixels`` of any source at 0-based (x, y).
+
+    Each disk offset is stamped for all sources at once: at catalogue densities this is
+    several times faster than dilating an image of points.
+    """
     mask = np.zeros(shape, dtype=bool)
-    col = np.rint(np.asarray(x)).astype(np.intp)
-    row = np.rint(np.asarray(y)).astype(np.intp)
-    inside = (row >= 0) & (row < shape[0]) & (col >= 0) & (col < shape[1])
-    mask[row[inside], col[inside]] = True
+    col = np.rint(np.asarray(x, dtype=np.float64))
+    row = np.rint(np.asarray(y, dtype=np.float64))
     r = int(np.ceil(radius_pixels))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return ndimage.binary_dilation(mask, structure=(xx**2 + yy**2) <= radius_pixels**2)
+    near = np.isfinite(col) & np.isfinite(row)
+    near &= (row >= -r) & (row < shape[0] + r) & (col >= -r) & (col < shape[1] + r)
+    col, row = col[near].astype(np.intp), row[near].astype(np.intp)
+    for d_row in range(-r, r + 1):
+        for d_col in range(-r, r + 1):
+            if d_row**2 + d_col**2 > radius_pixels**2:
+                continue
+            rows, cols = row + d_row, col + d_col
+            inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+            mask[rows[inside], cols[inside]] = True
+    return mask
 
 
 def _clipped_box_statistics(values: np.ndarray, box_size: int, min_fraction: float):

@@ -7,7 +7,7 @@ the machine code beside this file, so worker processes start without compiling a
 import numpy as np
 from numba import njit
 
-__all__ = ["pair_overlaps", "weighted_stamps"]
+__all__ = ["pair_overlaps", "tile_sums", "weighted_stamps"]
 
 
 @njit(cache=True, nogil=True)
@@ -114,3 +114,48 @@ def weighted_stamps(table, first_phase, phase_step, offset_x, offset_y, col, row
         diagonal[source] = a_sum
         covered[source] = core_on_data / core_total if core_total > 0 else 0.0
     return weighted, rhs, diagonal, covered
+
+
+@njit(cache=True, nogil=True)
+def tile_sums(weighted, col, row, sqrt_weight, tile_size, span):
+    """Each weighted stamp times the square-root weights, summed over each square sky tile.
+
+    Parameters
+    ----------
+    weighted : ndarray, shape (n, size, size)
+        Stamps times sqrt(weight), centred on pixel (``row``, ``col``) of the image.
+    col, row : ndarray of int
+        Image pixel of each stamp's centre.
+    sqrt_weight : ndarray
+        1 / noise of the image, padded by ``size - 1`` on every side (0 off the image).
+    tile_size : int
+        Side of the tiles; tile (i, j) holds image rows i * tile_size ... and likewise columns.
+    span : int
+        Tiles per axis that a stamp can meet.
+
+    Returns
+    -------
+    sums : ndarray, shape (n, span, span)
+        Sum per tile, the tiles counted from ``first_tile_row``, ``first_tile_col``.
+    first_tile_row, first_tile_col : ndarray of int
+        Tile of each stamp's first row and column.
+    """
+    n, size = weighted.shape[0], weighted.shape[1]
+    half = size // 2
+    sums = np.zeros((n, span, span))
+    first_tile_row = np.empty(n, dtype=np.int64)
+    first_tile_col = np.empty(n, dtype=np.int64)
+    for source in range(n):
+        top = row[source] - half
+        left = col[source] - half
+        first_tile_row[source] = top // tile_size
+        first_tile_col[source] = left // tile_size
+        for a in range(size):
+            tile_row = (top + a) // tile_size - first_tile_row[source]
+            for b in range(size):
+                tile_col = (left + b) // tile_size - first_tile_col[source]
+                # The padding is size - 1, so image pixel (top + a) is padded row top + a + 2 half.
+                sums[source, tile_row, tile_col] += (
+                    weighted[source, a, b] * sqrt_weight[row[source] + half + a, col[source] + half + b]
+                )
+    return sums, first_tile_row, first_tile_col

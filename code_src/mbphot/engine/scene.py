@@ -26,12 +26,11 @@ from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
 from .prf import PRFTable
-from .kernels import pair_overlaps, weighted_stamps
+from .kernels import pair_overlaps, tile_sums, weighted_stamps
 from .solve import finish_measurement, start_measurement
 
 __all__ = ["scene_photometry"]
 
-_STAMP_CHUNK = 2048
 _SUBDOMAIN_SOURCES = 1000
 # Conjugate gradients stop when sqrt(r^T M^-1 r), which approximates the A-norm of the error
 # and bounds every flux's error in units of its own sigma, is below this.
@@ -101,30 +100,15 @@ def _sky_couplings(weighted, col, row, padded, image_shape, tile_size, half):
     tile_rhs = np.bincount(tile, (sqrt_weight[inner] * whitened[inner]).ravel(), minlength=n_rows * n_cols)
 
     size = 2 * half + 1
-    # A stamp meets at most `span` tile rows (and columns); one-hot matrices of each stamp
-    # row's and column's tile turn the per-tile sums into two small batched products.
-    span = (size - 1) // tile_size + 2
-    offsets = np.arange(size)
+    span = (size - 1) // tile_size + 2  # tiles per axis a stamp can meet
+    sums, first_tile_row, first_tile_col = tile_sums(weighted, col, row, sqrt_weight, tile_size, span)
     local = np.arange(span)
-    weight_windows = np.lib.stride_tricks.sliding_window_view(sqrt_weight, (size, size))
-    sources, tiles, values = [], [], []
-    for start in range(0, col.size, _STAMP_CHUNK):
-        chunk = np.arange(start, min(col.size, start + _STAMP_CHUNK))
-        first_tile_row = (row[chunk] - half) // tile_size
-        first_tile_col = (col[chunk] - half) // tile_size
-        row_tile = (row[chunk, None] - half + offsets) // tile_size - first_tile_row[:, None]
-        col_tile = (col[chunk, None] - half + offsets) // tile_size - first_tile_col[:, None]
-        row_onehot = (row_tile[:, None, :] == local[None, :, None]).astype(np.float64)
-        col_onehot = (col_tile[:, None, :] == local[None, :, None]).astype(np.float64)
-        products = weighted[chunk] * weight_windows[row[chunk] + half, col[chunk] + half]
-        sums = row_onehot @ products @ col_onehot.transpose(0, 2, 1)
-        tile_row = first_tile_row[:, None, None] + local[None, :, None]
-        tile_col = first_tile_col[:, None, None] + local[None, None, :]
-        keep = (sums != 0) & (tile_row >= 0) & (tile_row < n_rows) & (tile_col >= 0) & (tile_col < n_cols)
-        sources.append(np.broadcast_to(chunk[:, None, None], keep.shape)[keep])
-        tiles.append((tile_row * n_cols + tile_col)[keep])
-        values.append(sums[keep])
-    return np.concatenate(sources), np.concatenate(tiles), np.concatenate(values), tile_diagonal, tile_rhs, n_cols
+    tile_row = first_tile_row[:, None, None] + local[None, :, None]
+    tile_col = first_tile_col[:, None, None] + local[None, None, :]
+    keep = (sums != 0) & (tile_row >= 0) & (tile_row < n_rows) & (tile_col >= 0) & (tile_col < n_cols)
+    sources = np.broadcast_to(np.arange(col.size)[:, None, None], keep.shape)[keep]
+    tiles = (tile_row * n_cols + tile_col)[keep]
+    return sources, tiles, sums[keep], tile_diagonal, tile_rhs, n_cols
 
 
 def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo):
@@ -164,18 +148,19 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo)
     box_half = (cell_size - 1) / 2 + halo
     # Query with the largest footprint, then keep the unknowns that really reach the box.
     tree = cKDTree(centres)
-    max_extent = extents.max()
+    box_centres = cell[order[bounds[:-1]]] * cell_size + (cell_size - 1) / 2
+    candidate_lists = tree.query_ball_point(box_centres, box_half + extents.max(), p=np.inf, return_sorted=True)
     unique_variances = np.empty(unique.size)
     position_in_block = np.full(normal.shape[0], -1, dtype=np.intp)
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    in_cell = np.zeros(normal.shape[0], dtype=bool)
+    for start, stop, box_centre, candidates in zip(bounds[:-1], bounds[1:], box_centres, candidate_lists):
         members_in_cell = unique[order[start:stop]]
-        cell_col, cell_row = cell[order[start]]
-        box_centre = np.array([cell_col * cell_size + (cell_size - 1) / 2, cell_row * cell_size + (cell_size - 1) / 2])
-        candidates = np.asarray(tree.query_ball_point(box_centre, box_half + max_extent, p=np.inf), dtype=np.intp)
+        candidates = np.asarray(candidates, dtype=np.intp)
         reach = np.abs(centres[candidates] - box_centre).max(axis=1) - extents[candidates]
         near = candidates[reach <= box_half]
-        others = np.setdiff1d(near, members_in_cell, assume_unique=True)
-        block_index = np.concatenate([others, members_in_cell])
+        in_cell[members_in_cell] = True
+        block_index = np.concatenate([near[~in_cell[near]], members_in_cell])
+        in_cell[members_in_cell] = False
         block = _dense_block(normal, block_index, position_in_block)
         k = members_in_cell.size
         try:
