@@ -34,6 +34,7 @@ __all__ = [
     "call_with_retries",
     "download",
     "check_fits",
+    "is_cached",
 ]
 
 OFFLINE_HINT = "use data_source='sample' to run offline"
@@ -189,6 +190,20 @@ def check_fits(path) -> int:
     return n_hdu
 
 
+def is_cached(path) -> bool:
+    """Whether a complete file is already at ``path``; a damaged one (disk, manual edit) is
+    removed so that it is fetched again."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        check_fits(path)
+        return True
+    except IncompleteDownloadError:
+        path.unlink()
+        return False
+
+
 def _stream(session, url: str, destination: Path, progress: bool, label: str) -> None:
     with session.get(url, stream=True) as response:
         response.raise_for_status()
@@ -248,12 +263,8 @@ def download(url: str, path, *, service: str, endpoints: Endpoints, session=None
         ``path``.
     """
     path = Path(path)
-    if path.is_file():
-        try:
-            check_fits(path)
-            return path
-        except IncompleteDownloadError:
-            path.unlink()  # damaged after it was written (disk, manual edit): fetch again
+    if is_cached(path):
+        return path
     session = session or TimeoutSession(endpoints.timeout_s)
 
     def attempt():

@@ -16,7 +16,7 @@ from astropy.table import Table
 from astroquery.exceptions import NoResultsWarning
 
 from ..io import atomic_path
-from .cache import ArchiveError, IncompleteDownloadError, call_with_retries, check_fits
+from .cache import ArchiveError, call_with_retries, is_cached
 from .config import Endpoints
 
 __all__ = ["CHANDRA_COLUMNS", "query_chandra", "heasarc_client"]
@@ -72,12 +72,8 @@ def query_chandra(ra_deg: float, dec_deg: float, radius_arcmin: float, path, end
     holds the columns and no rows. A complete file already at ``path`` is reused.
     """
     path = Path(path)
-    if path.is_file():
-        try:
-            check_fits(path)
-            return path
-        except IncompleteDownloadError:
-            path.unlink()
+    if is_cached(path):
+        return path
     client = heasarc_client(endpoints)
     columns = ", ".join(name.lower() for name in CHANDRA_COLUMNS) + f", {ROW_COLUMN}"
     with warnings.catch_warnings():

@@ -26,11 +26,10 @@ from ..io import atomic_path
 from .cache import (
     ArchiveEmptyError,
     ArchiveError,
-    IncompleteDownloadError,
     TimeoutSession,
     call_with_retries,
-    check_fits,
     download,
+    is_cached,
 )
 from .config import ENDPOINTS_ENV, Endpoints
 from .cutout import cut_to_box
@@ -99,12 +98,8 @@ def query_cosmos2015(ra_deg: float, dec_deg: float, radius_arcmin: float, path, 
         The service failed; its own message is included.
     """
     path = Path(path)
-    if path.is_file():
-        try:
-            check_fits(path)
-            return path
-        except IncompleteDownloadError:
-            path.unlink()
+    if is_cached(path):
+        return path
     adql = (
         f"SELECT {', '.join(CATALOG_COLUMNS)} FROM {CATALOG_TABLE} "
         f"WHERE CONTAINS(POINT('ICRS', ra, dec), CIRCLE('ICRS', {ra_deg:.7f}, {dec_deg:.7f}, {radius_arcmin / 60.0:.7f})) = 1"
