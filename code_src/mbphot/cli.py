@@ -29,6 +29,7 @@ from .archive.config import ENDPOINTS_ENV
 from .bands import BAND_NAMES
 from .io import atomic_path, write_json
 from .params import DATA_SOURCES, ENGINES, MODES, PARAMETER_NAMES, RunParameters
+from .photometry import PROGRESS_ENV
 
 __all__ = ["main", "run_notebooks", "run_pipeline", "read_parameter_file", "NOTEBOOKS", "COMPLETE_MARKER"]
 
@@ -63,6 +64,8 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
     from papermill.exceptions import PapermillExecutionError
 
     notebook_dir = Path(notebook_dir)
+    if progress:
+        os.environ[PROGRESS_ENV] = "text"
     output_dir = Path(params.output_dir).resolve()
     parameters = {**params.as_dict(), "data_dir": str(Path(params.data_dir).resolve()), "output_dir": str(output_dir)}
     executed = []
@@ -83,6 +86,9 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
                     cwd=str(notebook_dir),
                     kernel_name="python3",
                     progress_bar=progress,
+                    # The notebooks' own progress bars (photometry partitions, downloads) reach
+                    # the terminal through their error stream, drawn as text (see photometry).
+                    stderr_file=sys.stderr if progress else None,
                 )
             except PapermillExecutionError as error:
                 raise NotebookFailed(

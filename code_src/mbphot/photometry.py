@@ -19,6 +19,7 @@ import hashlib
 import multiprocessing
 import os
 import resource
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
@@ -31,6 +32,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from scipy import ndimage
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm
 
 from .bands import BANDS, Band, measured_columns
@@ -54,6 +56,9 @@ CHUNK_SIZE = 500
 STRIP_BOXES = 16
 """Rows of background boxes measured per background task."""
 MAX_MASKED_FRACTION = 0.7
+PROGRESS_ENV = "MBPHOT_PROGRESS"
+"""Set to ``text`` (``mbphot run`` does, for its notebook kernels) to draw progress bars as
+plain text on the error stream, which papermill passes on to the terminal."""
 _BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # The Poisson-noise smoothing (Gaussian sigma 1 pixel, truncated at 4 sigma) reads this far.
 _SMOOTHING_REACH = 4
@@ -503,6 +508,14 @@ def _one_blas_thread_per_process():
                 os.environ[name] = value
 
 
+def _progress_bar(**options):
+    """A progress bar with the time left: a notebook widget, or text for a headless run."""
+    if os.environ.get(PROGRESS_ENV) == "text":
+        # Each redraw becomes a line once papermill relays it: redraw every 10 s at most.
+        return text_tqdm(file=sys.stderr, mininterval=10, **options)
+    return tqdm(**options)
+
+
 def _connect(scheduler):
     """A dask client from a client, a scheduler address, or None for local processes."""
     if scheduler is None or not isinstance(scheduler, str):
@@ -659,7 +672,7 @@ def measure_field(
                         jobs, engine, mode,
                     )
                 )
-            bar = tqdm(total=len(tasks), desc="forced photometry", unit="partition", disable=not progress)
+            bar = _progress_bar(total=len(tasks), desc="forced photometry", unit="partition", disable=not progress)
             with bar:
                 for task, (results, worker_peak_gb) in run(_measure_partition, tasks):
                     ids = catalog["id"].to_numpy()[task.catalog_index[task.target_positions]]
