@@ -6,6 +6,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from mbphot import sample
 from mbphot.bands import BANDS
 from mbphot.engine.prf import prf_centre
 from mbphot.sample import SampleSpec, make_sample_field, sample_files
@@ -34,6 +35,57 @@ def test_generator_is_deterministic(field, tmp_path):
     assert len(files) == 29  # 8 IRAC, 12 GALEX, 6 PRF files, 3 tables
     for relative in files:
         assert (field / relative).read_bytes() == (again / relative).read_bytes(), relative
+
+
+def _same_files(one, other, pattern="*.fits"):
+    files = sorted(p.relative_to(one) for p in one.rglob(pattern))
+    assert files
+    return all((one / relative).read_bytes() == (other / relative).read_bytes() for relative in files)
+
+
+def test_files_do_not_depend_on_strips_or_processes(field, tmp_path, monkeypatch):
+    """Strips of a few rows rendered by two worker processes give the very bytes of the
+    whole-image, single-process field: the noise is drawn in image and row order."""
+    monkeypatch.setattr(sample, "STRIP_PIXELS", 3000)
+    again = make_sample_field(SMALL, tmp_path / "strips", n_workers=2)
+    assert _same_files(field, again)
+
+
+def test_sources_beyond_the_galex_field_of_view_are_skipped_exactly(tmp_path, monkeypatch):
+    """Sources whose stamps fall only where a GALEX tile has no exposure are not rendered,
+    and the tile is the same as with every source rendered."""
+    fov_deg = 0.3 * np.sqrt(sample.GALEX_RESPONSE_FALLOFF)  # the tiles' edge through the field centre
+    monkeypatch.setattr(sample, "GALEX_FOV_RADIUS_DEG", fov_deg)
+    monkeypatch.setattr(sample, "GALEX_EDGE_DEG", 0.3)
+    skipping = make_sample_field(SMALL, tmp_path / "skipping", n_workers=1)
+    exposure = fits.getdata(skipping / "galex/COSMOS_SIM_01-nd-rrhr.fits")
+    assert 0.2 < (exposure == 0).mean() < 0.8
+    monkeypatch.setattr(sample, "GALEX_EDGE_DEG", np.inf)
+    assert _same_files(skipping, make_sample_field(SMALL, tmp_path / "all", n_workers=1), "galex/*.fits")
+
+
+def test_row_writer_writes_what_write_fits_writes(tmp_path):
+    data = np.random.default_rng(1).normal(size=(37, 23))
+    header = WCS(naxis=2).to_header()
+    header["BUNIT"] = "MJy/sr"
+    sample._write_fits(tmp_path / "whole.fits", data, header)
+    with sample._FitsRowWriter(tmp_path / "rows.fits", header, data.shape) as writer:
+        for start in range(0, 37, 10):
+            writer.write(data[start : start + 10])
+    assert (tmp_path / "rows.fits").read_bytes() == (tmp_path / "whole.fits").read_bytes()
+    with pytest.raises(RuntimeError, match="fewer rows"):
+        with sample._FitsRowWriter(tmp_path / "short.fits", header, data.shape) as writer:
+            writer.write(data[:10])
+
+
+def test_an_interrupted_field_leaves_nothing_behind(tmp_path, monkeypatch):
+    def fail(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "_make_chandra_and_catalog", fail)
+    with pytest.raises(KeyboardInterrupt):
+        make_sample_field(SMALL, tmp_path / "field")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_another_seed_gives_another_field(field, tmp_path):

@@ -17,11 +17,20 @@ files the archives serve, in the same formats and units, so the same loaders rea
 Populations follow COSMOS2015 in spirit: about 150 sources per arcmin^2, star-forming and
 quiescent galaxies, stars, and AGN with power-law infrared SEDs that fall in the Lacy wedge.
 Catalogue positions are the true positions; there are no sources below the catalogue limit.
+
+Fields of any size fit in memory: the images are rendered strip by strip straight into their
+files, each strip from the sources whose PRF stamps reach it, large fields by worker processes.
+The whole of COSMOS (48' radius, 1.1e6 sources in the catalogue, 4 GB of files) takes about a
+minute and a half on 2 cores and 2 GB of memory. The noise is drawn from one random stream in
+image and row order, so the files depend neither on the strips nor on the number of processes.
 """
 
+import multiprocessing
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +59,25 @@ CATALOG_NOISE_UJY = {"irac1": 0.08, "irac2": 0.1, "irac3": 0.6, "irac4": 0.8, "n
 GALEX_SKY_COUNTS_PER_S = {"nuv": 3.0e-3, "fuv": 6.0e-4}
 GALEX_EXPTIME_S = {"nuv": 51011.2, "fuv": 45212.0}
 GALEX_FOV_RADIUS_DEG = 0.6
+GALEX_RESPONSE_FALLOFF = 0.7
+"""The response falls as 1 - 0.7 (off-axis / FOV radius)^2, reaching zero at `GALEX_EDGE_DEG`."""
+GALEX_EDGE_DEG = GALEX_FOV_RADIUS_DEG / np.sqrt(GALEX_RESPONSE_FALLOFF)
 GALEX_TILE_OFFSETS_DEG = (("COSMOS_SIM_01", -0.30, 0.05), ("COSMOS_SIM_02", 0.30, -0.05))
 CHANDRA_FLUX_LIMIT_CGS = 2.0e-15
 N_CHANDRA_WITHOUT_COUNTERPART = 3
 SED_CLASSES = ("star_forming", "quiescent", "star", "agn")
 SED_FRACTIONS = (0.70, 0.17, 0.05, 0.08)
+STRIP_PIXELS = 2**21
+"""Pixels per rendered strip (16 MB as float64): a full-COSMOS image never sits in memory, and
+the sources rendered twice (within a PRF half-width of a strip's edge) stay a few per cent."""
+RENDER_BATCH_STAMP_PIXELS = 2**16
+"""Stamp pixels rendered per batch of sources, so that the temporaries (0.5 MB) stay in the cache."""
+PARALLEL_MIN_STAMP_PIXELS = 5e8
+"""Rendering work (stamp pixels over all images) below which starting worker processes costs
+more than it saves: the default 3' field needs about 1e8."""
+MAX_AUTO_RENDER_WORKERS = 4
+"""Beyond a few workers the noise, drawn in this process, sets the pace; each worker holds
+about 0.5 GB."""
 
 
 @dataclass(frozen=True)
@@ -285,22 +308,236 @@ def _galex_psf(band, oversampling, half_size):
     return psf * (oversampling**2 / psf.sum())
 
 
-def _render(shape, x, y, flux, table):
-    """Image of point sources: each flux times its PRF stamp at the sub-pixel position."""
-    image = np.zeros(shape[0] * shape[1])
-    h = table.half_size
-    col = np.rint(x).astype(np.intp)
-    row = np.rint(y).astype(np.intp)
-    keep = (col > -h - 1) & (col < shape[1] + h) & (row > -h - 1) & (row < shape[0] + h)
-    col, row, flux = col[keep], row[keep], flux[keep]
-    stamps = table.stamps_for(x[keep] - col, y[keep] - row)
-    offsets = np.arange(-h, h + 1)
-    rr = row[:, None, None] + offsets[None, :, None]
-    cc = col[:, None, None] + offsets[None, None, :]
-    inside = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
-    weights = (stamps * flux[:, None, None])[inside]
-    image += np.bincount((rr * shape[1] + cc)[inside], weights=weights, minlength=image.size)
-    return image.reshape(shape)
+def _band_prf(name):
+    """The band's PRF as its file holds it, and the stamp table its images are rendered with.
+
+    Returns
+    -------
+    file_prf : ndarray
+        The PRF image written to the band's PRF file.
+    table : PRFTable
+    """
+    band = BANDS[name]
+    if name in IRAC_BANDS:
+        prf = _airy_prf(band, IRAC_PRF_OVERSAMPLING, IRAC_PRF_HALF_SIZE)
+        return prf, build_prf_table(prf, IRAC_PRF_OVERSAMPLING, n_phase=65, enclosed_fraction=1.0)
+    truth_psf = _galex_psf(band, 5, GALEX_PSF_HALF_SIZE)
+    table = build_prf_table(truth_psf, 5, n_phase=65, enclosed_fraction=1.0, max_half_size=20)
+    file_psf = _galex_psf(band, 1, GALEX_PSF_HALF_SIZE)
+    return file_psf / file_psf.max(), table
+
+
+def _render_rows(table, start_row, stop_row, width, x, y, flux):
+    """Rows ``start_row:stop_row`` of an image of point sources.
+
+    Each source adds its flux times its PRF stamp at its sub-pixel position. Every pixel sums
+    its sources' contributions one by one in source order (``np.add.at``), whatever the strip
+    and the batch, so an image rendered strip by strip is bit-identical to one rendered whole.
+
+    Parameters
+    ----------
+    table : PRFTable
+    start_row, stop_row : int
+        The strip's rows in the image.
+    width : int
+        Columns of the image.
+    x, y : ndarray
+        0-based pixel positions of the sources, each within a stamp half-width of the strip.
+    flux : ndarray
+        Source fluxes, in the unit the image gets per unit-sum stamp.
+
+    Returns
+    -------
+    ndarray, shape (stop_row - start_row, width)
+    """
+    half_size = table.half_size
+    offsets = np.arange(-half_size, half_size + 1)
+    # Sources reach a stamp half-width beyond the strip, their stamps two: a margin that wide
+    # takes every stamp whole, so no stamp pixel needs testing for being on the strip.
+    margin = 2 * half_size
+    padded_width = width + 2 * margin
+    padded = np.zeros((stop_row - start_row + 2 * margin) * padded_width)
+    stencil = (offsets[:, None] * padded_width + offsets[None, :]).ravel()
+    batch = max(1, RENDER_BATCH_STAMP_PIXELS // stencil.size)
+    for first in range(0, len(x), batch):
+        x_batch, y_batch = x[first : first + batch], y[first : first + batch]
+        col = np.rint(x_batch).astype(np.intp)
+        row = np.rint(y_batch).astype(np.intp)
+        weights = table.stamps_for(x_batch - col, y_batch - row) * flux[first : first + batch, None, None]
+        index = ((row - start_row + margin) * padded_width + col + margin)[:, None] + stencil
+        np.add.at(padded, index.ravel(), weights.ravel())
+    rows = padded.reshape(-1, padded_width)
+    return rows[margin : margin + stop_row - start_row, margin : margin + width]
+
+
+_WORKER_TABLES = {}
+"""The stamp tables a rendering worker process has built, by band."""
+
+
+def _render_rows_in_worker(name, *strip):
+    """`_render_rows` in a worker, which builds each band's table itself on first use (the
+    same function gives the same table): sending the tables took seconds per worker."""
+    if name not in _WORKER_TABLES:
+        _WORKER_TABLES[name] = _band_prf(name)[1]
+    return _render_rows(_WORKER_TABLES[name], *strip)
+
+
+@dataclass(frozen=True, eq=False)
+class _ImagePlan:
+    """One image to simulate: its pixel grid and the sources rendered onto it.
+
+    Attributes
+    ----------
+    band : str
+    tile : str or None
+        The GALEX tile; None for IRAC.
+    wcs : WCS
+    shape : tuple of int
+    x, y : ndarray
+        0-based pixel positions of all sources.
+    flux : ndarray
+        True fluxes of all sources in the band (microJy).
+    useful : ndarray of bool or None
+        Sources that can change the image (None: all); the others are not rendered.
+    centre : tuple of float or None
+        GALEX pointing centre (deg); None for IRAC.
+    """
+
+    band: str
+    tile: str | None
+    wcs: WCS
+    shape: tuple
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+    useful: np.ndarray | None = None
+    centre: tuple | None = None
+
+
+def _plan_images(spec, sources, tables) -> list:
+    """Every image of the field, in the order the noise is drawn: IRAC channels, then GALEX
+    bands tile by tile."""
+    ra, dec = np.asarray(sources["ra"]), np.asarray(sources["dec"])
+    flux = {name: np.asarray(sources[f"true_{name}_flux_ujy"]) for name in BANDS}
+    pixel = BANDS["irac1"].pixel_scale_arcsec
+    size = int(2 * np.ceil(spec.image_half_side_arcmin * 60.0 / pixel) + 1)
+    wcs = _tan_wcs(spec.ra_deg, spec.dec_deg, pixel, (size, size))
+    x, y = wcs.all_world2pix(np.column_stack([ra, dec]), 0).T
+    plans = [_ImagePlan(name, None, wcs, (size, size), x, y, flux[name]) for name in IRAC_BANDS]
+
+    pixel = BANDS["nuv"].pixel_scale_arcsec
+    size = int(2 * np.ceil(spec.image_half_side_arcmin * 60.0 / pixel) + 1)
+    cos_dec = np.cos(np.radians(spec.dec_deg))
+    tiles = []
+    for tile, d_ra, d_dec in GALEX_TILE_OFFSETS_DEG:
+        centre = (spec.ra_deg + d_ra / cos_dec, spec.dec_deg + d_dec)
+        wcs = _tan_wcs(spec.ra_deg, spec.dec_deg, pixel, (size, size), crval=centre)
+        off_axis_deg = np.hypot((ra - centre[0]) * cos_dec, dec - centre[1])
+        tiles.append((tile, centre, wcs, *wcs.all_world2pix(np.column_stack([ra, dec]), 0).T, off_axis_deg))
+    for name in GALEX_BANDS:
+        # A source whose stamp lies wholly outside the field of view, where the exposure is
+        # zero, cannot change the tile; twice the stamp's reach covers the projection.
+        reach_deg = 2 * (tables[name].half_size + 1) * np.sqrt(2) * pixel / 3600.0
+        for tile, centre, wcs, x, y, off_axis_deg in tiles:
+            plans.append(_ImagePlan(name, tile, wcs, (size, size), x, y, flux[name],
+                                    off_axis_deg < GALEX_EDGE_DEG + reach_deg, centre))
+    return plans
+
+
+class _StripRenderer:
+    """Renders the point-source signal of the field's images strip by strip, in order.
+
+    With more than one worker, worker processes render the strips a few ahead of the caller,
+    across image boundaries, while the caller adds the noise of the strips already done: the
+    noise comes from the field's one random stream, drawn in image and row order, so the files
+    do not depend on the number of processes or on the strips.
+
+    Parameters
+    ----------
+    plans : list of _ImagePlan
+        The images, in the order the caller takes them.
+    tables : dict
+        Band name to the `PRFTable` its images are rendered with.
+    n_workers : int
+        Worker processes; 1 renders in this process.
+    """
+
+    def __init__(self, plans, tables, n_workers):
+        self._tables = tables
+        self._tasks = (task for plan in plans for task in self._strip_tasks(plan))
+        self._pending = deque()
+        self._lookahead_strips = 2 * n_workers
+        self._pool = None
+        if n_workers > 1:
+            # Spawned like the photometry workers: forking a process that may hold threads
+            # (a notebook kernel) is unsafe.
+            self._pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def _strip_tasks(self, plan):
+        """``(plan, start_row, render arguments)`` per strip: the sources whose stamps reach it."""
+        height, width = plan.shape
+        half_size = self._tables[plan.band].half_size
+        col, row = np.rint(plan.x), np.rint(plan.y)
+        reaches = (col > -half_size - 1) & (col < width + half_size)
+        reaches &= (row > -half_size - 1) & (row < height + half_size)
+        if plan.useful is not None:
+            reaches &= plan.useful
+        candidates = np.flatnonzero(reaches)
+        candidates = candidates[np.argsort(row[candidates], kind="stable")]
+        candidate_rows = row[candidates]
+        for start_row in _strip_starts(plan.shape):
+            stop_row = min(start_row + _rows_per_strip(width), height)
+            low, high = np.searchsorted(candidate_rows, [start_row - half_size, stop_row + half_size])
+            members = np.sort(candidates[low:high])  # back in source order: see _render_rows
+            yield plan, start_row, (start_row, stop_row, width, plan.x[members], plan.y[members], plan.flux[members])
+
+    def strips(self, plan):
+        """Yield ``(start_row, signal)`` for the strips of ``plan``, the next image, top to bottom."""
+        for start_row in _strip_starts(plan.shape):
+            if self._pool is None:
+                task_plan, task_row, arguments = next(self._tasks)
+                rendered = _render_rows(self._tables[plan.band], *arguments)
+            else:
+                while len(self._pending) <= self._lookahead_strips:
+                    task = next(self._tasks, None)
+                    if task is None:
+                        break
+                    task_plan, task_row, arguments = task
+                    self._pending.append((task_plan, task_row,
+                                          self._pool.submit(_render_rows_in_worker, task_plan.band, *arguments)))
+                task_plan, task_row, future = self._pending.popleft()
+                rendered = future.result()
+            if task_plan is not plan or task_row != start_row:
+                raise RuntimeError("images taken out of their planned order")
+            yield start_row, rendered
+
+
+def _rows_per_strip(width):
+    return max(1, STRIP_PIXELS // width)
+
+
+def _strip_starts(shape):
+    """First row of every strip of an image of ``shape``."""
+    return range(0, shape[0], _rows_per_strip(shape[1]))
+
+
+def _render_workers(n_workers, plans, tables):
+    """Worker processes for rendering: ``n_workers`` (0 = one per core), or by default one per
+    core up to `MAX_AUTO_RENDER_WORKERS`, none for fields too small to gain."""
+    if n_workers is not None:
+        return max(1, n_workers if n_workers > 0 else os.cpu_count() or 1)
+    stamp_pixels = sum(
+        (plan.useful.sum() if plan.useful is not None else plan.x.size) * tables[plan.band].stamps.shape[-1] ** 2
+        for plan in plans
+    )
+    return 1 if stamp_pixels < PARALLEL_MIN_STAMP_PIXELS else min(os.cpu_count() or 1, MAX_AUTO_RENDER_WORKERS)
 
 
 def _write_fits(path: Path, data, header):
@@ -308,83 +545,121 @@ def _write_fits(path: Path, data, header):
     fits.PrimaryHDU(data=np.asarray(data, dtype=np.float32), header=header).writeto(path)
 
 
-def _smooth_pattern(shape, rng, amplitude):
+class _FitsRowWriter:
+    """Writes a float32 primary image block of rows by block of rows, top to bottom.
+
+    The file is byte for byte what `_write_fits` writes for the whole image, without ever
+    holding it in memory.
+    """
+
+    def __init__(self, path: Path, header, shape):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A one-pixel image gives the primary header `_write_fits` writes; then its size.
+        primary = fits.PrimaryHDU(data=np.zeros((1, 1), dtype=np.float32), header=header).header
+        primary["NAXIS1"], primary["NAXIS2"] = shape[1], shape[0]
+        self._path = path
+        self._stream = fits.StreamingHDU(path, primary)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc_info):
+        self._stream.close()
+        if exc_type is None and not self._stream.writecomplete:
+            raise RuntimeError(f"{self._path}: fewer rows written than the header announces")
+
+    def write(self, rows):
+        self._stream.write(np.asarray(rows, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class _SmoothPattern:
     """A gentle large-scale variation, like residual backgrounds and coverage maps."""
-    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]] / max(shape)
-    a, b, c = rng.uniform(-1, 1, 3)
-    return amplitude * (a * (xx - 0.5) + b * (yy - 0.5) + c * (xx - 0.5) * (yy - 0.5))
+
+    shape: tuple
+    amplitude: float
+    coefficients: tuple
+
+    @classmethod
+    def draw(cls, shape, rng, amplitude):
+        return cls(shape, amplitude, tuple(rng.uniform(-1, 1, 3)))
+
+    def rows(self, start_row, stop_row):
+        """The pattern on rows ``start_row:stop_row`` of the image."""
+        a, b, c = self.coefficients
+        yy = (np.arange(start_row, stop_row) / max(self.shape))[:, None]
+        xx = np.arange(self.shape[1]) / max(self.shape)
+        return self.amplitude * (a * (xx - 0.5) + b * (yy - 0.5) + c * (xx - 0.5) * (yy - 0.5))
 
 
-def _make_irac(spec, sources, rng, out):
-    half_side_pixels = spec.image_half_side_arcmin * 60.0 / BANDS["irac1"].pixel_scale_arcsec
-    size = int(2 * np.ceil(half_side_pixels) + 1)
-    shape = (size, size)
-    wcs = _tan_wcs(spec.ra_deg, spec.dec_deg, BANDS["irac1"].pixel_scale_arcsec, shape)
-    x, y = wcs.all_world2pix(np.column_stack([sources["ra"], sources["dec"]]), 0).T
-    for name in IRAC_BANDS:
-        band = BANDS[name]
-        prf = _airy_prf(band, IRAC_PRF_OVERSAMPLING, IRAC_PRF_HALF_SIZE)
-        table = build_prf_table(prf, IRAC_PRF_OVERSAMPLING, n_phase=65, enclosed_fraction=1.0)
-        signal_ujy = _render(shape, x, y, np.asarray(sources[f"true_{name}_flux_ujy"]), table)
-        noise_ujy = IRAC_NOISE_UJY_PER_PIXEL[name] * (1.0 + np.abs(_smooth_pattern(shape, rng, 0.6)))
-        pedestal_ujy = 0.05 + _smooth_pattern(shape, rng, 0.1)
-        image_ujy = signal_ujy + pedestal_ujy + rng.normal(0.0, 1.0, shape) * noise_ujy
-        header = wcs.to_header()
-        header["BUNIT"] = "MJy/sr"
-        header["TELESCOP"] = "Spitzer"
-        header["INSTRUME"] = "IRAC"
-        header["CHNLNUM"] = int(name[-1])
-        header["WAVELEN"] = (band.wavelength_um, "[um]")
-        header["ORIGIN"] = "mbphot.sample (simulated)"
-        channel = name[-1]
-        _write_fits(out / f"irac/irac_ch{channel}_go2_sci.fits", image_ujy / band.ujy_per_pixel_unit, header)
-        _write_fits(out / f"irac/irac_ch{channel}_go2_unc.fits", noise_ujy / band.ujy_per_pixel_unit, header)
-        prf_header = fits.Header()
-        prf_header["OVERSAMP"] = (IRAC_PRF_OVERSAMPLING, "PRF samples per mosaic pixel")
-        prf_header["PIXSCALE"] = (band.pixel_scale_arcsec / IRAC_PRF_OVERSAMPLING, "[arcsec] PRF sample spacing")
-        prf_header["COMMENT"] = "Model PRF: Airy (0.85 m) x 1.22\" pixel x jitter x 0.6\" pixel"
-        _write_fits(out / f"prf/PRF_IRAC_ch{channel}.fits", prf, prf_header)
+def _make_irac(plan, rng, out, renderer):
+    band = BANDS[plan.band]
+    noise_pattern = _SmoothPattern.draw(plan.shape, rng, 0.6)
+    pedestal_pattern = _SmoothPattern.draw(plan.shape, rng, 0.1)
+    header = plan.wcs.to_header()
+    header["BUNIT"] = "MJy/sr"
+    header["TELESCOP"] = "Spitzer"
+    header["INSTRUME"] = "IRAC"
+    header["CHNLNUM"] = int(plan.band[-1])
+    header["WAVELEN"] = (band.wavelength_um, "[um]")
+    header["ORIGIN"] = "mbphot.sample (simulated)"
+    channel = plan.band[-1]
+    with (_FitsRowWriter(out / f"irac/irac_ch{channel}_go2_sci.fits", header, plan.shape) as science,
+          _FitsRowWriter(out / f"irac/irac_ch{channel}_go2_unc.fits", header, plan.shape) as uncertainty):
+        for start_row, signal_ujy in renderer.strips(plan):
+            stop_row = start_row + signal_ujy.shape[0]
+            noise_ujy = IRAC_NOISE_UJY_PER_PIXEL[plan.band] * (1.0 + np.abs(noise_pattern.rows(start_row, stop_row)))
+            pedestal_ujy = 0.05 + pedestal_pattern.rows(start_row, stop_row)
+            image_ujy = signal_ujy + pedestal_ujy + rng.normal(0.0, 1.0, signal_ujy.shape) * noise_ujy
+            science.write(image_ujy / band.ujy_per_pixel_unit)
+            uncertainty.write(noise_ujy / band.ujy_per_pixel_unit)
 
 
-def _make_galex(spec, sources, rng, out):
-    pixel = BANDS["nuv"].pixel_scale_arcsec
-    size = int(2 * np.ceil(spec.image_half_side_arcmin * 60.0 / pixel) + 1)
-    shape = (size, size)
+def _make_galex(spec, plan, rng, out, renderer):
+    band = BANDS[plan.band]
+    sky_pattern = _SmoothPattern.draw(plan.shape, rng, 0.2)
+    header = plan.wcs.to_header()
+    header["BUNIT"] = ""
+    header["TELESCOP"] = "GALEX"
+    header["BAND"] = 1 if plan.band == "nuv" else 2
+    header["TILENAME"] = plan.tile
+    header["RA_CENT"] = plan.centre[0]
+    header["DEC_CENT"] = plan.centre[1]
+    header["EXPTIME"] = GALEX_EXPTIME_S[plan.band]
+    header["ORIGIN"] = "mbphot.sample (simulated)"
     cos_dec = np.cos(np.radians(spec.dec_deg))
-    for name in GALEX_BANDS:
-        band = BANDS[name]
-        truth_psf = _galex_psf(band, 5, GALEX_PSF_HALF_SIZE)
-        table = build_prf_table(truth_psf, 5, n_phase=65, enclosed_fraction=1.0, max_half_size=20)
-        file_psf = _galex_psf(band, 1, GALEX_PSF_HALF_SIZE)
-        psf_header = fits.Header()
-        psf_header["COMMENT"] = "Model GALEX PSF on the 1.5\" grid, peak-normalised like the GALEX files"
-        _write_fits(out / f"prf/PSF{name}.fits", file_psf / file_psf.max(), psf_header)
-        for tile, d_ra, d_dec in GALEX_TILE_OFFSETS_DEG:
-            centre = (spec.ra_deg + d_ra / cos_dec, spec.dec_deg + d_dec)
-            wcs = _tan_wcs(spec.ra_deg, spec.dec_deg, pixel, shape, crval=centre)
-            x, y = wcs.all_world2pix(np.column_stack([sources["ra"], sources["dec"]]), 0).T
-            signal_cps = _render(shape, x, y, np.asarray(sources[f"true_{name}_flux_ujy"]), table) / band.ujy_per_pixel_unit
-            sky_cps = GALEX_SKY_COUNTS_PER_S[name] * (1.0 + _smooth_pattern(shape, rng, 0.2))
-            ra_grid, dec_grid = wcs.all_pix2world(*np.meshgrid(np.arange(size), np.arange(size)), 0)
-            off_axis_deg = np.hypot((ra_grid - centre[0]) * cos_dec, dec_grid - centre[1])
-            response = np.clip(1.0 - 0.7 * (off_axis_deg / GALEX_FOV_RADIUS_DEG) ** 2, 0.0, None)
-            exposure_s = GALEX_EXPTIME_S[name] * response
+    stem = f"galex/{plan.tile}-{band.galex_code}"
+    with (_FitsRowWriter(out / f"{stem}-int.fits", header, plan.shape) as intensity_file,
+          _FitsRowWriter(out / f"{stem}-skybg.fits", header, plan.shape) as sky_file,
+          _FitsRowWriter(out / f"{stem}-rrhr.fits", header, plan.shape) as exposure_file):
+        for start_row, signal_ujy in renderer.strips(plan):
+            stop_row = start_row + signal_ujy.shape[0]
+            signal_cps = signal_ujy / band.ujy_per_pixel_unit
+            sky_cps = GALEX_SKY_COUNTS_PER_S[plan.band] * (1.0 + sky_pattern.rows(start_row, stop_row))
+            columns, rows = np.meshgrid(np.arange(plan.shape[1]), np.arange(start_row, stop_row))
+            ra_grid, dec_grid = plan.wcs.all_pix2world(columns, rows, 0)
+            off_axis_deg = np.hypot((ra_grid - plan.centre[0]) * cos_dec, dec_grid - plan.centre[1])
+            response = np.clip(1.0 - GALEX_RESPONSE_FALLOFF * (off_axis_deg / GALEX_FOV_RADIUS_DEG) ** 2, 0.0, None)
+            exposure_s = GALEX_EXPTIME_S[plan.band] * response
             counts = rng.poisson(np.clip(signal_cps + sky_cps, 0, None) * exposure_s)
             with np.errstate(invalid="ignore", divide="ignore"):
-                intensity = np.where(exposure_s > 0, counts / exposure_s, 0.0)
-            header = wcs.to_header()
-            header["BUNIT"] = ""
-            header["TELESCOP"] = "GALEX"
-            header["BAND"] = 1 if name == "nuv" else 2
-            header["TILENAME"] = tile
-            header["RA_CENT"] = centre[0]
-            header["DEC_CENT"] = centre[1]
-            header["EXPTIME"] = GALEX_EXPTIME_S[name]
-            header["ORIGIN"] = "mbphot.sample (simulated)"
-            code = band.galex_code
-            _write_fits(out / f"galex/{tile}-{code}-int.fits", intensity, header)
-            _write_fits(out / f"galex/{tile}-{code}-skybg.fits", sky_cps, header)
-            _write_fits(out / f"galex/{tile}-{code}-rrhr.fits", exposure_s, header)
+                intensity_file.write(np.where(exposure_s > 0, counts / exposure_s, 0.0))
+            sky_file.write(sky_cps)
+            exposure_file.write(exposure_s)
+
+
+def _write_prfs(out, prfs):
+    """The PRF files, beside the images, as the archives serve them."""
+    for name in IRAC_BANDS:
+        header = fits.Header()
+        header["OVERSAMP"] = (IRAC_PRF_OVERSAMPLING, "PRF samples per mosaic pixel")
+        header["PIXSCALE"] = (BANDS[name].pixel_scale_arcsec / IRAC_PRF_OVERSAMPLING, "[arcsec] PRF sample spacing")
+        header["COMMENT"] = "Model PRF: Airy (0.85 m) x 1.22\" pixel x jitter x 0.6\" pixel"
+        _write_fits(out / f"prf/PRF_IRAC_ch{name[-1]}.fits", prfs[name], header)
+    for name in GALEX_BANDS:
+        header = fits.Header()
+        header["COMMENT"] = "Model GALEX PSF on the 1.5\" grid, peak-normalised like the GALEX files"
+        _write_fits(out / f"prf/PSF{name}.fits", prfs[name], header)
 
 
 def _catalog_noise(rng, true_ujy, band_name, fractional=0.03):
@@ -517,14 +792,16 @@ def _make_chandra_and_catalog(spec, sources, rng, out):
     truth.write(out / "catalog/truth.fits")
 
 
-def make_sample_field(spec: SampleSpec, directory) -> Path:
+def make_sample_field(spec: SampleSpec, directory, n_workers: int | None = None) -> Path:
     """Write the simulated field for ``spec`` into ``directory``.
 
     A complete field made by this version of the simulator is reused; one made by another
     version is rebuilt, with everything derived from it in the folder.
 
     The files are built in a temporary folder beside ``directory`` and moved into place only
-    when all are written, so an interrupted run never leaves a half-made field.
+    when all are written, so an interrupted run never leaves a half-made field. The images are
+    rendered and written strip by strip, adding to each strip only the sources whose PRF
+    stamps reach it, so memory stays near a gigabyte even for the whole of COSMOS (1e6 sources).
 
     Parameters
     ----------
@@ -532,6 +809,10 @@ def make_sample_field(spec: SampleSpec, directory) -> Path:
         Centre, radius and seed.
     directory : path-like
         Where the field goes; created.
+    n_workers : int, optional
+        Processes rendering the images; 0 = one per core. By default one per core (at most
+        `MAX_AUTO_RENDER_WORKERS`) for fields large enough to gain from them, else none beyond
+        this one. The files do not depend on it.
 
     Returns
     -------
@@ -549,8 +830,17 @@ def make_sample_field(spec: SampleSpec, directory) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         sources = _draw_sources(spec, rng)
-        _make_irac(spec, sources, rng, staging)
-        _make_galex(spec, sources, rng, staging)
+        prfs, tables = {}, {}
+        for name in BANDS:
+            prfs[name], tables[name] = _band_prf(name)
+        _write_prfs(staging, prfs)
+        plans = _plan_images(spec, sources, tables)
+        with _StripRenderer(plans, tables, _render_workers(n_workers, plans, tables)) as renderer:
+            for plan in plans:
+                if plan.tile is None:
+                    _make_irac(plan, rng, staging, renderer)
+                else:
+                    _make_galex(spec, plan, rng, staging, renderer)
         _make_chandra_and_catalog(spec, sources, rng, staging)
         (staging / "COMPLETE").write_text(stamp)
         if directory.exists():
@@ -560,3 +850,4 @@ def make_sample_field(spec: SampleSpec, directory) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return directory
+
