@@ -83,8 +83,33 @@ def load_prf(path, band: Band) -> PRFTable:
     return build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction)
 
 
-# Worker processes measure many partitions of the same images: read each PRF and header once.
-_cached_prf = functools.lru_cache(maxsize=16)(load_prf)
+def _derived_file(cache_dir: Path, source, suffix: str) -> Path:
+    """Where something derived from the file ``source`` is cached: named for the file, its
+    size and its modification time, so that a changed file is derived afresh."""
+    path = Path(source).resolve()
+    status = path.stat()
+    digest = hashlib.sha1(f"{path}|{status.st_size}|{status.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir / f"{path.name.removesuffix('.gz').removesuffix('.fits')}_{digest}{suffix}"
+
+
+def _prf_table_file(manifest: Manifest, band: Band) -> tuple[Path, PRFTable]:
+    """The band's PRF table, tabulated once per field and saved for the workers to load."""
+    path = _derived_file(manifest.directory / "derived", manifest.prf_path(band.name), f".{band.name}.prf.npz")
+    if path.is_file():
+        return path, _cached_prf_table(path)
+    table = load_prf(manifest.prf_path(band.name), band)
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, stamps=table.stamps, phases=table.phases, half_size=table.half_size)
+    return path, table
+
+
+# Worker processes measure many partitions of the same images: load each PRF table and read
+# each header once.
+@functools.lru_cache(maxsize=16)
+def _cached_prf_table(path) -> PRFTable:
+    with np.load(path) as stored:
+        return PRFTable(stamps=stored["stamps"], phases=stored["phases"], half_size=int(stored["half_size"]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -313,7 +338,7 @@ class _BandJob:
     """One band of a partition: the images, the tile of each target and how to fit."""
 
     band: Band
-    prf_path: Path
+    prf_table: Path
     plans: list
     target_tiles: np.ndarray
     fit_sky: list
@@ -437,7 +462,7 @@ def _measure_partition(task: _PartitionTask):
         flux_err = np.full(n_targets, np.nan)
         flag = np.full(n_targets, FLAGS["off_image"], dtype=np.int32)
         engine_cpu_s = read_s = 0.0
-        prf = _cached_prf(job.prf_path, job.band)
+        prf = _cached_prf_table(job.prf_table)
         for plan, fit_sky in zip(job.plans, job.fit_sky):
             members = np.flatnonzero(job.target_tiles == plan.entry.tile)
             if members.size == 0:
@@ -660,7 +685,8 @@ def measure_field(
     if pending:
         tile_choice = pd.read_parquet(manifest.resolve(manifest.tile_choice)).set_index("id").loc[catalog["id"]]
         todo_bands = [band for band in bands if any(band in todo for todo in pending.values())]
-        prfs = {band.name: _cached_prf(manifest.prf_path(band.name), band) for band in todo_bands}
+        prf_tables = {band.name: _prf_table_file(manifest, band) for band in todo_bands}
+        prfs = {name: table for name, (_, table) in prf_tables.items()}
         plans = {band.name: _plans(manifest, band) for band in todo_bands}
         halo = _halo_arcmin(todo_bands, prfs)
         with _connect(client) as dask_client, _executor(n_workers, dask_client) as run:
@@ -683,7 +709,7 @@ def measure_field(
                 )
                 jobs = [
                     _BandJob(
-                        band, manifest.prf_path(band.name), plans[band.name],
+                        band, prf_tables[band.name][0], plans[band.name],
                         tile_choice[band.name].to_numpy()[targets[members]],
                         [sky == "fit" or (sky == "auto" and plan.entry.sky is None) for plan in plans[band.name]],
                     )
@@ -726,18 +752,11 @@ def measure_field(
 
 
 def _plans(manifest: Manifest, band: Band) -> list:
-    """What each image of a band needs for its sky and noise, and where its grids are cached:
-    named for the image file, its size and its modification time, so a changed image is
-    measured afresh."""
-    cache_dir = manifest.directory / "derived"
+    """What each image of a band needs for its sky and noise, and where its grids are cached."""
     plans = []
     for entry in manifest.images(band.name):
-        path = Path(entry.image).resolve()
-        status = path.stat()
-        digest = hashlib.sha1(f"{path}|{status.st_size}|{status.st_mtime_ns}".encode()).hexdigest()[:12]
-        stem = path.name.removesuffix(".gz").removesuffix(".fits")
+        grids = _derived_file(manifest.directory / "derived", entry.image, ".background.npz")
         need_rms = entry.unc is None and entry.exposure is None
-        grids = cache_dir / f"{stem}_{digest}.background.npz"
         plans.append(_BackgroundPlan(entry, band, entry.sky is None, need_rms, grids))
     return plans
 
