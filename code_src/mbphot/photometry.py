@@ -628,7 +628,7 @@ def measure_field(
         ``"scene"``: all sources of a ``scene_arcmin`` cell fitted together; ``"source"``:
         each target in its own cutout with its neighbours. Both give the same accuracy
         against the truth (``python -m mbphot.bench``); scene mode is the default because it
-        is 6 times faster end to end (1e5 sources in six bands: 36 s against 231 s on 2 cores).
+        is 6 times faster end to end (1e5 sources in six bands: 35 s against 214 s on 2 cores).
     partition_arcmin : float
         Side of the square sky partitions (in scene mode a whole multiple of
         ``scene_arcmin``). Smaller partitions lose less work to an interruption.
