@@ -9,7 +9,7 @@ import pytest
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.scene import scene_photometry
-from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, pixel_integrated_gaussian, render
+from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
 
 FWHM = 2.3548 * SIGMA_PIX
 IRAC_SOURCES_PER_PIXEL = 150.0 / 3600.0 * 0.6**2  # 150 per arcmin^2 on the 0.6" grid

@@ -11,7 +11,7 @@ pytest.importorskip(
 import tractor
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry
 from mbphot.engine.tractor import tractor_photometry
-from synthetic import FWHM_PIX, OVERSAMPLING, SIGMA_PIX, pixel_integrated_gaussian, render
+from synthetic import FWHM_PIX, OVERSAMPLING, pixel_integrated_gaussian, render
 
 CUTOUT = 17
 NOISE = 0.01

@@ -34,7 +34,7 @@ from .io import write_json
 from .manifest import Manifest
 from .params import FULL_FIELD_RADIUS_ARCMIN, RunParameters
 from .photometry import measure_field, peak_rss_gb
-from .retrieve import load_truth, retrieve
+from .retrieve import load_truth
 from .sample import SOURCES_PER_ARCMIN2
 
 __all__ = ["accuracy", "compare_with_tractor", "dask_scaling", "main", "run_size"]
