@@ -79,7 +79,7 @@ def _finished(run_dir, band):
 
 
 def test_killed_run_resumes_and_ends_with_the_same_catalogue(manifest, reference):
-    run_dir = manifest.directory / "photometry" / "mbphot_scene_sky-auto_p1_c1"
+    run_dir = next((manifest.directory / "photometry").glob("v*_mbphot_scene_sky-auto_p1_c1"))
     for path in run_dir.rglob("*.parquet"):
         path.unlink()
     script = textwrap.dedent(

@@ -58,7 +58,7 @@ def test_peak_normalised_galex_psfs_are_rescaled_to_unit_flux(real_data_dir, nam
     """The published recipe used these peak-normalised PSFs as if they summed to one."""
     table = load_prf(real_data_dir / "galex" / name, BANDS["nuv"])
     total = table.stamp_at(0.0, 0.0).sum()
-    assert 0.99 <= total <= 1.0
+    assert 0.99 <= total <= 1.002  # the PSF files hold slightly negative pixels far out
     assert fits.getdata(real_data_dir / "galex" / name).sum() > 10, "the file itself is peak-normalised"
 
 

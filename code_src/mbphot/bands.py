@@ -8,7 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Band", "BANDS", "BAND_NAMES", "IRAC_BANDS", "GALEX_BANDS", "get_band", "measured_columns", "parse_bands"]
+__all__ = [
+    "Band", "BANDS", "BAND_NAMES", "IRAC_BANDS", "GALEX_BANDS", "get_band", "measured_columns", "parse_bands",
+    "quality_columns",
+]
 
 ARCSEC2_PER_SR = 4.254517e10
 UJY_PER_MJY = 1e12
@@ -42,9 +45,14 @@ class Band:
     galex_code : str or None
         GALEX file-name band code (``nd`` or ``fd``), None for IRAC.
     prf_enclosed_fraction : float
-        Each source's PRF stamp reaches out to the radius holding this fraction of the PRF's
-        flux. IRAC keeps 99.9 %; GALEX's broad PSF at COSMOS density would put hundreds of
-        neighbours in every fit at that radius, so it keeps 99.5 %.
+        Each source's PRF model reaches out to the radius holding this fraction of the PRF's
+        flux (99.9 %).
+    prf_core_radius_pixels : float or None
+        In scene mode, PRFs reaching beyond this radius are split into a core, fitted, and
+        wings, subtracted by FFT (`mbphot.engine.build_prf_table`). The GALEX PSFs hold 90 %
+        of their light within 6 pixels but need 36-43 pixels for 99.9 %: stamps that large
+        would couple hundreds of neighbours in every fit at COSMOS density. None for IRAC,
+        whose PRF is compact.
     """
 
     name: str
@@ -58,6 +66,7 @@ class Band:
     catalog_flux_column: str
     galex_code: str | None = None
     prf_enclosed_fraction: float = 0.999
+    prf_core_radius_pixels: float | None = None
 
     @property
     def cutout_size_pixels(self) -> int:
@@ -93,8 +102,8 @@ BANDS: dict[str, Band] = {
         _irac(2, 4.5, 1.72),
         _irac(3, 5.8, 1.88),
         _irac(4, 8.0, 1.98),
-        Band("nuv", "GALEX", 0.2267, 1.5, "count/s", 33.73, 40.0, 5.3, "flux_galex_nuv", "nd", 0.995),
-        Band("fuv", "GALEX", 0.1516, 1.5, "count/s", 107.6, 40.0, 4.2, "flux_galex_fuv", "fd", 0.995),
+        Band("nuv", "GALEX", 0.2267, 1.5, "count/s", 33.73, 40.0, 5.3, "flux_galex_nuv", "nd", 0.999, 8.0),
+        Band("fuv", "GALEX", 0.1516, 1.5, "count/s", 107.6, 40.0, 4.2, "flux_galex_fuv", "fd", 0.999, 8.0),
     )
 }
 BAND_NAMES: tuple[str, ...] = tuple(BANDS)
@@ -115,6 +124,13 @@ def get_band(name: str) -> Band:
 def measured_columns(band: str) -> tuple[str, str, str]:
     """Names of a band's measured flux, uncertainty (both microJy) and flag columns."""
     return f"{band}_flux_ujy", f"{band}_flux_err_ujy", f"{band}_flag"
+
+
+def quality_columns(band: str) -> tuple[str, str, str]:
+    """Names of a band's quality metrics: profile-weighted reduced chi^2, the fraction of the
+    flux in the profile from neighbours, and the fraction of the profile on masked pixels
+    (see `mbphot.engine.solve.Measurement`)."""
+    return f"{band}_rchisq", f"{band}_fracflux", f"{band}_fracmasked"
 
 
 def parse_bands(bands) -> list[str]:

@@ -35,10 +35,10 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm
 
-from .bands import BANDS, Band, measured_columns
+from .bands import BANDS, Band, measured_columns, quality_columns
 from .engine import PRFTable, build_prf_table, forced_photometry
 from .engine.background import box_statistics, grid_to_pixels, smooth_grid, source_mask
-from .engine.solve import FLAGS
+from .engine.solve import FLAGS, Measurement
 from .io import atomic_path, read_header, read_wcs
 from .manifest import ImageEntry, Manifest
 from .params import ENGINES, MODES
@@ -51,6 +51,8 @@ SCENE_ARCMIN = 6.0
 density)."""
 PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
+RESULTS_VERSION = 2
+"""Bumped when the engine's results change, so that partitions measured before are not reused."""
 CHUNK_SIZE = 500
 """Source mode: targets per engine call."""
 STRIP_BOXES = 16
@@ -62,15 +64,19 @@ plain text on the error stream, which papermill passes on to the terminal."""
 _BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _MALLOC_KEEP_BYTES = 256 * 1024**2
-# The Poisson-noise smoothing (Gaussian sigma 1 pixel, truncated at 4 sigma) reads this far.
+# The Poisson-noise smoothing (Gaussian sigma 1 pixel, truncated at 4 sigma) and the no-data
+# test of GALEX zeros (a `_NO_DATA_BOX` square) read this far.
 _SMOOTHING_REACH = 4
+_NO_DATA_BOX = 5
 
 
-def load_prf(path, band: Band) -> PRFTable:
+def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
     """Read a PRF file and tabulate it for the band's image grid.
 
     The sampling comes from the header: ``OVERSAMP`` if present, else the ratio of the band's
-    pixel scale to ``PIXSCALE`` (arcsec per PRF sample), else the image grid itself.
+    pixel scale to ``PIXSCALE`` (arcsec per PRF sample), else the image grid itself. With
+    ``split_wings`` (scene mode), a PRF reaching beyond the band's
+    ``prf_core_radius_pixels`` is split into core stamps and a wing kernel.
     """
     with fits.open(path) as hdul:
         hdu = next(h for h in hdul if h.data is not None and h.data.ndim == 2)
@@ -82,7 +88,8 @@ def load_prf(path, band: Band) -> PRFTable:
         oversampling = max(1, int(round(band.pixel_scale_arcsec / float(header["PIXSCALE"]))))
     else:
         oversampling = 1
-    return build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction)
+    core_radius = band.prf_core_radius_pixels if split_wings else None
+    return build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=core_radius)
 
 
 def _derived_file(cache_dir: Path, source, suffix: str) -> Path:
@@ -94,15 +101,17 @@ def _derived_file(cache_dir: Path, source, suffix: str) -> Path:
     return cache_dir / f"{path.name.removesuffix('.gz').removesuffix('.fits')}_{digest}{suffix}"
 
 
-def _prf_table_file(manifest: Manifest, band: Band) -> tuple[Path, PRFTable]:
+def _prf_table_file(manifest: Manifest, band: Band, split_wings: bool) -> tuple[Path, PRFTable]:
     """The band's PRF table, tabulated once per field and saved for the workers to load."""
-    path = _derived_file(manifest.directory / "derived", manifest.prf_path(band.name), f".{band.name}.prf.npz")
+    suffix = f".{band.name}{'.split' if split_wings else ''}.prf.npz"
+    path = _derived_file(manifest.directory / "derived", manifest.prf_path(band.name), suffix)
     if path.is_file():
         return path, _cached_prf_table(path)
-    table = load_prf(manifest.prf_path(band.name), band)
+    table = load_prf(manifest.prf_path(band.name), band, split_wings)
+    wings = np.empty((0, 0)) if table.wings is None else table.wings
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
-            np.savez(handle, stamps=table.stamps, phases=table.phases, half_size=table.half_size)
+            np.savez(handle, stamps=table.stamps, phases=table.phases, half_size=table.half_size, wings=wings)
     return path, table
 
 
@@ -111,7 +120,8 @@ def _prf_table_file(manifest: Manifest, band: Band) -> tuple[Path, PRFTable]:
 @functools.lru_cache(maxsize=16)
 def _cached_prf_table(path) -> PRFTable:
     with np.load(path) as stored:
-        return PRFTable(stamps=stored["stamps"], phases=stored["phases"], half_size=int(stored["half_size"]))
+        wings = stored["wings"] if stored["wings"].size else None
+        return PRFTable(stamps=stored["stamps"], phases=stored["phases"], half_size=int(stored["half_size"]), wings=wings)
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,11 +145,23 @@ def _read_map(path, section) -> np.ndarray:
 
 
 def _read_image(path, band: Band, section=(slice(None), slice(None))) -> np.ndarray:
-    """An image, or a section of it, as float64 with NaN for no data."""
+    """An image, or a section of it, as float64 with NaN for no data.
+
+    GALEX intensity maps are exactly zero where the detector saw nothing (outside the field
+    of view), but a pixel of a shallow tile can also hold zero counts: only zeros in a
+    `_NO_DATA_BOX` square of zeros are no data. (Where the effective-exposure map exists,
+    `_read_section` also takes its zeros as no data.) At the Medium Imaging Survey's depth
+    about 40 % of FUV sky pixels are zero, and 25 zero neighbours by chance happen once in
+    1e10 pixels.
+    """
     image = _read_map(path, section)
     if band.instrument == "GALEX":
-        # GALEX intensity maps hold exact zeros where the detector saw nothing.
-        image[image == 0] = np.nan
+        zero = image == 0
+        # Outside the image counts as no data, so a section's edge within an image can only
+        # err on its outer `_NO_DATA_BOX - 1` pixels, which sections read as padding.
+        structure = np.ones((_NO_DATA_BOX, _NO_DATA_BOX), dtype=bool)
+        eroded = ndimage.binary_erosion(zero, structure, border_value=1)
+        image[ndimage.binary_dilation(eroded, structure) & zero] = np.nan
     return image
 
 
@@ -294,6 +316,9 @@ def _read_section(plan: _BackgroundPlan, rows: slice, cols: slice) -> dict:
     for name in ("sky", "unc", "exposure"):
         path = getattr(entry, name)
         maps[name] = None if path is None else _read_map(path, section)
+    if maps["exposure"] is not None:
+        with np.errstate(invalid="ignore"):
+            maps["image"][~(maps["exposure"] > 0)] = np.nan
     return maps
 
 
@@ -420,21 +445,25 @@ def _fit_group(task, plan, prf, fit_sky, x, y, targets):
     # Targets off the whole image stay off the section, whatever the section is.
     local_x[targets[~on_image]] = np.nan
     started = time.process_time()
-    flux, flux_err, flag = _engine_function(task.engine, task.mode)(
+    result = _engine_function(task.engine, task.mode)(
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner], sigma=sigma[inner], fit_sky=fit_sky,
     )
     engine_cpu_s = time.process_time() - started
-    return flux * band.ujy_per_pixel_unit, flux_err * band.ujy_per_pixel_unit, flag, engine_cpu_s, read_s
+    in_ujy = result._replace(flux=result.flux * band.ujy_per_pixel_unit, flux_err=result.flux_err * band.ujy_per_pixel_unit)
+    return in_ujy, engine_cpu_s, read_s
 
 
 @functools.cache
 def _tiny_fits() -> None:
-    yy, xx = np.mgrid[-3:4, -3:4]
-    table = build_prf_table(np.exp(-(xx**2 + yy**2) / 2.0), n_phase=3)
+    yy, xx = np.mgrid[-8:9, -8:9]
+    radius2 = xx**2 + yy**2
+    table = build_prf_table(np.exp(-radius2 / 2.0), n_phase=3, max_half_size=3)
+    split = build_prf_table(np.exp(-radius2 / 2.0) + 0.1 * np.exp(-radius2 / 20.0), n_phase=3, core_radius=4.0)
     x, y = np.array([5.2, 9.7]), np.array([6.1, 8.4])
     for mode in MODES:
         _engine_function("mbphot", mode)(np.zeros((15, 15)), x, y, np.arange(2), table, 5, sky=0.0, sigma=1.0, fit_sky=True)
+    _engine_function("mbphot", "scene")(np.zeros((15, 15)), x, y, np.arange(2), split, 5, sky=0.0, sigma=1.0, fit_sky=True)
 
 
 def _warm_up() -> float:
@@ -451,18 +480,20 @@ def _warm_up() -> float:
 def _measure_partition(task: _PartitionTask):
     """Worker: measure one partition in every band of the task.
 
-    Returns ``{band: (flux_ujy, flux_err_ujy, flag, engine_cpu_s, cpu_s, read_s)}`` over the
-    partition's targets (CPU seconds in the engine and in the whole task, wall seconds reading
-    images), the CPU seconds of the process's start-up (`_warm_up`) and its peak memory in GB.
+    Returns ``{band: (columns, engine_cpu_s, cpu_s, read_s)}`` over the partition's targets
+    (the `Measurement` fields in microJy, by column name; CPU seconds in the engine and in the
+    whole task, wall seconds reading images), the CPU seconds of the process's start-up
+    (`_warm_up`) and its peak memory in GB.
     """
     startup_cpu_s = _warm_up()
     results = {}
     n_targets = task.target_positions.size
     for job in task.jobs:
         started = time.process_time()
-        flux = np.full(n_targets, np.nan)
-        flux_err = np.full(n_targets, np.nan)
-        flag = np.full(n_targets, FLAGS["off_image"], dtype=np.int32)
+        measured = Measurement(
+            *(np.full(n_targets, np.nan) for _ in range(2)), np.full(n_targets, FLAGS["off_image"], dtype=np.int32),
+            *(np.full(n_targets, np.nan) for _ in range(3)),
+        )
         engine_cpu_s = read_s = 0.0
         prf = _cached_prf_table(job.prf_table)
         for plan, fit_sky in zip(job.plans, job.fit_sky):
@@ -473,11 +504,14 @@ def _measure_partition(task: _PartitionTask):
             x, y = (np.asarray(v, dtype=np.float64) for v in wcs.wcs_world2pix(task.ra, task.dec, 0))
             for group in _groups(task, members, x, y):
                 positions = task.target_positions[group]
-                values = _fit_group(task, plan, prf, fit_sky, x, y, positions)
-                flux[group], flux_err[group], flag[group] = values[:3]
-                engine_cpu_s += values[3]
-                read_s += values[4]
-        results[job.band.name] = (flux, flux_err, flag, engine_cpu_s, time.process_time() - started, read_s)
+                result, group_engine_cpu_s, group_read_s = _fit_group(task, plan, prf, fit_sky, x, y, positions)
+                for column, values in zip(measured, result):
+                    column[group] = values
+                engine_cpu_s += group_engine_cpu_s
+                read_s += group_read_s
+        names = (*measured_columns(job.band.name), *quality_columns(job.band.name))
+        columns = dict(zip(names, measured))
+        results[job.band.name] = (columns, engine_cpu_s, time.process_time() - started, read_s)
     return results, startup_cpu_s, peak_rss_gb()
 
 
@@ -671,7 +705,10 @@ def measure_field(
     targets = np.flatnonzero(catalog["in_field"].to_numpy())
     ra, dec = catalog["ra"].to_numpy(dtype=np.float64), catalog["dec"].to_numpy(dtype=np.float64)
     bands = [BANDS[name] for name in bands]
-    run_dir = manifest.directory / "photometry" / f"{engine}_{mode}_sky-{sky}_p{partition_arcmin:g}_c{scene_arcmin:g}"
+    run_dir = (
+        manifest.directory / "photometry"
+        / f"v{RESULTS_VERSION}_{engine}_{mode}_sky-{sky}_p{partition_arcmin:g}_c{scene_arcmin:g}"
+    )
 
     xi, eta = _tangent_plane_arcmin(ra, dec, manifest.field["ra"], manifest.field["dec"])
     part_col = np.floor(xi[targets] / partition_arcmin).astype(np.int64)
@@ -695,7 +732,7 @@ def measure_field(
     if pending:
         tile_choice = pd.read_parquet(manifest.resolve(manifest.tile_choice)).set_index("id").loc[catalog["id"]]
         todo_bands = [band for band in bands if any(band in todo for todo in pending.values())]
-        prf_tables = {band.name: _prf_table_file(manifest, band) for band in todo_bands}
+        prf_tables = {band.name: _prf_table_file(manifest, band, split_wings=mode == "scene") for band in todo_bands}
         prfs = {name: table for name, (_, table) in prf_tables.items()}
         plans = {band.name: _plans(manifest, band) for band in todo_bands}
         halo = _halo_arcmin(todo_bands, prfs)
@@ -736,9 +773,8 @@ def measure_field(
                 for task, (results, startup_cpu_s, worker_peak_gb) in run(_measure_partition, tasks):
                     stats["startup_cpu_s"] += startup_cpu_s
                     ids = catalog["id"].to_numpy()[task.catalog_index[task.target_positions]]
-                    for name, (flux, flux_err, flag, engine_cpu_s, task_cpu_s, read_s) in results.items():
-                        flux_col, err_col, flag_col = measured_columns(name)
-                        frame = pd.DataFrame({"id": ids, flux_col: flux, err_col: flux_err, flag_col: flag})
+                    for name, (columns, engine_cpu_s, task_cpu_s, read_s) in results.items():
+                        frame = pd.DataFrame({"id": ids, **columns})
                         with atomic_path(result_path(BANDS[name], task.key)) as temporary:
                             frame.to_parquet(temporary, index=False)
                         stats["engine_cpu_s"][name] += engine_cpu_s
@@ -753,7 +789,7 @@ def measure_field(
         if parts:
             result = result.merge(pd.concat(parts, ignore_index=True), on="id", how="left")
         else:
-            result = result.assign(**dict.fromkeys(measured_columns(band.name), np.nan))
+            result = result.assign(**dict.fromkeys((*measured_columns(band.name), *quality_columns(band.name)), np.nan))
     for name in ("engine_cpu_s", "task_cpu_s", "background_cpu_s", "read_s", "startup_cpu_s"):
         result.attrs[name] = stats[name]
     result.attrs["worker_peak_rss_gb"] = max(stats["rss"])

@@ -7,7 +7,7 @@ the machine code beside this file, so worker processes start without compiling a
 import numpy as np
 from numba import njit
 
-__all__ = ["pair_overlaps", "tile_sums", "weighted_stamps"]
+__all__ = ["add_stamps", "pair_overlaps", "residual_sums", "stamp_dots", "tile_sums", "weighted_stamps"]
 
 
 @njit(cache=True, nogil=True)
@@ -159,3 +159,111 @@ def tile_sums(weighted, col, row, sqrt_weight, tile_size, span):
                     weighted[source, a, b] * sqrt_weight[row[source] + half + a, col[source] + half + b]
                 )
     return sums, first_tile_row, first_tile_col
+
+
+@njit(cache=True, nogil=True)
+def stamp_dots(weighted, col, row, image):
+    """Each weighted stamp's dot product with a padded image.
+
+    Parameters
+    ----------
+    weighted : ndarray, shape (n, size, size)
+        Stamps centred on pixel (``row``, ``col``) of the image.
+    col, row : ndarray of int
+        Image pixel of each stamp's centre.
+    image : ndarray
+        The image padded by ``size - 1`` on every side.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+    """
+    n, size = weighted.shape[0], weighted.shape[1]
+    half = size // 2
+    dots = np.empty(n)
+    for source in range(n):
+        first_row = row[source] + half
+        first_col = col[source] + half
+        total = 0.0
+        for a in range(size):
+            for b in range(size):
+                total += weighted[source, a, b] * image[first_row + a, first_col + b]
+        dots[source] = total
+    return dots
+
+
+@njit(cache=True, nogil=True)
+def add_stamps(weighted, col, row, amplitude, image):
+    """Add ``amplitude[i] * weighted[i]`` to the padded ``image`` (in place), for every stamp.
+
+    Same layout as `stamp_dots`.
+    """
+    n, size = weighted.shape[0], weighted.shape[1]
+    half = size // 2
+    for source in range(n):
+        first_row = row[source] + half
+        first_col = col[source] + half
+        value = amplitude[source]
+        if value == 0.0:
+            continue
+        for a in range(size):
+            for b in range(size):
+                image[first_row + a, first_col + b] += value * weighted[source, a, b]
+
+
+@njit(cache=True, nogil=True)
+def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, chi, sqrt_weight, valid):
+    """Sums over each source's stamp of its PRF profile, the residuals and the PRF's gradient.
+
+    Parameters
+    ----------
+    table, first_phase, phase_step, offset_x, offset_y, col, row, sqrt_weight, valid
+        As in `weighted_stamps`.
+    chi : ndarray
+        The padded residual image divided by the noise: (data - sky - model) / sigma.
+
+    Returns
+    -------
+    sums : ndarray, shape (n, 7)
+        Per source, over its usable stamp pixels, with P its unit-flux profile, g = dP/dx and
+        h = dP/dy its derivatives with respect to the source position, and w = 1 / sigma^2:
+        sum P, sum P chi^2, sum g chi sqrt(w), sum h chi sqrt(w), sum g g w, sum g h w,
+        sum h h w.
+    """
+    n_phase = table.shape[0]
+    size = table.shape[2]
+    half = size // 2
+    n = col.size
+    sums = np.zeros((n, 7))
+    for source in range(n):
+        position_x = min(max((offset_x[source] - first_phase) / phase_step, 0.0), n_phase - 1.0)
+        position_y = min(max((offset_y[source] - first_phase) / phase_step, 0.0), n_phase - 1.0)
+        low_x = min(int(np.floor(position_x)), n_phase - 2)
+        low_y = min(int(np.floor(position_y)), n_phase - 2)
+        weight_x = position_x - low_x
+        weight_y = position_y - low_y
+        first_row = row[source] + half
+        first_col = col[source] + half
+        for a in range(size):
+            for b in range(size):
+                if not valid[first_row + a, first_col + b]:
+                    continue
+                t00 = table[low_y, low_x, a, b]
+                t01 = table[low_y, low_x + 1, a, b]
+                t10 = table[low_y + 1, low_x, a, b]
+                t11 = table[low_y + 1, low_x + 1, a, b]
+                value = (1 - weight_y) * ((1 - weight_x) * t00 + weight_x * t01) + weight_y * (
+                    (1 - weight_x) * t10 + weight_x * t11
+                )
+                grad_x = ((1 - weight_y) * (t01 - t00) + weight_y * (t11 - t10)) / phase_step
+                grad_y = ((1 - weight_x) * (t10 - t00) + weight_x * (t11 - t01)) / phase_step
+                s = sqrt_weight[first_row + a, first_col + b]
+                c = chi[first_row + a, first_col + b]
+                sums[source, 0] += value
+                sums[source, 1] += value * c * c
+                sums[source, 2] += grad_x * c * s
+                sums[source, 3] += grad_y * c * s
+                sums[source, 4] += grad_x * grad_x * s * s
+                sums[source, 5] += grad_x * grad_y * s * s
+                sums[source, 6] += grad_y * grad_y * s * s
+    return sums

@@ -6,6 +6,13 @@ with different normalisations (GALEX PSFs are peak-normalised): a PRF is always 
 that a source of unit flux puts unit flux on the image. Its wings are kept: the stamp used to
 model a source is cut at a radius holding ``enclosed_fraction`` of the flux of the *whole*
 PRF, never renormalised to the cut.
+
+A PRF with broad wings (the GALEX PSFs hold 5-10 % of their light beyond 12 pixels and need a
+radius of 36-43 pixels to enclose 99.9 %) is split into a *core*, tabulated as stamps like any
+other PRF, and *wings*, one kernel on the image grid that the engine convolves with the
+sources' fluxes (by FFT) instead of fitting. The split is a smooth taper in radius around the
+source's true position, so core and wings are each a shifted copy of one smooth function and
+their sum is the whole PRF at every sub-pixel phase.
 """
 
 from dataclasses import dataclass
@@ -91,6 +98,9 @@ class PRFTable:
     stamps: np.ndarray
     phases: np.ndarray
     half_size: int
+    wings: np.ndarray | None = None
+    """The PRF beyond the core (image grid, odd square, centred on its middle pixel), for a
+    source on a pixel centre; None when the stamps hold the whole PRF."""
 
     @property
     def n_phase(self) -> int:
@@ -130,6 +140,7 @@ def build_prf_table(
     n_phase: int = 33,
     enclosed_fraction: float = 0.999,
     max_half_size: int | None = None,
+    core_radius: float | None = None,
 ) -> PRFTable:
     """Precompute PRF stamps at ``n_phase`` x ``n_phase`` sub-pixel phases.
 
@@ -149,6 +160,11 @@ def build_prf_table(
         The stamp's radius holds this fraction of the whole PRF's flux.
     max_half_size : int, optional
         Upper limit on the stamp half-width in image pixels.
+    core_radius : float, optional
+        Split the PRF at this radius (image pixels) into tabulated core stamps and a wing
+        kernel (`PRFTable.wings`) reaching to the ``enclosed_fraction`` radius; the taper
+        between them spans the last `_TAPER_WIDTH` pixels of the core. Ignored when the whole
+        PRF lies within it.
 
     Returns
     -------
@@ -164,19 +180,40 @@ def build_prf_table(
     half_size = min(half_size, max(1, int(np.floor(extent_pixels))))
     if max_half_size is not None:
         half_size = min(half_size, max_half_size)
+    split = core_radius is not None and core_radius < half_size
+    wing_half_size = half_size
+    if split:
+        half_size = int(np.ceil(core_radius))
 
     coefficients = ndimage.spline_filter(normalised, order=3, mode="constant")
     phases = np.linspace(-0.5, 0.5, n_phase)
     grid = np.arange(-half_size, half_size + 1, dtype=np.float64)
     size = grid.size
-    # Sample coordinates of every phase's stamp, shape (2, phase_y, phase_x, row, col).
-    rows = centre_y + oversampling * (grid[None, :] - phases[:, None])
-    cols = centre_x + oversampling * (grid[None, :] - phases[:, None])
+    # Offsets of every phase's stamp pixels from the source, shape (phase, pixel).
+    offsets = grid[None, :] - phases[:, None]
     coords = np.stack(
         [
-            np.broadcast_to(rows[:, None, :, None], (n_phase, n_phase, size, size)),
-            np.broadcast_to(cols[None, :, None, :], (n_phase, n_phase, size, size)),
+            np.broadcast_to((centre_y + oversampling * offsets)[:, None, :, None], (n_phase, n_phase, size, size)),
+            np.broadcast_to((centre_x + oversampling * offsets)[None, :, None, :], (n_phase, n_phase, size, size)),
         ]
     )
     stamps = ndimage.map_coordinates(coefficients, coords, order=3, mode="constant", cval=0.0, prefilter=False)
-    return PRFTable(stamps=stamps, phases=phases, half_size=half_size)
+    if not split:
+        return PRFTable(stamps=stamps, phases=phases, half_size=half_size)
+    radius = np.hypot(offsets[:, None, :, None], offsets[None, :, None, :])
+    stamps *= _core_taper(radius, core_radius)
+    wing_grid = np.arange(-wing_half_size, wing_half_size + 1, dtype=np.float64)
+    wing_coords = np.stack(np.meshgrid(centre_y + oversampling * wing_grid, centre_x + oversampling * wing_grid, indexing="ij"))
+    whole = ndimage.map_coordinates(coefficients, wing_coords, order=3, mode="constant", cval=0.0, prefilter=False)
+    wings = whole * (1.0 - _core_taper(np.hypot(*np.meshgrid(wing_grid, wing_grid, indexing="ij")), core_radius))
+    return PRFTable(stamps=stamps, phases=phases, half_size=half_size, wings=wings)
+
+
+_TAPER_WIDTH = 3.0
+
+
+def _core_taper(radius, core_radius):
+    """1 inside ``core_radius - _TAPER_WIDTH``, falling as a raised cosine to 0 at ``core_radius``."""
+    inner = core_radius - _TAPER_WIDTH
+    fraction = np.clip((radius - inner) / _TAPER_WIDTH, 0.0, 1.0)
+    return 0.5 * (1.0 + np.cos(np.pi * fraction))

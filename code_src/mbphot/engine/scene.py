@@ -21,13 +21,14 @@ GALEX-like sources with 21 x 21 stamps: 18 s and 11 kB per source; IRAC-like: 10
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg, sparse
+from scipy import linalg, signal, sparse
+from scipy.sparse import linalg as sparse_linalg
 from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
+from .kernels import add_stamps, pair_overlaps, residual_sums, stamp_dots, tile_sums, weighted_stamps
 from .prf import PRFTable
-from .kernels import pair_overlaps, tile_sums, weighted_stamps
-from .solve import finish_measurement, start_measurement
+from .solve import Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
 __all__ = ["scene_photometry"]
 
@@ -42,6 +43,15 @@ _MAX_ITERATIONS = 200
 # element, sky included, so it is not the same number relative to a source.)
 _RIDGE = 1e-10
 _VARIANCE_BLOCK_UNKNOWNS = 250
+_WING_ITERATIONS = 20
+# GMRES on the wings stops when the residual is below this many sigmas of the fluxes.
+_WING_TOLERANCE = 1e-3
+# A flux is never corrected by more than this fraction for its position: larger offsets are
+# not the small catalogue errors the correction is made for.
+_MAX_POSITION_LOSS = 0.2
+# Below this signal-to-noise the correction's own noise (about 1 / (S/N)^2) outweighs the
+# loss it corrects (a few per cent for IRAC's 0.15" catalogue errors).
+_POSITION_MIN_SNR = 5.0
 
 
 def _pixel_arrays(image, sky, sigma, margin):
@@ -235,43 +245,51 @@ def _factorise(matrix):
     return splu(matrix.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
 
 
-def _solve_fluxes(normal, rhs, subdomains):
-    """Solve ``normal @ solution = rhs`` by Schwarz-preconditioned conjugate gradients.
+class _Solver:
+    """Solves ``normal @ solution = rhs`` by Schwarz-preconditioned conjugate gradients.
 
-    Falls back to one factorisation of the whole matrix if the iteration does not converge.
+    The subdomains are factorised once, so that the right-hand sides of the wing iterations
+    cost one conjugate-gradient run each. Falls back to one factorisation of the whole matrix
+    if the iteration does not converge.
     """
-    position = np.full(normal.shape[0], -1, dtype=np.intp)
-    factors = []
-    for members in subdomains:
-        rows, columns, values = _submatrix_entries(normal, members, position)
-        factors.append(_factorise(sparse.csr_matrix((values, (rows, columns)), shape=(members.size, members.size))))
 
-    def precondition(residual):
+    def __init__(self, normal, subdomains):
+        self.normal = normal
+        self.subdomains = subdomains
+        position = np.full(normal.shape[0], -1, dtype=np.intp)
+        self.factors = []
+        for members in subdomains:
+            rows, columns, values = _submatrix_entries(normal, members, position)
+            self.factors.append(_factorise(sparse.csr_matrix((values, (rows, columns)), shape=(members.size, members.size))))
+
+    def _precondition(self, residual):
         result = np.zeros_like(residual)
-        for members, factor in zip(subdomains, factors):
+        for members, factor in zip(self.subdomains, self.factors):
             result[members] += factor.solve(residual[members])
         return result
 
-    solution = np.zeros_like(rhs)
-    residual = rhs.copy()
-    preconditioned = precondition(residual)
-    direction = preconditioned.copy()
-    energy = residual @ preconditioned
-    for _ in range(_MAX_ITERATIONS):
-        if 0 <= energy <= _TOLERANCE**2:
-            return solution
-        if not energy > 0:
-            # NaN or negative: the preconditioner is not positive definite to precision.
-            break
-        product = normal @ direction
-        step = energy / (direction @ product)
-        solution += step * direction
-        residual -= step * product
-        preconditioned = precondition(residual)
-        new_energy = residual @ preconditioned
-        direction = preconditioned + (new_energy / energy) * direction
-        energy = new_energy
-    return _factorise(normal).solve(rhs)
+    def solve(self, rhs):
+        normal = self.normal
+        solution = np.zeros_like(rhs)
+        residual = rhs.copy()
+        preconditioned = self._precondition(residual)
+        direction = preconditioned.copy()
+        energy = residual @ preconditioned
+        for _ in range(_MAX_ITERATIONS):
+            if 0 <= energy <= _TOLERANCE**2:
+                return solution
+            if not energy > 0:
+                # NaN or negative: the preconditioner is not positive definite to precision.
+                break
+            product = normal @ direction
+            step = energy / (direction @ product)
+            solution += step * direction
+            residual -= step * product
+            preconditioned = self._precondition(residual)
+            new_energy = residual @ preconditioned
+            direction = preconditioned + (new_energy / energy) * direction
+            energy = new_energy
+        return _factorise(normal).solve(rhs)
 
 
 @dataclass
@@ -281,6 +299,10 @@ class _Scene:
     Unknowns are the modelled sources, then the sky tiles. ``unknown_of_source`` maps a
     catalogue index to its unknown (-1: not modelled); ``centres`` (col, row) and
     ``extents`` (footprint half-width) place each unknown for `_local_variances`.
+    ``modelled``, ``col``, ``row`` and ``weighted`` are the modelled sources' catalogue
+    indices, central pixels and whitened stamps; ``padded`` the whitened data, square-root
+    weights and usability (`_pixel_arrays`); ``tile_of_pixel`` the sky tile of each image
+    pixel (None without sky tiles).
     """
 
     normal: sparse.csr_matrix
@@ -292,6 +314,12 @@ class _Scene:
     n_source: int
     centres: np.ndarray
     extents: np.ndarray
+    modelled: np.ndarray
+    col: np.ndarray
+    row: np.ndarray
+    weighted: np.ndarray
+    padded: tuple
+    tile_of_pixel: np.ndarray | None
 
 
 def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky) -> _Scene:
@@ -319,6 +347,7 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky) 
     n_source = modelled.size
     centres = np.column_stack([m_col, m_row]).astype(np.float64)
     extents = np.zeros(n_source)
+    tile_of_pixel = None
     if fit_sky:
         sources, tiles, sky_values, tile_diagonal, tile_rhs, n_tile_cols = _sky_couplings(
             weighted, m_col, m_row, padded, (ny, nx), cutout_size, half
@@ -332,6 +361,8 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky) 
         tile_centres = np.column_stack([tile_cols, tile_rows]) * cutout_size + (cutout_size - 1) / 2
         centres = np.vstack([centres, tile_centres])
         extents = np.concatenate([extents, np.full(tile_diagonal.size, cutout_size / 2)])
+        rows, cols = np.indices((ny, nx))
+        tile_of_pixel = (rows // cutout_size) * n_tile_cols + cols // cutout_size
 
     # Unknowns that touch no usable pixel have an all-zero row: decouple them with a unit
     # diagonal. Scaling to a unit diagonal makes the ridge relative and the factorisation
@@ -350,7 +381,110 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky) 
         ),
         shape=(n_unknown, n_unknown),
     ).tocsr()
-    return _Scene(normal, rhs, scale, unconstrained, covered, unknown_of_source, n_source, centres, extents)
+    return _Scene(
+        normal, rhs, scale, unconstrained, covered, unknown_of_source, n_source, centres, extents,
+        modelled, m_col, m_row, weighted, padded, tile_of_pixel,
+    )
+
+
+def _whitened_rhs(scene: _Scene, whitened):
+    """The scaled right-hand side of the scene's equations for other whitened data."""
+    rhs = stamp_dots(scene.weighted, scene.col, scene.row, whitened)
+    if scene.tile_of_pixel is not None:
+        margin = (whitened.shape[0] - scene.tile_of_pixel.shape[0]) // 2
+        inner = (slice(margin, whitened.shape[0] - margin), slice(margin, whitened.shape[1] - margin))
+        sqrt_weight = scene.padded[1][inner]
+        tile_rhs = np.bincount(
+            scene.tile_of_pixel.ravel(), (sqrt_weight * whitened[inner]).ravel(), minlength=scene.rhs.size - scene.n_source
+        )
+        rhs = np.concatenate([rhs, tile_rhs])
+    return np.where(scene.unconstrained, 0.0, rhs) * scene.scale
+
+
+def _whitened_model(scene: _Scene, solution):
+    """The fitted model of the scene's data over the noise, on the padded grid."""
+    flux = solution * scene.scale
+    model = np.zeros_like(scene.padded[0])
+    add_stamps(scene.weighted, scene.col, scene.row, flux[: scene.n_source], model)
+    if scene.tile_of_pixel is not None:
+        margin = (model.shape[0] - scene.tile_of_pixel.shape[0]) // 2
+        inner = (slice(margin, model.shape[0] - margin), slice(margin, model.shape[1] - margin))
+        model[inner] += flux[scene.n_source :][scene.tile_of_pixel] * scene.padded[1][inner]
+    return model
+
+
+def _wing_image(wings, x, y, flux, shape, margin):
+    """The PRF wings of sources of ``flux`` at (x, y), on the image padded by ``margin``.
+
+    Each flux is shared between the four pixels around its position (bilinear), then
+    convolved with the wing kernel: the wings are broad and smooth, so this places them to a
+    small fraction of their own (already small) value.
+    """
+    ny, nx = shape[0] + 2 * margin, shape[1] + 2 * margin
+    points = np.zeros((ny, nx))
+    left, top = np.floor(x).astype(np.intp), np.floor(y).astype(np.intp)
+    fx, fy = x - left, y - top
+    for d_row, d_col, share in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+        rows, cols = top + d_row + margin, left + d_col + margin
+        inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
+        np.add.at(points, (rows[inside], cols[inside]), (flux * share)[inside])
+    return signal.fftconvolve(points, wings, mode="same")
+
+
+def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape):
+    """Fluxes of a PRF split into core and wings, and the whitened data less the wings.
+
+    The normal matrix A holds the cores C only. With the wings G of every modelled source
+    subtracted from the data, the cores' equations read C^T W (C + G) f = C^T W d: an unbiased
+    estimator, nearly as precise as the full least-squares fit because the wings are faint
+    and broad. Preconditioned by A^-1, this is (I + A^-1 C^T W G) f = A^-1 C^T W d, solved by
+    GMRES; each step costs one FFT of the wings and one solve with A. (The plain fixed-point
+    iteration diverges where a source barely on the image trades light with a sky tile.)
+    """
+    solution = solver.solve(scene.rhs)
+    if prf_table.wings is None:
+        return solution, scene.padded[0]
+    margin = (scene.padded[0].shape[0] - shape[0]) // 2
+    source_x, source_y = x[scene.modelled], y[scene.modelled]
+    sqrt_weight = scene.padded[1]
+
+    def whitened_wings(unknowns):
+        flux = unknowns[: scene.n_source] * scene.scale[: scene.n_source]
+        return _wing_image(prf_table.wings, source_x, source_y, flux, shape, margin) * sqrt_weight
+
+    def operator(unknowns):
+        return unknowns + solver.solve(_whitened_rhs(scene, whitened_wings(unknowns)))
+
+    size = solution.size
+    system = sparse_linalg.LinearOperator((size, size), matvec=operator, dtype=np.float64)
+    # The scaled unknowns are in units of their own sigma: stop well below one.
+    solution, _ = sparse_linalg.gmres(
+        system, solution, x0=solution, rtol=_WING_TOLERANCE / max(1.0, np.abs(solution).max()),
+        atol=0.0, restart=_WING_ITERATIONS, maxiter=1,
+    )
+    return solution, scene.padded[0] - whitened_wings(solution)
+
+
+def _position_corrections(sums, flux, diagonal, noise_scale):
+    """Flux corrections for catalogue positions off the light, from the residual's gradient.
+
+    A point source fitted at a position off by delta keeps the fraction
+    rho = <P(delta), P> / <P, P> ~ 1 - delta^T G delta / (2 <P, P>) of its flux (G the
+    weighted Fisher matrix of the position), and leaves a residual whose projection on the
+    PRF's gradient is b = flux G delta. The estimate of delta^T G delta = b^T G^-1 b / flux^2
+    is biased by the noise, by 2 noise_scale^2 / flux^2 on average: subtracting that keeps
+    the correction unbiased however faint the source. Returns the factor each flux is divided
+    by, and the fitted offsets (pixels).
+    """
+    _, _, bx, by, gxx, gxy, gyy = sums.T
+    determinant = gxx * gyy - gxy**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        quadratic = (gyy * bx**2 - 2 * gxy * bx * by + gxx * by**2) / determinant
+        loss = 0.5 * (quadratic - 2 * noise_scale**2) / (flux**2 * diagonal)
+        offset_x = (gyy * bx - gxy * by) / (determinant * flux)
+        offset_y = (gxx * by - gxy * bx) / (determinant * flux)
+    loss = np.where(np.isfinite(loss), np.clip(loss, -_MAX_POSITION_LOSS, _MAX_POSITION_LOSS), 0.0)
+    return 1.0 - loss, offset_x, offset_y
 
 
 def scene_photometry(
@@ -363,7 +497,11 @@ def scene_photometry(
     sky,
     sigma,
     fit_sky: bool = False,
-):
+    *,
+    noise_scale: float = 1.0,
+    prf_error: float = 0.0,
+    correct_positions: bool = True,
+) -> Measurement:
     """Forced PRF photometry of ``targets``, fitting every source on the image at once.
 
     Same inputs, outputs and flags as `forced_photometry`, but a single fit: every source
@@ -382,7 +520,8 @@ def scene_photometry(
     targets : ndarray of int
         Indices into ``x``/``y`` of the sources to report.
     prf_table : PRFTable
-        The band's PRF, see `build_prf_table`.
+        The band's PRF, see `build_prf_table`. With wings (``core_radius``), the cores are
+        fitted and the wings subtracted iteratively (`_solve_with_wings`).
     cutout_size : int
         Odd side, in pixels, of the per-source engine's cutout. Here it only (a) defines the
         coverage flags exactly as the per-source engine does (``partial_coverage`` when the
@@ -398,19 +537,21 @@ def scene_photometry(
         Also fit one constant sky offset per ``cutout_size`` square tile of the image (tiles
         aligned on pixel 0), on top of ``sky``; its covariance with the fluxes enters the
         uncertainties.
+    noise_scale, prf_error : float
+        Added to the uncertainties, see `mbphot.engine.solve.total_variance`.
+    correct_positions : bool
+        Correct each target's flux for the offset of its catalogue position from its light,
+        measured from the residuals (`_position_corrections`); positions themselves stay.
 
     Returns
     -------
-    flux, flux_err : ndarray
-        Fitted total flux of each target (image unit times pixels, since the PRF sums to one)
-        and its 1-sigma uncertainty (see `_local_variances` for the accuracy). NaN where the
-        source could not be measured.
-    flag : ndarray of int
-        Bit flags, see `FLAGS`.
+    Measurement
+        Fluxes (image unit times pixels, since the PRF sums to one), uncertainties (see
+        `_local_variances` for their accuracy), flags and quality metrics of the targets.
     """
-    x, y, targets, flux, flux_err, flag, measured = start_measurement(image.shape, x, y, targets, cutout_size)
+    x, y, targets, result, measured = start_measurement(image.shape, x, y, targets, cutout_size)
     if measured.size == 0:
-        return flux, flux_err, flag
+        return result
     ny, nx = image.shape
     half = prf_table.half_size
     half_cutout = cutout_size // 2
@@ -419,7 +560,8 @@ def scene_photometry(
 
     scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky)
     subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
-    solution = _solve_fluxes(scene.normal, scene.rhs, subdomains)
+    solver = _Solver(scene.normal, subdomains)
+    solution, whitened = _solve_with_wings(scene, solver, prf_table, x, y, image.shape)
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
     fitted = solution[target_unknowns] * scale
@@ -431,14 +573,41 @@ def scene_photometry(
     cell_size = max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS / density)) - 2 * halo)
     variance = _local_variances(scene.normal, scene.centres, scene.extents, target_unknowns, cell_size, halo) * scale**2
 
-    target_col = col[targets[measured]]
-    target_row = row[targets[measured]]
+    # Quality metrics from the residual of the whole fit. In the scaled equations A_ii = 1,
+    # so a target's neighbours put (A x)_i - x_i of light into its profile (x in sigma units).
+    chi = np.where(scene.padded[2], whitened - _whitened_model(scene, solution), 0.0)
+    sources_only = np.where(np.arange(solution.size) < scene.n_source, solution, 0.0)
+    neighbour_signal = (scene.normal @ sources_only)[target_unknowns] - (1.0 + _RIDGE) * solution[target_unknowns]
+    absolute = abs(scene.normal[target_unknowns][:, : scene.n_source]) @ np.abs(sources_only[: scene.n_source])
+    neighbour_light = (absolute - (1.0 + _RIDGE) * np.abs(solution[target_unknowns])) * scale
+    neighbour_flux = neighbour_signal * scale
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fracflux = neighbour_flux / np.abs(fitted)
+    target_sources = targets[measured]
+    sums = residual_sums(
+        prf_table.stamps, float(prf_table.phases[0]), float(prf_table.phases[1] - prf_table.phases[0]),
+        x[target_sources] - col[target_sources], y[target_sources] - row[target_sources],
+        col[target_sources].astype(np.intp), row[target_sources].astype(np.intp), chi, scene.padded[1], scene.padded[2],
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rchisq = sums[:, 1] / sums[:, 0]
+    if correct_positions:
+        kept, _, _ = _position_corrections(sums, fitted, 1.0 / scale**2, noise_scale)
+        with np.errstate(invalid="ignore"):
+            kept = np.where(np.abs(fitted) > _POSITION_MIN_SNR * noise_scale * np.sqrt(variance), kept, 1.0)
+        fitted = fitted / kept
+        variance = variance / kept**2
+    with np.errstate(invalid="ignore"):
+        blended = is_blended(neighbour_flux, fitted, noise_scale * np.sqrt(variance))
+    variance = total_variance(variance, fitted, neighbour_light, noise_scale, prf_error)
+
+    target_col = col[target_sources]
+    target_row = row[target_sources]
     cutout_inside = (
         (target_col >= half_cutout) & (target_col < nx - half_cutout)
         & (target_row >= half_cutout) & (target_row < ny - half_cutout)
     )
-    finish_measurement(
-        flux, flux_err, flag, measured, fitted, variance,
-        scene.covered[target_unknowns], cutout_inside, scene.unconstrained[target_unknowns],
+    return finish_measurement(
+        result, measured, fitted, variance,
+        scene.covered[target_unknowns], cutout_inside, scene.unconstrained[target_unknowns], rchisq, fracflux, blended,
     )
-    return flux, flux_err, flag

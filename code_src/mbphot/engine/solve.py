@@ -8,20 +8,82 @@ so its flux and its variance (the first diagonal element of the inverse normal m
 carries the covariance with blended neighbours) are read from row 0.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy.spatial import cKDTree
 
 from .prf import PRFTable
 
-__all__ = ["FLAGS", "MIN_COVERED_FRACTION", "finish_measurement", "forced_photometry", "start_measurement"]
+__all__ = [
+    "FLAGS",
+    "FLAG_DESCRIPTIONS",
+    "FRACFLUX_LIMIT",
+    "MIN_COVERED_FRACTION",
+    "Measurement",
+    "RCHISQ_LIMIT",
+    "finish_measurement",
+    "forced_photometry",
+    "is_blended",
+    "start_measurement",
+]
 
 FLAGS = {
     "off_image": 1,
     "no_data": 2,
     "partial_coverage": 4,
     "fit_failed": 8,
+    "blended": 16,
+    "poor_fit": 32,
 }
 """Bit flags set per source and band. 0 means a clean measurement."""
+
+RCHISQ_LIMIT = 3.0
+"""``poor_fit`` above this profile-weighted reduced chi^2: the source is not the PRF-shaped
+point the fit assumes (resolved, a PRF far from the image's, or an unmodelled neighbour)."""
+FRACFLUX_LIMIT = 10.0
+"""``blended`` where the light the neighbours' models put into the target's profile exceeds
+this many times the target's flux, or its 3-sigma noise level if larger (a non-detection's
+fracflux is a ratio of two noises): the flux rests on how well their models subtract."""
+
+FLAG_DESCRIPTIONS = {
+    "off_image": "the source is not on any image of the band",
+    "no_data": "less than half of the PRF (within the cutout) falls on usable pixels; no flux",
+    "partial_coverage": "part of the PRF falls off the image or on masked / no-data pixels",
+    "fit_failed": "the fit gave a non-finite flux or variance; no flux",
+    "blended": (f"neighbours put more light into the source's profile than {FRACFLUX_LIMIT:g} times its flux "
+                "(or its 3-sigma noise, if larger)"),
+    "poor_fit": f"profile-weighted reduced chi^2 above {RCHISQ_LIMIT:g} (rchisq): resolved, or a poor model",
+}
+
+
+class Measurement(NamedTuple):
+    """What an engine returns, one value per target.
+
+    Attributes
+    ----------
+    flux, flux_err : ndarray
+        Total flux (image unit times pixels) and its 1-sigma uncertainty; NaN where not
+        measured.
+    flag : ndarray of int32
+        Bit flags, see `FLAGS`.
+    rchisq : ndarray
+        Profile-weighted reduced chi^2: sum(P chi^2) / sum(P) over the target's usable
+        pixels, P its unit-flux PRF, chi the residual of the whole fit over the noise. Near 1
+        for a well-fitted point source.
+    fracflux : ndarray
+        Fraction of the flux in the target's profile that its neighbours' models put there:
+        sum_j!=i <P_i, f_j P_j> / <P_i, f_i P_i> (inverse-variance weighted).
+    fracmasked : ndarray
+        Fraction of the target's PRF (within its cutout) on masked or no-data pixels.
+    """
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    flag: np.ndarray
+    rchisq: np.ndarray
+    fracflux: np.ndarray
+    fracmasked: np.ndarray
 
 _ELEMENT_BUDGET = 3_000_000
 MIN_COVERED_FRACTION = 0.5
@@ -36,8 +98,8 @@ def start_measurement(shape, x, y, targets, cutout_size):
     -------
     x, y, targets : ndarray
         As float64 and int arrays.
-    flux, flux_err, flag : ndarray
-        NaN fluxes and errors, flags with ``off_image`` set.
+    result : Measurement
+        NaN values, flags with ``off_image`` set.
     measured : ndarray of int
         Positions in ``targets`` of the targets on the image.
     """
@@ -46,22 +108,27 @@ def start_measurement(shape, x, y, targets, cutout_size):
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.intp)
-    flux = np.full(targets.size, np.nan)
-    flux_err = np.full(targets.size, np.nan)
-    flag = np.zeros(targets.size, dtype=np.int32)
+    result = Measurement(*(np.full(targets.size, np.nan) for _ in range(2)), np.zeros(targets.size, dtype=np.int32),
+                         *(np.full(targets.size, np.nan) for _ in range(3)))
     col = np.rint(x[targets])
     row = np.rint(y[targets])
     with np.errstate(invalid="ignore"):
         on_image = (col >= 0) & (col < shape[1]) & (row >= 0) & (row < shape[0])
-    flag[~on_image] |= FLAGS["off_image"]
-    return x, y, targets, flux, flux_err, flag, np.flatnonzero(on_image)
+    result.flag[~on_image] |= FLAGS["off_image"]
+    return x, y, targets, result, np.flatnonzero(on_image)
 
 
-def finish_measurement(flux, flux_err, flag, measured, fitted, variance, covered, cutout_inside, unconstrained):
-    """What every engine does last: set the coverage and failure flags, keep good fits.
+def finish_measurement(
+    result: Measurement, measured, fitted, variance, covered, cutout_inside, unconstrained,
+    rchisq=None, fracflux=None, blended=None,
+):
+    """What every engine does last: set the coverage, failure and quality flags, keep good fits.
 
-    All arrays after ``measured`` hold one value per measured target.
+    All arrays after ``measured`` hold one value per measured target; ``rchisq``,
+    ``fracflux`` and ``blended`` (see `is_blended`) are None for an engine that does not
+    measure them.
     """
+    flag = result.flag
     partial = (covered < 1.0 - 1e-9) | ~cutout_inside
     flag[measured[partial]] |= FLAGS["partial_coverage"]
     no_data = unconstrained | (covered < MIN_COVERED_FRACTION)
@@ -69,8 +136,25 @@ def finish_measurement(flux, flux_err, flag, measured, fitted, variance, covered
     failed = ~no_data & ~(np.isfinite(fitted) & np.isfinite(variance) & (variance > 0))
     flag[measured[failed]] |= FLAGS["fit_failed"]
     good = ~no_data & ~failed
-    flux[measured[good]] = fitted[good]
-    flux_err[measured[good]] = np.sqrt(variance[good])
+    result.flux[measured[good]] = fitted[good]
+    result.flux_err[measured[good]] = np.sqrt(variance[good])
+    result.fracmasked[measured] = np.clip(1.0 - covered, 0.0, 1.0)
+    if rchisq is not None:
+        result.rchisq[measured[good]] = rchisq[good]
+        flag[measured[good & (rchisq > RCHISQ_LIMIT)]] |= FLAGS["poor_fit"]
+    if fracflux is not None:
+        result.fracflux[measured[good]] = fracflux[good]
+    if blended is not None:
+        flag[measured[good & blended]] |= FLAGS["blended"]
+    return result
+
+
+def is_blended(neighbour_flux, flux, sigma):
+    """Whether the neighbours' light in a target's profile (``neighbour_flux``: sum over
+    neighbours j of <P_i, f_j P_j> / <P_i, P_i>) exceeds `FRACFLUX_LIMIT` times its flux or its
+    3-sigma noise, whichever is larger (all in flux units)."""
+    with np.errstate(invalid="ignore"):
+        return np.abs(neighbour_flux) > FRACFLUX_LIMIT * np.maximum(np.abs(flux), 3.0 * sigma)
 
 
 def _neighbour_lists(col, row, targets, reach):
@@ -152,7 +236,19 @@ def _solve_batch(design, data, weight):
         solution = np.linalg.solve(normal, np.concatenate([rhs, unit], axis=2))
     except np.linalg.LinAlgError:
         solution = np.stack([np.linalg.pinv(m) @ np.concatenate([r, u], axis=1) for m, r, u in zip(normal, rhs, unit)])
-    return solution[:, 0, 0], solution[:, 0, 1], unconstrained[:, 0]
+    return solution[:, :, 0], solution[:, 0, 1], unconstrained[:, 0], diagonal
+
+
+def total_variance(variance, flux, neighbour_light, noise_scale, prf_error):
+    """The flux variance with the noise's correlation and the PRF model's error added.
+
+    ``noise_scale`` (>= 1) is how much the real noise of a PRF-weighted sum exceeds the
+    white-noise prediction (correlated noise of a resampled mosaic, confusion);
+    ``prf_error`` is the fractional error of a flux fitted with a PRF that is not exactly
+    the source's, for the source's own flux and for the light its neighbours' models put
+    into its profile (``neighbour_light``, in flux units).
+    """
+    return noise_scale**2 * variance + (prf_error * flux) ** 2 + (prf_error * neighbour_light) ** 2
 
 
 def forced_photometry(
@@ -165,7 +261,10 @@ def forced_photometry(
     sky,
     sigma,
     fit_sky: bool = False,
-):
+    *,
+    noise_scale: float = 1.0,
+    prf_error: float = 0.0,
+) -> Measurement:
     """Forced PRF photometry of ``targets`` on one image.
 
     Parameters
@@ -189,18 +288,21 @@ def forced_photometry(
     fit_sky : bool
         Also fit a constant sky offset in each cutout (on top of ``sky``), with the sources;
         its covariance with the fluxes enters the uncertainties.
+    noise_scale, prf_error : float
+        Added to the uncertainties, see `total_variance`.
 
     Returns
     -------
-    flux, flux_err : ndarray
-        Fitted total flux of each target (image unit times pixels, since the PRF sums to one)
-        and its 1-sigma uncertainty. NaN where the source could not be measured.
-    flag : ndarray of int
-        Bit flags, see `FLAGS`.
+    Measurement
+        Fluxes (image unit times pixels, since the PRF sums to one), uncertainties, flags
+        and quality metrics of the targets. The PRF's wings (`PRFTable.wings`) are not
+        modelled: give this engine a table of the whole PRF.
     """
-    x, y, targets, flux, flux_err, flag, measured = start_measurement(image.shape, x, y, targets, cutout_size)
+    if prf_table.wings is not None:
+        raise ValueError("the per-source engine needs a PRF table without a core/wing split (core_radius=None)")
+    x, y, targets, result, measured = start_measurement(image.shape, x, y, targets, cutout_size)
     if measured.size == 0:
-        return flux, flux_err, flag
+        return result
     col = np.rint(x)
     row = np.rint(y)
     half_cutout = cutout_size // 2
@@ -237,12 +339,26 @@ def forced_photometry(
         )
         if fit_sky:
             design = np.concatenate([design, np.ones((design.shape[0], 1, design.shape[2]))], axis=1)
-        fitted, variance, unconstrained = _solve_batch(design, data, weight)
+        solution, variance, unconstrained, diagonal = _solve_batch(design, data, weight)
+        fitted = solution[:, 0]
 
         target_prf = design[:, 0, :]
         prf_in_cutout = target_prf.sum(axis=1)
         covered = np.where(weight > 0, target_prf, 0.0).sum(axis=1) / np.where(prf_in_cutout > 0, prf_in_cutout, 1.0)
+        model = np.einsum("bk,bkp->bp", solution, design)
+        chi_squared = (data - model) ** 2 * weight
+        on_data = np.where(weight > 0, target_prf, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rchisq = (on_data * chi_squared).sum(axis=1) / on_data.sum(axis=1)
+            # Target-neighbour couplings <P_0, P_k>_w, sky excluded: row 0 of the normal matrix.
+            coupling = np.einsum("bp,bkp->bk", target_prf * weight, design[:, 1 : n_unknown, :])
+            neighbour_flux = (coupling * solution[:, 1:n_unknown]).sum(axis=1) / diagonal[:, 0]
+            fracflux = neighbour_flux / np.abs(fitted)
+            neighbour_light = np.abs(coupling * solution[:, 1:n_unknown]).sum(axis=1) / diagonal[:, 0]
+        blended = is_blended(neighbour_flux, fitted, noise_scale * np.sqrt(variance))
+        variance = total_variance(variance, fitted, neighbour_light, noise_scale, prf_error)
         finish_measurement(
-            flux, flux_err, flag, measured[batch], fitted, variance, covered, inside.all(axis=1), unconstrained
+            result, measured[batch], fitted, variance, covered, inside.all(axis=1), unconstrained,
+            rchisq, fracflux, blended,
         )
-    return flux, flux_err, flag
+    return result

@@ -13,7 +13,7 @@ unrelated projects), so it is imported only when this engine is used.
 import numpy as np
 
 from .prf import PRFTable
-from .solve import FLAGS, MIN_COVERED_FRACTION, _gather_cutouts, _neighbour_lists, start_measurement
+from .solve import FLAGS, MIN_COVERED_FRACTION, Measurement, _gather_cutouts, _neighbour_lists, start_measurement, total_variance
 
 __all__ = ["INSTALL_HINT", "tractor_available", "tractor_photometry"]
 
@@ -107,7 +107,10 @@ def tractor_photometry(
     sky,
     sigma,
     fit_sky: bool = False,
-):
+    *,
+    noise_scale: float = 1.0,
+    prf_error: float = 0.0,
+) -> Measurement:
     """Forced PRF photometry of ``targets`` with The Tractor, one cutout per target.
 
     Same inputs, outputs and flags as `mbphot.engine.solve.forced_photometry`: each target's
@@ -141,15 +144,19 @@ def tractor_photometry(
     fit_sky : bool
         Also fit a constant sky offset in each cutout (on top of ``sky``).
 
+    noise_scale, prf_error : float
+        Added to the uncertainties, see `mbphot.engine.solve.total_variance` (the neighbours'
+        share is not computed here).
+
     Returns
     -------
-    flux, flux_err : ndarray
-        Fitted total flux of each target (image unit times pixels) and its 1-sigma
-        uncertainty from the inverse Fisher matrix, including the covariance with blended
-        neighbours and the sky. NaN where the source could not be measured.
-    flag : ndarray of int
-        Bit flags, see `mbphot.engine.solve.FLAGS`; ``fit_failed`` where The Tractor raised or
-        returned a non-finite flux or variance.
+    Measurement
+        Fitted total fluxes (image unit times pixels) and their 1-sigma uncertainties from
+        the inverse Fisher matrix, including the covariance with blended neighbours and the
+        sky; NaN where the source could not be measured. Flags as
+        `mbphot.engine.solve.forced_photometry`, ``fit_failed`` where The Tractor raised or
+        returned a non-finite flux or variance. ``fracmasked`` is measured; ``rchisq`` and
+        ``fracflux`` are NaN (this engine exists to cross-check fluxes).
 
     Raises
     ------
@@ -159,9 +166,10 @@ def tractor_photometry(
         If ``cutout_size`` is even.
     """
     tractor, LsqrOptimizer = _import_tractor()
-    x, y, targets, flux, flux_err, flag, measured = start_measurement(image.shape, x, y, targets, cutout_size)
+    x, y, targets, result, measured = start_measurement(image.shape, x, y, targets, cutout_size)
+    flux, flux_err, flag = result.flux, result.flux_err, result.flag
     if measured.size == 0:
-        return flux, flux_err, flag
+        return result
     col = np.rint(x)
     row = np.rint(y)
     half_cutout = cutout_size // 2
@@ -177,6 +185,7 @@ def tractor_photometry(
         data = data.reshape(cutout_size, cutout_size)
         weight = weight.reshape(cutout_size, cutout_size)
         covered = _covered_fraction(prf_table, x[target], y[target], weight, half_cutout)
+        result.fracmasked[index] = 1.0 - covered
         if covered < 1.0 - 1e-9 or not inside.all():
             flag[index] |= FLAGS["partial_coverage"]
         if covered < MIN_COVERED_FRACTION:
@@ -216,5 +225,5 @@ def tractor_photometry(
             flag[index] |= FLAGS["fit_failed"]
             continue
         flux[index] = fitted
-        flux_err[index] = np.sqrt(variance)
-    return flux, flux_err, flag
+        flux_err[index] = np.sqrt(total_variance(variance, fitted, 0.0, noise_scale, prf_error))
+    return result
