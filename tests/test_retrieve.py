@@ -7,7 +7,7 @@ import pytest
 from mbphot import sample
 from mbphot.manifest import Manifest
 from mbphot.params import RunParameters
-from mbphot.retrieve import footprint_area_deg2, load_catalog, load_chandra, retrieve
+from mbphot.retrieve import _has_data, footprint_area_deg2, load_catalog, load_chandra, retrieve
 from mbphot.crossmatch import sky_area_deg2
 
 
@@ -95,3 +95,15 @@ def test_a_tile_without_data_under_the_source_is_not_chosen(tmp_path):
     far_with_data = tile("B", 150.4, 1e-3)
     choice = choose_tiles(np.array([150.0]), np.array([2.2]), [near_but_empty, far_with_data], "nuv")
     assert choice.tolist() == [1]
+
+
+def test_single_zero_count_pixels_are_data_but_zero_regions_are_not():
+    rng = np.random.default_rng(5)
+    image = rng.poisson(0.9, (40, 40)).astype(float)  # an FUV tile at MIS depth: ~40 % zeros
+    image[:, 30:] = 0.0  # outside the field of view
+    col = np.array([5.0, 12.0, 20.0, 35.0, 45.0])
+    row = np.array([5.0, 12.0, 20.0, 20.0, 20.0])
+    assert (image[5:25, 5:25] == 0).any()
+    np.testing.assert_array_equal(_has_data(image, col, row), [True, True, True, False, False])
+    zero_pixels = np.argwhere(image[:, :28] == 0)
+    assert _has_data(image, zero_pixels[:, 1].astype(float), zero_pixels[:, 0].astype(float)).all()

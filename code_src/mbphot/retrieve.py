@@ -70,11 +70,25 @@ def choose_tiles(ra_deg, dec_deg, image_paths, band_name) -> np.ndarray:
 
 
 def _has_data(data, col, row) -> np.ndarray:
-    """Whether each (col, row) lies on the image and on a finite, non-zero pixel."""
+    """Whether each (col, row) lies on the image and on data: a finite pixel that is not in a
+    square of zeros (GALEX tiles are zero outside the detector's field of view, while a
+    shallow tile holds single zero-count pixels; see `mbphot.photometry._read_image`)."""
     on = np.isfinite(col) & np.isfinite(row) & (col >= 0) & (col < data.shape[1]) & (row >= 0) & (row < data.shape[0])
-    values = np.zeros(col.shape)
-    values[on] = data[row[on].astype(np.intp), col[on].astype(np.intp)]
-    return on & np.isfinite(values) & (values != 0)
+    col, row = col[on].astype(np.intp), row[on].astype(np.intp)
+    finite = np.isfinite(data[row, col])
+    nonzero = np.zeros(col.size, dtype=bool)
+    reach = _ZERO_BOX // 2
+    for d_row in range(-reach, reach + 1):
+        for d_col in range(-reach, reach + 1):
+            rows = np.clip(row + d_row, 0, data.shape[0] - 1)
+            cols = np.clip(col + d_col, 0, data.shape[1] - 1)
+            nonzero |= data[rows, cols] != 0
+    result = np.zeros(on.shape, dtype=bool)
+    result[on] = finite & nonzero
+    return result
+
+
+_ZERO_BOX = 5
 
 
 def load_catalog(manifest: Manifest) -> pd.DataFrame:
