@@ -212,7 +212,7 @@ def add_stamps(weighted, col, row, amplitude, image):
 
 
 @njit(cache=True, nogil=True)
-def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, chi, sqrt_weight, valid):
+def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, chi, model, model_error, sqrt_weight, valid):
     """Sums over each source's stamp of its PRF profile, the residuals and the PRF's gradient.
 
     Parameters
@@ -221,14 +221,20 @@ def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, 
         As in `weighted_stamps`.
     chi : ndarray
         The padded residual image divided by the noise: (data - sky - model) / sigma.
+    model : ndarray
+        The padded model divided by the noise.
+    model_error : float
+        Fractional error of the model: a pixel's chi^2 counts against sigma^2 plus
+        (model_error * model)^2, so that a PRF known to 1 % does not make every bright source
+        a poor fit.
 
     Returns
     -------
     sums : ndarray, shape (n, 7)
         Per source, over its usable stamp pixels, with P its unit-flux profile, g = dP/dx and
         h = dP/dy its derivatives with respect to the source position, and w = 1 / sigma^2:
-        sum P, sum P chi^2, sum g chi sqrt(w), sum h chi sqrt(w), sum g g w, sum g h w,
-        sum h h w.
+        sum P, sum P chi^2 / (1 + (model_error model)^2), sum g chi sqrt(w), sum h chi sqrt(w),
+        sum g g w, sum g h w, sum h h w.
     """
     n_phase = table.shape[0]
     size = table.shape[2]
@@ -259,8 +265,9 @@ def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, 
                 grad_y = ((1 - weight_x) * (t10 - t00) + weight_x * (t11 - t01)) / phase_step
                 s = sqrt_weight[first_row + a, first_col + b]
                 c = chi[first_row + a, first_col + b]
+                m = model_error * model[first_row + a, first_col + b]
                 sums[source, 0] += value
-                sums[source, 1] += value * c * c
+                sums[source, 1] += value * c * c / (1.0 + m * m)
                 sums[source, 2] += grad_x * c * s
                 sums[source, 3] += grad_y * c * s
                 sums[source, 4] += grad_x * grad_x * s * s

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg, signal, sparse
-from scipy.sparse import linalg as sparse_linalg
 from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
 from .kernels import add_stamps, pair_overlaps, residual_sums, stamp_dots, tile_sums, weighted_stamps
 from .prf import PRFTable
-from .solve import Measurement, finish_measurement, is_blended, start_measurement, total_variance
+from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
 __all__ = ["scene_photometry"]
 
@@ -37,15 +36,14 @@ _SUBDOMAIN_SOURCES = 1000
 # and bounds every flux's error in units of its own sigma, is below this.
 _TOLERANCE = 1e-6
 _MAX_ITERATIONS = 200
+# With PRF wings each iteration costs two FFTs: stop at a thousandth of a sigma.
+_WING_TOLERANCE = 1e-3
 # Ridge on the unit-diagonal (Jacobi-scaled) normal matrix: coincident catalogue entries make
 # A singular; this keeps it factorisable and splits their flux evenly, with the huge variance
 # they deserve. (The per-source engine's ridge is 1e-10 of its largest unscaled diagonal
 # element, sky included, so it is not the same number relative to a source.)
 _RIDGE = 1e-10
 _VARIANCE_BLOCK_UNKNOWNS = 250
-_WING_ITERATIONS = 20
-# GMRES on the wings stops when the residual is below this many sigmas of the fluxes.
-_WING_TOLERANCE = 1e-3
 # A flux is never corrected by more than this fraction for its position: larger offsets are
 # not the small catalogue errors the correction is made for.
 _MAX_POSITION_LOSS = 0.2
@@ -248,8 +246,9 @@ def _factorise(matrix):
 class _Solver:
     """Solves ``normal @ solution = rhs`` by Schwarz-preconditioned conjugate gradients.
 
-    The subdomains are factorised once, so that the right-hand sides of the wing iterations
-    cost one conjugate-gradient run each. Falls back to one factorisation of the whole matrix
+    The subdomains of ``normal`` are factorised once. `solve` takes another symmetric
+    positive definite operator close to ``normal`` (the scene with PRF wings), which the same
+    preconditioner serves. Without one it falls back to one factorisation of the whole matrix
     if the iteration does not converge.
     """
 
@@ -268,20 +267,21 @@ class _Solver:
             result[members] += factor.solve(residual[members])
         return result
 
-    def solve(self, rhs):
-        normal = self.normal
-        solution = np.zeros_like(rhs)
-        residual = rhs.copy()
+    def solve(self, rhs, operator=None, start=None, tolerance=_TOLERANCE):
+        """Solve ``operator(solution) = rhs`` (default: ``normal @ solution = rhs``) from ``start``."""
+        product_of = (lambda vector: self.normal @ vector) if operator is None else operator
+        solution = np.zeros_like(rhs) if start is None else start.copy()
+        residual = rhs - product_of(solution) if start is not None else rhs.copy()
         preconditioned = self._precondition(residual)
         direction = preconditioned.copy()
         energy = residual @ preconditioned
         for _ in range(_MAX_ITERATIONS):
-            if 0 <= energy <= _TOLERANCE**2:
+            if 0 <= energy <= tolerance**2:
                 return solution
             if not energy > 0:
                 # NaN or negative: the preconditioner is not positive definite to precision.
                 break
-            product = normal @ direction
+            product = product_of(direction)
             step = energy / (direction @ product)
             solution += step * direction
             residual -= step * product
@@ -289,7 +289,9 @@ class _Solver:
             new_energy = residual @ preconditioned
             direction = preconditioned + (new_energy / energy) * direction
             energy = new_energy
-        return _factorise(normal).solve(rhs)
+        if operator is not None:
+            return solution
+        return _factorise(self.normal).solve(rhs)
 
 
 @dataclass
@@ -387,82 +389,94 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky) 
     )
 
 
-def _whitened_rhs(scene: _Scene, whitened):
-    """The scaled right-hand side of the scene's equations for other whitened data."""
-    rhs = stamp_dots(scene.weighted, scene.col, scene.row, whitened)
-    if scene.tile_of_pixel is not None:
-        margin = (whitened.shape[0] - scene.tile_of_pixel.shape[0]) // 2
-        inner = (slice(margin, whitened.shape[0] - margin), slice(margin, whitened.shape[1] - margin))
-        sqrt_weight = scene.padded[1][inner]
-        tile_rhs = np.bincount(
-            scene.tile_of_pixel.ravel(), (sqrt_weight * whitened[inner]).ravel(), minlength=scene.rhs.size - scene.n_source
-        )
-        rhs = np.concatenate([rhs, tile_rhs])
-    return np.where(scene.unconstrained, 0.0, rhs) * scene.scale
+def _tile_view(scene: _Scene, padded_image):
+    """The image part of a padded array (the sky tiles' pixels)."""
+    margin = (padded_image.shape[0] - scene.tile_of_pixel.shape[0]) // 2
+    return padded_image[margin : padded_image.shape[0] - margin, margin : padded_image.shape[1] - margin]
 
 
-def _whitened_model(scene: _Scene, solution):
+def _whitened_model(scene: _Scene, solution, wings=None):
     """The fitted model of the scene's data over the noise, on the padded grid."""
     flux = solution * scene.scale
     model = np.zeros_like(scene.padded[0])
     add_stamps(scene.weighted, scene.col, scene.row, flux[: scene.n_source], model)
     if scene.tile_of_pixel is not None:
-        margin = (model.shape[0] - scene.tile_of_pixel.shape[0]) // 2
-        inner = (slice(margin, model.shape[0] - margin), slice(margin, model.shape[1] - margin))
-        model[inner] += flux[scene.n_source :][scene.tile_of_pixel] * scene.padded[1][inner]
+        _tile_view(scene, model)[...] += flux[scene.n_source :][scene.tile_of_pixel] * _tile_view(scene, scene.padded[1])
+    if wings is not None:
+        model += wings.image(flux[: scene.n_source])
     return model
 
 
-def _wing_image(wings, x, y, flux, shape, margin):
-    """The PRF wings of sources of ``flux`` at (x, y), on the image padded by ``margin``.
+class _Wings:
+    """The PRF wings of a scene's modelled sources, over the noise, on the padded grid.
 
-    Each flux is shared between the four pixels around its position (bilinear), then
-    convolved with the wing kernel: the wings are broad and smooth, so this places them to a
-    small fraction of their own (already small) value.
+    `image` spreads each flux over the four pixels around its source (bilinear) and
+    convolves with the wing kernel; `adjoint` is its transpose. The wings are broad and
+    smooth, so the bilinear placement errs by a small fraction of their own small value.
     """
-    ny, nx = shape[0] + 2 * margin, shape[1] + 2 * margin
-    points = np.zeros((ny, nx))
-    left, top = np.floor(x).astype(np.intp), np.floor(y).astype(np.intp)
-    fx, fy = x - left, y - top
-    for d_row, d_col, share in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
-        rows, cols = top + d_row + margin, left + d_col + margin
-        inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
-        np.add.at(points, (rows[inside], cols[inside]), (flux * share)[inside])
-    return signal.fftconvolve(points, wings, mode="same")
+
+    def __init__(self, kernel, x, y, sqrt_weight, margin, with_wings):
+        self.kernel = kernel
+        self.sqrt_weight = sqrt_weight
+        self.with_wings = with_wings
+        shape = sqrt_weight.shape
+        left, top = np.floor(x).astype(np.intp), np.floor(y).astype(np.intp)
+        fx, fy = x - left, y - top
+        indices, shares = [], []
+        for d_row, d_col, share in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+            rows, cols = top + d_row + margin, left + d_col + margin
+            inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+            indices.append(np.where(inside, rows * shape[1] + cols, 0))
+            shares.append(np.where(inside, share, 0.0))
+        self.indices = np.stack(indices)
+        self.shares = np.stack(shares)
+
+    def image(self, flux):
+        flux = np.where(self.with_wings, flux, 0.0)
+        points = np.bincount(self.indices.ravel(), (self.shares * flux).ravel(), minlength=self.sqrt_weight.size)
+        wings = signal.fftconvolve(points.reshape(self.sqrt_weight.shape), self.kernel, mode="same")
+        return wings * self.sqrt_weight
+
+    def adjoint(self, image):
+        correlated = signal.fftconvolve(image * self.sqrt_weight, self.kernel[::-1, ::-1], mode="same").ravel()
+        return np.where(self.with_wings, (correlated[self.indices] * self.shares).sum(axis=0), 0.0)
 
 
 def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape):
-    """Fluxes of a PRF split into core and wings, and the whitened data less the wings.
+    """The scene's solution with its PRFs whole: cores as stamps, wings by FFT (`_Wings`).
 
-    The normal matrix A holds the cores C only. With the wings G of every modelled source
-    subtracted from the data, the cores' equations read C^T W (C + G) f = C^T W d: an unbiased
-    estimator, nearly as precise as the full least-squares fit because the wings are faint
-    and broad. Preconditioned by A^-1, this is (I + A^-1 C^T W G) f = A^-1 C^T W d, solved by
-    GMRES; each step costs one FFT of the wings and one solve with A. (The plain fixed-point
-    iteration diverges where a source barely on the image trades light with a sky tile.)
+    Without wings, the normal equations of the cores. With them, the full least-squares
+    problem (C + G)^T W (C + G) f = (C + G)^T W d, C the cores and G the wings, solved by
+    conjugate gradients with the operator applied through images (stamps and FFTs) and the
+    cores' subdomain factorisations as the preconditioner, started from the cores' solution.
+    Returns the solution (scaled unknowns) and the `_Wings` (None without wings).
     """
     solution = solver.solve(scene.rhs)
     if prf_table.wings is None:
-        return solution, scene.padded[0]
-    margin = (scene.padded[0].shape[0] - shape[0]) // 2
-    source_x, source_y = x[scene.modelled], y[scene.modelled]
-    sqrt_weight = scene.padded[1]
+        return solution, None
+    # `_pixel_arrays` pads by two stamp half-widths.
+    ny, nx = shape
+    with np.errstate(invalid="ignore"):
+        on_image = (scene.col >= 0) & (scene.col < nx) & (scene.row >= 0) & (scene.row < ny)
+    with_wings = on_image & (scene.covered >= MIN_COVERED_FRACTION) & ~scene.unconstrained[: scene.n_source]
+    wings = _Wings(prf_table.wings, x[scene.modelled], y[scene.modelled], scene.padded[1], 2 * prf_table.half_size, with_wings)
+    n_source = scene.n_source
 
-    def whitened_wings(unknowns):
-        flux = unknowns[: scene.n_source] * scene.scale[: scene.n_source]
-        return _wing_image(prf_table.wings, source_x, source_y, flux, shape, margin) * sqrt_weight
+    def normal_product(solution):
+        # Unknowns on no usable pixel are decoupled (a unit row of their own), as in A.
+        model = _whitened_model(scene, np.where(scene.unconstrained, 0.0, solution), wings)
+        product = np.concatenate([
+            stamp_dots(scene.weighted, scene.col, scene.row, model) + wings.adjoint(model),
+            np.bincount(scene.tile_of_pixel.ravel(), (_tile_view(scene, scene.padded[1]) * _tile_view(scene, model)).ravel(),
+                        minlength=solution.size - n_source) if scene.tile_of_pixel is not None else np.empty(0),
+        ])
+        product = np.where(scene.unconstrained, 0.0, product * scene.scale)
+        return product + np.where(scene.unconstrained, 1.0, _RIDGE) * solution
 
-    def operator(unknowns):
-        return unknowns + solver.solve(_whitened_rhs(scene, whitened_wings(unknowns)))
-
-    size = solution.size
-    system = sparse_linalg.LinearOperator((size, size), matvec=operator, dtype=np.float64)
-    # The scaled unknowns are in units of their own sigma: stop well below one.
-    solution, _ = sparse_linalg.gmres(
-        system, solution, x0=solution, rtol=_WING_TOLERANCE / max(1.0, np.abs(solution).max()),
-        atol=0.0, restart=_WING_ITERATIONS, maxiter=1,
-    )
-    return solution, scene.padded[0] - whitened_wings(solution)
+    wing_rhs = np.zeros_like(scene.rhs)
+    wing_rhs[:n_source] = wings.adjoint(scene.padded[0]) * scene.scale[:n_source]
+    rhs = scene.rhs + np.where(scene.unconstrained, 0.0, wing_rhs)
+    return solver.solve(rhs, normal_product, start=solution, tolerance=_WING_TOLERANCE), wings
 
 
 def _position_corrections(sums, flux, diagonal, noise_scale):
@@ -538,7 +552,8 @@ def scene_photometry(
         aligned on pixel 0), on top of ``sky``; its covariance with the fluxes enters the
         uncertainties.
     noise_scale, prf_error : float
-        Added to the uncertainties, see `mbphot.engine.solve.total_variance`.
+        Added to the uncertainties, see `mbphot.engine.solve.total_variance`; ``rchisq``
+        counts each pixel's residual against its noise and ``prf_error`` times its model.
     correct_positions : bool
         Correct each target's flux for the offset of its catalogue position from its light,
         measured from the residuals (`_position_corrections`); positions themselves stay.
@@ -561,7 +576,7 @@ def scene_photometry(
     scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky)
     subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
     solver = _Solver(scene.normal, subdomains)
-    solution, whitened = _solve_with_wings(scene, solver, prf_table, x, y, image.shape)
+    solution, wings = _solve_with_wings(scene, solver, prf_table, x, y, image.shape)
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
     fitted = solution[target_unknowns] * scale
@@ -575,7 +590,8 @@ def scene_photometry(
 
     # Quality metrics from the residual of the whole fit. In the scaled equations A_ii = 1,
     # so a target's neighbours put (A x)_i - x_i of light into its profile (x in sigma units).
-    chi = np.where(scene.padded[2], whitened - _whitened_model(scene, solution), 0.0)
+    model = _whitened_model(scene, solution, wings)
+    chi = np.where(scene.padded[2], scene.padded[0] - model, 0.0)
     sources_only = np.where(np.arange(solution.size) < scene.n_source, solution, 0.0)
     neighbour_signal = (scene.normal @ sources_only)[target_unknowns] - (1.0 + _RIDGE) * solution[target_unknowns]
     absolute = abs(scene.normal[target_unknowns][:, : scene.n_source]) @ np.abs(sources_only[: scene.n_source])
@@ -587,7 +603,8 @@ def scene_photometry(
     sums = residual_sums(
         prf_table.stamps, float(prf_table.phases[0]), float(prf_table.phases[1] - prf_table.phases[0]),
         x[target_sources] - col[target_sources], y[target_sources] - row[target_sources],
-        col[target_sources].astype(np.intp), row[target_sources].astype(np.intp), chi, scene.padded[1], scene.padded[2],
+        col[target_sources].astype(np.intp), row[target_sources].astype(np.intp), chi, model, prf_error,
+        scene.padded[1], scene.padded[2],
     )
     with np.errstate(invalid="ignore", divide="ignore"):
         rchisq = sums[:, 1] / sums[:, 0]

@@ -289,7 +289,8 @@ def forced_photometry(
         Also fit a constant sky offset in each cutout (on top of ``sky``), with the sources;
         its covariance with the fluxes enters the uncertainties.
     noise_scale, prf_error : float
-        Added to the uncertainties, see `total_variance`.
+        Added to the uncertainties, see `total_variance`; ``rchisq`` counts each pixel's
+        residual against its noise and ``prf_error`` times its model.
 
     Returns
     -------
@@ -346,7 +347,7 @@ def forced_photometry(
         prf_in_cutout = target_prf.sum(axis=1)
         covered = np.where(weight > 0, target_prf, 0.0).sum(axis=1) / np.where(prf_in_cutout > 0, prf_in_cutout, 1.0)
         model = np.einsum("bk,bkp->bp", solution, design)
-        chi_squared = (data - model) ** 2 * weight
+        chi_squared = (data - model) ** 2 * weight / (1.0 + prf_error**2 * model**2 * weight)
         on_data = np.where(weight > 0, target_prf, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             rchisq = (on_data * chi_squared).sum(axis=1) / on_data.sum(axis=1)
