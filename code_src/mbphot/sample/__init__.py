@@ -1,7 +1,8 @@
 """The embedded default: a simulated COSMOS-like field with known truth.
 
-`make_sample_field` writes, deterministically from (centre, radius, seed), the same kinds of
-files the archives serve, in the same formats and units, so the same loaders read both:
+`make_sample_field` writes, deterministically from a `SampleSpec` (centre, radius, seed,
+realism), the same kinds of files the archives serve, in the same formats and units, so the
+same loaders read both:
 
 * a COSMOS2015-like catalogue with the lower-case columns IRSA TAP returns (fluxes in microJy,
   catalogue fluxes are truth plus measurement noise, NaN where a value is missing);
@@ -10,19 +11,51 @@ files the archives serve, in the same formats and units, so the same loaders rea
   in counts/s and effective exposure (``-rrhr``) in seconds, each cut from a tile with its own tangent point, like the real COSMOS files;
 * a Chandra catalogue with the HEASARC ``ccosmoscat`` columns, positions scattered by their
   error radii, plus a few X-ray sources without a counterpart;
-* the PRF/PSF files the images were made with (IRAC PRFs 5x oversampled, GALEX PSFs on the
-  1.5" grid and peak-normalised, as the real GALEX files are);
+* the PRF/PSF files given to the fitter (IRAC PRFs 5x oversampled, GALEX PSFs on the 1.5"
+  grid and peak-normalised, as the real GALEX files are);
 * a truth table (true flux per band, true X-ray counterpart), for validation only.
 
 Populations follow COSMOS2015 in spirit: about 150 sources per arcmin^2, star-forming and
 quiescent galaxies, stars, and AGN with power-law infrared SEDs that fall in the Lacy wedge.
-Catalogue positions are the true positions; there are no sources below the catalogue limit.
 
+Realism
+-------
+``SampleSpec.realism`` (a `Realism`, or ``"ideal"`` / ``"realistic"``) chooses how far the sky
+departs from what the fitter is given. The ideal field (the default) is drawn with the very PRF
+files, white IRAC noise equal to the ``unc`` map, a GALEX sky map equal to the true sky, sources
+exactly at the catalogue positions and none below the catalogue limit; its files are byte for
+byte those of the simulator before realism existed. Each `Realism` switch adds one effect of
+real COSMOS images (``docs/simulator.md`` gives magnitudes and what each does to a fitter):
+
+* ``prf_mismatch``: IRAC sky PRF turned by two roll angles mixed smoothly across the field, 4 %
+  broader than the file, with wings beyond the file's 17 x 17 box to 41 x 41 pixels (`_prfs`);
+* ``galex_psf_wings``: GALEX sky PSFs as extended as the real files (99.9 % within 36 / 47 px),
+  a 120 x 120 peak-normalised PSF file with a 4 % broader core (`_prfs`);
+* ``astrometric_noise``: catalogue positions 0.10-0.20" (per axis) from the light, and each
+  image offset by up to 0.1" (`_sources`);
+* ``resolved_galaxies``: half the galaxies are exponential discs, r_e 0.1-1", convolved with the
+  sky PRF by GalSim; catalogue column ``flux_radius_arcsec`` (`_prfs`, `_sources`);
+* ``confusion``: three times the catalogue's density of sources a decade below its limit, in the
+  images only (`_sources`);
+* ``correlated_noise``: IRAC noise resampled from four dithered 1.2" frames, ``unc`` the exact
+  per-pixel sigma (`_noise`);
+* ``galex_depth``: a 40 ks tile and a 1.5 ks (MIS) tile with zero-count pixels, ``-rrhr`` zero
+  outside a 0.6 deg footprint whose edge crosses the field;
+* ``sky_error``: ``-skybg`` off the true sky by a smooth 4 % rms pattern (`_noise`).
+
+Each effect draws from its own random stream, so the sources and the other effects do not
+change when one is switched. The truth table of a realistic field adds the true positions,
+sizes and positional sigmas, and records the images' offsets and the number of faint sources.
+
+Rendering
+---------
 Fields of any size fit in memory: the images are rendered strip by strip straight into their
 files, each strip from the sources whose PRF stamps reach it, large fields by worker processes.
-The whole of COSMOS (48' radius, 1.1e6 sources in the catalogue, 4 GB of files) takes about a
-minute and a half on 2 cores and 2 GB of memory. The noise is drawn from one random stream in
-image and row order, so the files depend neither on the strips nor on the number of processes.
+Realistic images add PRF wings and the faint sources by FFT convolution on fixed blocks of rows
+(`_render`). The noise is drawn from random streams in image and row order, so the files depend
+neither on the strips nor on the number of processes. The whole of COSMOS (48' radius, 1.1e6
+sources in the catalogue, 4 GB of files) takes about a minute and a half on 2 cores and 2 GB
+of memory when ideal.
 """
 
 import multiprocessing
@@ -516,6 +549,9 @@ GALEX_REALISTIC_TILES = (("COSMOS_SIM_01", -0.30, 0.05, 40000.0), ("COSMOS_SIM_0
 """Realistic GALEX tiles: (name, RA and Dec offsets of the pointing from the field centre in
 deg, exposure in s): a deep tile (COSMOS-like, 40 ks) and one at Medium Imaging Survey depth
 (1.5 ks) whose footprint edge crosses the field about 1' west of its centre."""
+GALEX_REALISTIC_SKY_COUNTS_PER_S = {"nuv": 3.0e-3, "fuv": 2.0e-4}
+"""Median of the real deep COSMOS GALEX mosaics (COSMOS_galex_{nuv,fuv}_mosaic_15arcmin.fits):
+NUV 3.0e-3, FUV 2.0e-4 counts/s per 1.5" pixel (the ideal field has 6e-4 in FUV)."""
 GALEX_FOOTPRINT_RADIUS_DEG = 0.6
 """Radius of a realistic tile's circular footprint; the exposure is zero beyond."""
 GALEX_REALISTIC_FALLOFF = 0.3
@@ -906,7 +942,8 @@ def _make_galex_realistic(spec, plan, rng, out, renderer):
         for start_row, signal_ujy in renderer.strips(plan):
             stop_row = start_row + signal_ujy.shape[0]
             signal_cps = signal_ujy / band.ujy_per_pixel_unit
-            sky_cps = GALEX_SKY_COUNTS_PER_S[plan.band] * (1.0 + sky_pattern.rows(start_row, stop_row))
+            sky_level = (GALEX_REALISTIC_SKY_COUNTS_PER_S if realism.galex_depth else GALEX_SKY_COUNTS_PER_S)[plan.band]
+            sky_cps = sky_level * (1.0 + sky_pattern.rows(start_row, stop_row))
             columns, rows = np.meshgrid(np.arange(plan.shape[1]), np.arange(start_row, stop_row))
             ra_grid, dec_grid = plan.wcs.all_pix2world(columns, rows, 0)
             off_axis_deg = np.hypot((ra_grid - plan.centre[0]) * cos_dec, dec_grid - plan.centre[1])

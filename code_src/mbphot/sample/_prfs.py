@@ -332,7 +332,7 @@ def band_model(name: str, realism) -> BandModel:
             full_prfs = [_galex_psf(band, os_, GALEX_PSF_HALF_SIZE)]
             core_half, taper_pixels = 20, None  # the ideal field's stamps (``max_half_size=20``)
 
-    components, galaxies, cores, wings = [], [], [], []
+    cores_os, wings = [], []
     for prf in full_prfs:
         prf = prf * (os_**2 / prf.sum())
         if taper_pixels is not None:
@@ -342,20 +342,25 @@ def band_model(name: str, realism) -> BandModel:
             core = np.zeros_like(prf)
             core[centre - reach : centre + reach + 1, centre - reach : centre + reach + 1] = \
                 prf[centre - reach : centre + reach + 1, centre - reach : centre + reach + 1]
-        fraction = core.sum() / prf.sum()
-        table = build_prf_table(core, os_, n_phase=POINT_N_PHASE, enclosed_fraction=1.0, max_half_size=core_half)
-        components.append(_with_stamp_sums(table, fraction))
-        if realism.resolved_galaxies:
-            galaxies.append(galaxy_tables(core, os_, pixel, core_half, fraction))
-        core_grid = _on_grid(core, os_, core_half)
-        cores.append(core_grid * (fraction / core_grid.sum()))
+        cores_os.append(core)
         wing_os = prf - core
         if wing_os.max() > 0:
             wing = _on_grid(wing_os, os_, prf.shape[0] // 2 // os_)
-            wings.append(wing * ((1.0 - fraction) / wing.sum()))
+            wings.append(wing * ((1.0 - core.sum() / prf.sum()) / wing.sum()))
+    # One wing kernel for all components (the rolls' wings differ by < 1e-4 of the flux); every
+    # core then holds the rest exactly, so that a source's stamp and wing sum to its flux.
     wing = np.mean(wings, axis=0) if wings else None
+    core_total = 1.0 - (wing.sum() if wing is not None else 0.0)
+    components, galaxies, cores = [], [], []
+    for core in cores_os:
+        table = build_prf_table(core, os_, n_phase=POINT_N_PHASE, enclosed_fraction=1.0, max_half_size=core_half)
+        components.append(_with_stamp_sums(table, core_total))
+        if realism.resolved_galaxies:
+            galaxies.append(galaxy_tables(core, os_, pixel, core_half, core_total))
+        core_grid = _on_grid(core, os_, core_half)
+        cores.append(core_grid * (core_total / core_grid.sum()))
     half = max([k.shape[0] // 2 for k in cores] + ([wing.shape[0] // 2] if wing is not None else []))
-    full = tuple(_pad_to(core, half) + (wing if wing is not None else 0.0) for core in cores)
+    full = tuple(_pad_to(core, half) + (_pad_to(wing, half) if wing is not None else 0.0) for core in cores)
     return BandModel(components=tuple(components), galaxies=tuple(galaxies), wing=wing, full=full)
 
 
