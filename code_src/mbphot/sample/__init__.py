@@ -558,6 +558,11 @@ GALEX_REALISTIC_FALLOFF = 0.3
 """Within the footprint the realistic response falls as 1 - 0.3 (off-axis / 0.6 deg)^2."""
 
 
+def _ones_like(array):
+    """Ones the shape of ``array`` that take no memory (a read-only broadcast view)."""
+    return np.broadcast_to(np.float64(1.0), np.shape(array))
+
+
 def _realistic_tiles(realism):
     if realism.galex_depth:
         return GALEX_REALISTIC_TILES
@@ -590,7 +595,7 @@ def _plan_realistic(spec, sources, faint, models) -> list:
 
     def roll_weight(x, y):
         if not realism.prf_mismatch:
-            return np.ones_like(x)
+            return _ones_like(x)
         return _prfs.roll_weight((x - centre) * pixel, (y - centre) * pixel, mix_phases)
 
     size_bin = np.asarray(sources["size_bin"])
@@ -625,8 +630,8 @@ def _plan_realistic(spec, sources, faint, models) -> list:
 
             faint_flux = np.asarray(faint[f"true_{name}_flux_ujy"]) if len(faint) else np.zeros(0)
             plans.append(_ImagePlan(name, tile, wcs, (size, size), x, y, np.asarray(sources[f"true_{name}_flux_ujy"]),
-                                    useful(sources), tile_centre, weight=np.ones_like(x), size_bin=size_bin,
-                                    faint=(fx, fy, faint_flux, np.ones_like(fx), useful(faint)),
+                                    useful(sources), tile_centre, weight=_ones_like(x), size_bin=size_bin,
+                                    faint=(fx, fy, faint_flux, _ones_like(fx), useful(faint)),
                                     exptime_s=exptime if exptime is not None else GALEX_EXPTIME_S[name],
                                     offset_arcsec=offsets.get(label, (0.0, 0.0))))
     return plans
