@@ -116,6 +116,14 @@ def test_bad_value_in_parameter_file_is_named(tmp_path, capsys):
     assert not (tmp_path / "output").exists()
 
 
+def test_realism_option_is_checked_before_any_work(tmp_path, capsys):
+    assert main(["run", "--realism", "noisy", "--output-dir", str(tmp_path / "output")]) == 1
+    assert "unknown realism 'noisy'; choose from ideal, realistic" in capsys.readouterr().err
+    assert not (tmp_path / "output").exists()
+    (tmp_path / "p.yaml").write_text("realism: realistic\n")
+    assert read_parameter_file(tmp_path / "p.yaml") == {"realism": "realistic"}
+
+
 def test_missing_parameter_file(tmp_path, capsys):
     assert main(["run", "--params", str(tmp_path / "none.yaml")]) == 1
     assert f"parameter file {tmp_path / 'none.yaml'} not found" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def assert_names(error, parameter, value_text, allowed_text):
         ({"seed": "abc"}, "seed", "got 'abc'", "must be a whole number >= 0"),
         ({"seed": 1.5}, "seed", "got 1.5", "must be a whole number >= 0"),
         ({"seed": None}, "seed", "got None", "must be a whole number >= 0"),
+        ({"realism": "noisy"}, "realism", "'noisy'", "choose from ideal, realistic"),
+        ({"realism": None}, "realism", "None", "choose from ideal, realistic"),
         ({"n_workers": -2}, "n_workers", "got -2", "must be a whole number >= 0 (0 = one per core)"),
         ({"n_workers": "two"}, "n_workers", "got 'two'", "must be a whole number >= 0"),
         ({"data_dir": ""}, "data_dir", "got ''", "must be a folder or file path"),
@@ -149,6 +151,15 @@ def test_run_tag_names_every_parameter_that_changes_the_results():
     assert RunParameters().run_tag == "ra150.0100_dec+2.2000_r3_all_sample-s42_mbphot-scene"
     assert RunParameters(n_workers=1).run_tag == RunParameters().run_tag
     assert RunParameters(data_source="archive", seed=1).run_tag == RunParameters(data_source="archive", seed=2).run_tag
+
+
+def test_realism_defaults_to_ideal_and_names_its_own_field_and_run():
+    assert RunParameters().realism == "ideal"
+    realistic = RunParameters(realism="realistic")
+    assert realistic.field_tag == "ra150.0100_dec+2.2000_r3_s42_realistic"
+    assert realistic.run_tag == "ra150.0100_dec+2.2000_r3_all_sample-s42-realistic_mbphot-scene"
+    assert RunParameters().field_tag == "ra150.0100_dec+2.2000_r3_s42"  # ideal fields keep their folder
+    assert RunParameters(data_source="archive", realism="realistic").run_tag == RunParameters(data_source="archive").run_tag
 
 
 # ---- data_source="files": the files manifest and the images' footprint --------------------

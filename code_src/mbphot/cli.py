@@ -28,7 +28,7 @@ import yaml
 from .archive.config import ENDPOINTS_ENV
 from .bands import BAND_NAMES
 from .io import atomic_path, write_json
-from .params import DATA_SOURCES, ENGINES, MODES, PARAMETER_NAMES, RunParameters
+from .params import DATA_SOURCES, ENGINES, MODES, PARAMETER_NAMES, REALISM_LEVELS, RunParameters
 from .photometry import PROGRESS_ENV
 
 __all__ = ["main", "run_notebooks", "run_pipeline", "read_parameter_file", "NOTEBOOKS", "COMPLETE_MARKER"]
@@ -210,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", dest="mode", **option,
                      help=f"one of {', '.join(MODES)}: per-source cutouts or whole-region scene fits (default {defaults.mode})")
     run.add_argument("--seed", dest="seed", **option, help=f"seed of the simulated field (default {defaults.seed})")
+    run.add_argument("--realism", dest="realism", **option,
+                     help=f"simulated field: one of {', '.join(REALISM_LEVELS)} (default {defaults.realism})")
     run.add_argument("--n-workers", dest="n_workers", **option, help="photometry processes (default 0: one per core)")
     run.add_argument("--data-dir", dest="data_dir", **option, help=f"where retrieved and derived data go (default {defaults.data_dir})")
     run.add_argument("--output-dir", dest="output_dir", **option,

@@ -22,6 +22,7 @@ __all__ = [
     "DATA_SOURCES",
     "ENGINES",
     "MODES",
+    "REALISM_LEVELS",
     "COSMOS_FIELD",
     "FULL_FIELD_RADIUS_ARCMIN",
 ]
@@ -29,6 +30,9 @@ __all__ = [
 DATA_SOURCES = ("sample", "archive", "files")
 ENGINES = ("mbphot", "tractor")
 MODES = ("source", "scene")
+REALISM_LEVELS = ("ideal", "realistic")
+"""Realism of the simulated field (`mbphot.sample.Realism`): ``"ideal"`` draws the sky exactly as
+the fitter models it; ``"realistic"`` adds the effects of real COSMOS images."""
 
 COSMOS_FIELD = {"ra_min": 149.33, "ra_max": 150.89, "dec_min": 1.43, "dec_max": 2.98}
 """The COSMOS footprint (about 2 deg^2 around RA 150.12, Dec 2.21)."""
@@ -140,6 +144,11 @@ class RunParameters:
         files, listed in ``files_manifest``).
     seed : int
         Seed of the simulated field, >= 0.
+    realism : str
+        The simulated field's realism, ``"ideal"`` (default for now: the sky drawn exactly as
+        the engine models it) or ``"realistic"`` (PRF mismatch, real-size GALEX PSFs,
+        astrometric errors, resolved galaxies, confusion, correlated noise, GALEX depth and
+        sky-map errors; see ``docs/simulator.md``). Only used with ``data_source="sample"``.
     engine : str
         Photometry engine: ``"mbphot"`` or ``"tractor"`` (The Tractor, where installed).
     mode : str
@@ -169,6 +178,7 @@ class RunParameters:
     bands: list | str = "all"
     data_source: str = "sample"
     seed: int = 42
+    realism: str = "ideal"
     engine: str = "mbphot"
     mode: str = "scene"
     n_workers: int = 0
@@ -186,6 +196,7 @@ class RunParameters:
         self.engine = _choice("engine", self.engine, ENGINES)
         self.mode = _choice("mode", self.mode, MODES)
         self.seed = _whole("seed", self.seed, "seed of the simulated field")
+        self.realism = _choice("realism", self.realism, REALISM_LEVELS)
         self.n_workers = 0 if self.n_workers is None else _whole("n_workers", self.n_workers, "0 = one per core")
         self.data_dir = _path("data_dir", self.data_dir)
         self.output_dir = _path("output_dir", self.output_dir)
@@ -301,7 +312,7 @@ class RunParameters:
         """
         base = f"ra{self.ra:.4f}_dec{self.dec:+.4f}_r{self.radius_arcmin:g}"
         if self.data_source == "sample":
-            return f"{base}_s{self.seed}"
+            return f"{base}_s{self.seed}" + ("" if self.realism == "ideal" else f"_{self.realism}")
         if self.data_source == "files":
             return f"{base}_f{self._files_fingerprint}"
         return base
@@ -313,7 +324,7 @@ class RunParameters:
         results and are left out."""
         bands = "all" if self.bands == list(BAND_NAMES) else "-".join(self.bands)
         source = {
-            "sample": f"sample-s{self.seed}",
+            "sample": f"sample-s{self.seed}" + ("" if self.realism == "ideal" else f"-{self.realism}"),
             "files": f"files-{self._files_fingerprint}",
             "archive": "archive",
         }[self.data_source]

@@ -159,7 +159,8 @@ def summary(manifest: Manifest) -> pd.DataFrame:
 
 
 def _sample_manifest(params: RunParameters) -> Manifest:
-    spec = SampleSpec(ra_deg=params.ra, dec_deg=params.dec, radius_arcmin=params.radius_arcmin, seed=params.seed)
+    spec = SampleSpec(ra_deg=params.ra, dec_deg=params.dec, radius_arcmin=params.radius_arcmin, seed=params.seed,
+                      realism=params.realism)
     directory = make_sample_field(spec, params.field_dir)
     files = sample_files(directory)
     bands = {

@@ -1,7 +1,8 @@
 """The embedded default: a simulated COSMOS-like field with known truth.
 
-`make_sample_field` writes, deterministically from (centre, radius, seed), the same kinds of
-files the archives serve, in the same formats and units, so the same loaders read both:
+`make_sample_field` writes, deterministically from a `SampleSpec` (centre, radius, seed,
+realism), the same kinds of files the archives serve, in the same formats and units, so the
+same loaders read both:
 
 * a COSMOS2015-like catalogue with the lower-case columns IRSA TAP returns (fluxes in microJy,
   catalogue fluxes are truth plus measurement noise, NaN where a value is missing);
@@ -10,19 +11,51 @@ files the archives serve, in the same formats and units, so the same loaders rea
   in counts/s and effective exposure (``-rrhr``) in seconds, each cut from a tile with its own tangent point, like the real COSMOS files;
 * a Chandra catalogue with the HEASARC ``ccosmoscat`` columns, positions scattered by their
   error radii, plus a few X-ray sources without a counterpart;
-* the PRF/PSF files the images were made with (IRAC PRFs 5x oversampled, GALEX PSFs on the
-  1.5" grid and peak-normalised, as the real GALEX files are);
+* the PRF/PSF files given to the fitter (IRAC PRFs 5x oversampled, GALEX PSFs on the 1.5"
+  grid and peak-normalised, as the real GALEX files are);
 * a truth table (true flux per band, true X-ray counterpart), for validation only.
 
 Populations follow COSMOS2015 in spirit: about 150 sources per arcmin^2, star-forming and
 quiescent galaxies, stars, and AGN with power-law infrared SEDs that fall in the Lacy wedge.
-Catalogue positions are the true positions; there are no sources below the catalogue limit.
 
+Realism
+-------
+``SampleSpec.realism`` (a `Realism`, or ``"ideal"`` / ``"realistic"``) chooses how far the sky
+departs from what the fitter is given. The ideal field (the default) is drawn with the very PRF
+files, white IRAC noise equal to the ``unc`` map, a GALEX sky map equal to the true sky, sources
+exactly at the catalogue positions and none below the catalogue limit; its files are byte for
+byte those of the simulator before realism existed. Each `Realism` switch adds one effect of
+real COSMOS images (``docs/simulator.md`` gives magnitudes and what each does to a fitter):
+
+* ``prf_mismatch``: IRAC sky PRF turned by two roll angles mixed smoothly across the field, 4 %
+  broader than the file, with wings beyond the file's 17 x 17 box to 41 x 41 pixels (`_prfs`);
+* ``galex_psf_wings``: GALEX sky PSFs as extended as the real files (99.9 % within 36 / 47 px),
+  a 120 x 120 peak-normalised PSF file with a 4 % broader core (`_prfs`);
+* ``astrometric_noise``: catalogue positions 0.10-0.20" (per axis) from the light, and each
+  image offset by up to 0.1" (`_sources`);
+* ``resolved_galaxies``: half the galaxies are exponential discs, r_e 0.1-1", convolved with the
+  sky PRF by GalSim; catalogue column ``flux_radius_arcsec`` (`_prfs`, `_sources`);
+* ``confusion``: three times the catalogue's density of sources a decade below its limit, in the
+  images only (`_sources`);
+* ``correlated_noise``: IRAC noise resampled from four dithered 1.2" frames, ``unc`` the exact
+  per-pixel sigma (`_noise`);
+* ``galex_depth``: a 40 ks tile and a 1.5 ks (MIS) tile with zero-count pixels, ``-rrhr`` zero
+  outside a 0.6 deg footprint whose edge crosses the field;
+* ``sky_error``: ``-skybg`` off the true sky by a smooth 4 % rms pattern (`_noise`).
+
+Each effect draws from its own random stream, so the sources and the other effects do not
+change when one is switched. The truth table of a realistic field adds the true positions,
+sizes and positional sigmas, and records the images' offsets and the number of faint sources.
+
+Rendering
+---------
 Fields of any size fit in memory: the images are rendered strip by strip straight into their
 files, each strip from the sources whose PRF stamps reach it, large fields by worker processes.
-The whole of COSMOS (48' radius, 1.1e6 sources in the catalogue, 4 GB of files) takes about a
-minute and a half on 2 cores and 2 GB of memory. The noise is drawn from one random stream in
-image and row order, so the files depend neither on the strips nor on the number of processes.
+Realistic images add PRF wings and the faint sources by FFT convolution on fixed blocks of rows
+(`_render`). The noise is drawn from random streams in image and row order, so the files depend
+neither on the strips nor on the number of processes. The whole of COSMOS (48' radius, 1.1e6
+sources in the catalogue, 4 GB of files) takes about a minute and a half on 2 cores and 2 GB
+of memory when ideal.
 """
 
 import multiprocessing
@@ -40,13 +73,17 @@ from astropy.table import MaskedColumn, Table
 from astropy.wcs import WCS
 from scipy import ndimage, signal, special
 
-from .bands import BANDS, GALEX_BANDS, IRAC_BANDS
-from .engine.prf import build_prf_table
+from ..bands import BANDS, GALEX_BANDS, IRAC_BANDS
+from ..engine.prf import build_prf_table
+from . import _noise, _prfs, _render, _sources
+from ._realism import REALISM_LEVELS, Realism
 
-__all__ = ["SampleSpec", "make_sample_field", "sample_files"]
+__all__ = ["SampleSpec", "Realism", "REALISM_LEVELS", "make_sample_field", "sample_files"]
 
 SAMPLE_VERSION = 2
 """Bumped whenever the simulator changes, so that fields made by an older one are rebuilt."""
+REALISTIC_VERSION = 1
+"""Bumped whenever the realistic effects change: only non-ideal fields are then rebuilt."""
 SOURCES_PER_ARCMIN2 = 150.0
 HALO_ARCMIN = 1.0
 IRAC_PRF_OVERSAMPLING = 5
@@ -82,16 +119,46 @@ about 0.5 GB."""
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What the simulated field is made from; the files are a pure function of it."""
+    """What the simulated field is made from; the files are a pure function of it.
+
+    Attributes
+    ----------
+    ra_deg, dec_deg : float
+        Field centre.
+    radius_arcmin : float
+        Field radius; the catalogue reaches `HALO_ARCMIN` further, the images further still.
+    seed : int
+    realism : Realism or str
+        Which real-sky effects the images have: ``"ideal"`` (none, the default), ``"realistic"``
+        (all), or a `Realism` with chosen switches.
+    """
 
     ra_deg: float = 150.01
     dec_deg: float = 2.20
     radius_arcmin: float = 3.0
     seed: int = 42
+    realism: Realism = Realism()
+
+    def __post_init__(self):
+        object.__setattr__(self, "realism", Realism.named(self.realism))
 
     @property
     def tag(self) -> str:
-        return f"ra{self.ra_deg:.4f}_dec{self.dec_deg:+.4f}_r{self.radius_arcmin:g}_s{self.seed}"
+        """Names the field; realism other than ideal is part of it, so fields never share a folder."""
+        tag = f"ra{self.ra_deg:.4f}_dec{self.dec_deg:+.4f}_r{self.radius_arcmin:g}_s{self.seed}"
+        return tag if self.realism.is_ideal else f"{tag}_{self.realism.name}"
+
+    @property
+    def stamp(self) -> str:
+        """What the COMPLETE file of a finished field holds; a field with another is rebuilt.
+
+        Ideal fields keep the stamp they had before realism existed, so they are not rebuilt.
+        """
+        geometry = (f"SampleSpec(ra_deg={self.ra_deg!r}, dec_deg={self.dec_deg!r}, "
+                    f"radius_arcmin={self.radius_arcmin!r}, seed={self.seed!r})")
+        if self.realism.is_ideal:
+            return f"mbphot.sample version {SAMPLE_VERSION}: {geometry}\n"
+        return f"mbphot.sample version {SAMPLE_VERSION}, realism version {REALISTIC_VERSION}: {geometry} {self.realism!r}\n"
 
     @property
     def catalog_radius_arcmin(self) -> float:
@@ -158,10 +225,16 @@ def _tan_wcs(ra_deg, dec_deg, pixel_scale_arcsec, shape, crval=None):
     return wcs
 
 
-def _draw_sources(spec: SampleSpec, rng: np.random.Generator) -> Table:
+def _draw_sources(spec: SampleSpec, rng: np.random.Generator, flux_range_ujy=None) -> Table:
+    """The sources over the images' area; ``flux_range_ujy`` (low, high) draws the number counts
+    between those 3.6 um fluxes (before the class factors) instead of above the catalogue limit."""
     half_side_deg = spec.image_half_side_arcmin / 60.0
     area_arcmin2 = (2 * spec.image_half_side_arcmin) ** 2
-    n = rng.poisson(SOURCES_PER_ARCMIN2 * area_arcmin2)
+    density = SOURCES_PER_ARCMIN2
+    if flux_range_ujy is not None:
+        low, high = flux_range_ujy
+        density = SOURCES_PER_ARCMIN2 * ((low / 0.2) ** -0.6 - (high / 0.2) ** -0.6)
+    n = rng.poisson(density * area_arcmin2)
     cos_dec = np.cos(np.radians(spec.dec_deg))
     ra = spec.ra_deg + rng.uniform(-half_side_deg, half_side_deg, n) / cos_dec
     dec = spec.dec_deg + rng.uniform(-half_side_deg, half_side_deg, n)
@@ -169,6 +242,9 @@ def _draw_sources(spec: SampleSpec, rng: np.random.Generator) -> Table:
 
     # IRAC 3.6um counts: N(>S) ~ S^-0.6 above 0.2 uJy, flattening above 30 uJy.
     flux36 = 0.2 * (1.0 - rng.uniform(0, 1, n)) ** (-1.0 / 0.6)
+    if flux_range_ujy is not None:  # the same draws, mapped onto the counts between low and high
+        u = 1.0 - (flux36 / 0.2) ** -0.6
+        flux36 = low * (1.0 - u * (1.0 - (high / low) ** -0.6)) ** (-1.0 / 0.6)
     bright = flux36 > 30.0
     flux36[bright] = 30.0 * (flux36[bright] / 30.0) ** 0.5
     flux36 *= np.select([sed == 2, sed == 3], [5.0, 3.0], 1.0)
@@ -374,12 +450,28 @@ _WORKER_TABLES = {}
 """The stamp tables a rendering worker process has built, by band."""
 
 
-def _render_rows_in_worker(name, *strip):
-    """`_render_rows` in a worker, which builds each band's table itself on first use (the
-    same function gives the same table): sending the tables took seconds per worker."""
-    if name not in _WORKER_TABLES:
-        _WORKER_TABLES[name] = _band_prf(name)[1]
-    return _render_rows(_WORKER_TABLES[name], *strip)
+def _band_model(name, realism):
+    """What band ``name``'s images are drawn with: the ideal field's `PRFTable`, or a realistic
+    `_prfs.BandModel`."""
+    if realism.is_ideal:
+        return _band_prf(name)[1]
+    return _prfs.band_model(name, realism)
+
+
+def _render_strip(model, key, arguments):
+    if key[1].is_ideal:
+        return _render_rows(model, *arguments)
+    return _render.render_rows(model, key, *arguments)
+
+
+def _render_rows_in_worker(key, *strip):
+    """A strip rendered in a worker, which builds each band's model itself on first use (the
+    same function gives the same model): sending the tables took seconds per worker. It keeps
+    one band's model at a time, the images coming band by band."""
+    if key not in _WORKER_TABLES:
+        _WORKER_TABLES.clear()
+        _WORKER_TABLES[key] = _band_model(*key)
+    return _render_strip(_WORKER_TABLES[key], key, strip)
 
 
 @dataclass(frozen=True, eq=False)
@@ -401,6 +493,10 @@ class _ImagePlan:
         Sources that can change the image (None: all); the others are not rendered.
     centre : tuple of float or None
         GALEX pointing centre (deg); None for IRAC.
+    weight, size_bin, faint, exptime_s, offset_arcsec
+        Realistic fields only: each source's share of the first PRF (IRAC rolls), galaxy size
+        bin (-1: point source), the faint sources ``(x, y, flux, weight)``, the tile's exposure
+        and the image's offset from the catalogue frame.
     """
 
     band: str
@@ -412,6 +508,11 @@ class _ImagePlan:
     flux: np.ndarray
     useful: np.ndarray | None = None
     centre: tuple | None = None
+    weight: np.ndarray | None = None
+    size_bin: np.ndarray | None = None
+    faint: tuple | None = None
+    exptime_s: float | None = None
+    offset_arcsec: tuple = (0.0, 0.0)
 
 
 def _plan_images(spec, sources, tables) -> list:
@@ -444,26 +545,121 @@ def _plan_images(spec, sources, tables) -> list:
     return plans
 
 
+GALEX_REALISTIC_TILES = (("COSMOS_SIM_01", -0.30, 0.05, 40000.0), ("COSMOS_SIM_02", 0.58, -0.03, 1500.0))
+"""Realistic GALEX tiles: (name, RA and Dec offsets of the pointing from the field centre in
+deg, exposure in s): a deep tile (COSMOS-like, 40 ks) and one at Medium Imaging Survey depth
+(1.5 ks) whose footprint edge crosses the field about 1' west of its centre."""
+GALEX_REALISTIC_SKY_COUNTS_PER_S = {"nuv": 3.0e-3, "fuv": 2.0e-4}
+"""Median of the real deep COSMOS GALEX mosaics (COSMOS_galex_{nuv,fuv}_mosaic_15arcmin.fits):
+NUV 3.0e-3, FUV 2.0e-4 counts/s per 1.5" pixel (the ideal field has 6e-4 in FUV)."""
+GALEX_FOOTPRINT_RADIUS_DEG = 0.6
+"""Radius of a realistic tile's circular footprint; the exposure is zero beyond."""
+GALEX_REALISTIC_FALLOFF = 0.3
+"""Within the footprint the realistic response falls as 1 - 0.3 (off-axis / 0.6 deg)^2."""
+
+
+def _ones_like(array):
+    """Ones the shape of ``array`` that take no memory (a read-only broadcast view)."""
+    return np.broadcast_to(np.float64(1.0), np.shape(array))
+
+
+def _realistic_tiles(realism):
+    if realism.galex_depth:
+        return GALEX_REALISTIC_TILES
+    return tuple((tile, d_ra, d_dec, None) for tile, d_ra, d_dec in GALEX_TILE_OFFSETS_DEG)
+
+
+def _plan_realistic(spec, sources, faint, models) -> list:
+    """The realistic field's images, in the same order as `_plan_images`."""
+    realism = spec.realism
+    cos_dec = np.cos(np.radians(spec.dec_deg))
+    tiles = _realistic_tiles(realism)
+    labels = list(IRAC_BANDS) + [f"{name}-{tile[0]}" for name in GALEX_BANDS for tile in tiles]
+    offsets = _sources.image_offsets(spec, labels) if realism.astrometric_noise else {}
+    mix_rng = _sources.stream(spec, "roll_mix")
+    mix_phases = mix_rng.uniform(0, 2 * np.pi, 2)
+
+    def positions(table, wcs, label):
+        dx, dy = offsets.get(label, (0.0, 0.0))
+        ra = np.asarray(table["ra"]) + dx / 3600.0 / cos_dec
+        dec = np.asarray(table["dec"]) + dy / 3600.0
+        if len(ra) == 0:
+            return np.zeros(0), np.zeros(0)
+        return wcs.all_world2pix(np.column_stack([ra, dec]), 0).T
+
+    plans = []
+    pixel = BANDS["irac1"].pixel_scale_arcsec
+    size = int(2 * np.ceil(spec.image_half_side_arcmin * 60.0 / pixel) + 1)
+    wcs = _tan_wcs(spec.ra_deg, spec.dec_deg, pixel, (size, size))
+    centre = (size - 1) / 2.0
+
+    def roll_weight(x, y):
+        if not realism.prf_mismatch:
+            return _ones_like(x)
+        return _prfs.roll_weight((x - centre) * pixel, (y - centre) * pixel, mix_phases)
+
+    size_bin = np.asarray(sources["size_bin"])
+    for name in IRAC_BANDS:
+        x, y = positions(sources, wcs, name)
+        fx, fy = positions(faint, wcs, name)
+        faint_flux = np.asarray(faint[f"true_{name}_flux_ujy"]) if len(faint) else np.zeros(0)
+        plans.append(_ImagePlan(name, None, wcs, (size, size), x, y, np.asarray(sources[f"true_{name}_flux_ujy"]),
+                                weight=roll_weight(x, y), size_bin=size_bin,
+                                faint=(fx, fy, faint_flux, roll_weight(fx, fy), None),
+                                offset_arcsec=offsets.get(name, (0.0, 0.0))))
+
+    pixel = BANDS["nuv"].pixel_scale_arcsec
+    size = int(2 * np.ceil(spec.image_half_side_arcmin * 60.0 / pixel) + 1)
+    edge_deg = GALEX_FOOTPRINT_RADIUS_DEG if realism.galex_depth else GALEX_EDGE_DEG
+    for name in GALEX_BANDS:
+        model = models[name]
+        reach_deg = 2 * (max(model.stamp_half_size, model.fft_half_size) + 2) * np.sqrt(2) * pixel / 3600.0
+        for tile, d_ra, d_dec, exptime in tiles:
+            tile_centre = (spec.ra_deg + d_ra / cos_dec, spec.dec_deg + d_dec)
+            wcs = _tan_wcs(spec.ra_deg, spec.dec_deg, pixel, (size, size), crval=tile_centre)
+            label = f"{name}-{tile}"
+            x, y = positions(sources, wcs, label)
+            fx, fy = positions(faint, wcs, label)
+
+            def useful(table):
+                if len(table) == 0:
+                    return np.zeros(0, dtype=bool)
+                off_axis = np.hypot((np.asarray(table["ra"]) - tile_centre[0]) * cos_dec,
+                                    np.asarray(table["dec"]) - tile_centre[1])
+                return off_axis < edge_deg + reach_deg
+
+            faint_flux = np.asarray(faint[f"true_{name}_flux_ujy"]) if len(faint) else np.zeros(0)
+            plans.append(_ImagePlan(name, tile, wcs, (size, size), x, y, np.asarray(sources[f"true_{name}_flux_ujy"]),
+                                    useful(sources), tile_centre, weight=_ones_like(x), size_bin=size_bin,
+                                    faint=(fx, fy, faint_flux, _ones_like(fx), useful(faint)),
+                                    exptime_s=exptime if exptime is not None else GALEX_EXPTIME_S[name],
+                                    offset_arcsec=offsets.get(label, (0.0, 0.0))))
+    return plans
+
+
 class _StripRenderer:
-    """Renders the point-source signal of the field's images strip by strip, in order.
+    """Renders the signal of the field's images strip by strip, in order.
 
     With more than one worker, worker processes render the strips a few ahead of the caller,
     across image boundaries, while the caller adds the noise of the strips already done: the
-    noise comes from the field's one random stream, drawn in image and row order, so the files
+    noise comes from the field's random streams, drawn in image and row order, so the files
     do not depend on the number of processes or on the strips.
 
     Parameters
     ----------
     plans : list of _ImagePlan
         The images, in the order the caller takes them.
-    tables : dict
-        Band name to the `PRFTable` its images are rendered with.
+    models : dict
+        Band name to what its images are rendered with: the `PRFTable` (ideal field) or the
+        `_prfs.BandModel` (realistic).
     n_workers : int
         Worker processes; 1 renders in this process.
+    realism : Realism
     """
 
-    def __init__(self, plans, tables, n_workers):
-        self._tables = tables
+    def __init__(self, plans, models, n_workers, realism=Realism()):
+        self._models = models
+        self._realism = realism
         self._tasks = (task for plan in plans for task in self._strip_tasks(plan))
         self._pending = deque()
         self._lookahead_strips = 2 * n_workers
@@ -482,8 +678,11 @@ class _StripRenderer:
 
     def _strip_tasks(self, plan):
         """``(plan, start_row, render arguments)`` per strip: the sources whose stamps reach it."""
+        if not self._realism.is_ideal:
+            yield from self._realistic_strip_tasks(plan)
+            return
         height, width = plan.shape
-        half_size = self._tables[plan.band].half_size
+        half_size = self._models[plan.band].half_size
         col, row = np.rint(plan.x), np.rint(plan.y)
         reaches = (col > -half_size - 1) & (col < width + half_size)
         reaches &= (row > -half_size - 1) & (row < height + half_size)
@@ -498,20 +697,52 @@ class _StripRenderer:
             members = np.sort(candidates[low:high])  # back in source order: see _render_rows
             yield plan, start_row, (start_row, stop_row, width, plan.x[members], plan.y[members], plan.flux[members])
 
+    def _realistic_strip_tasks(self, plan):
+        height, width = plan.shape
+        model = self._models[plan.band]
+        reach = max(model.stamp_half_size, model.fft_half_size) + 2
+
+        def sorted_candidates(x, y, useful):
+            keep = (x > -reach) & (x < width + reach) & (y > -reach) & (y < height + reach)
+            if useful is not None:
+                keep &= useful
+            candidates = np.flatnonzero(keep)
+            candidates = candidates[np.argsort(y[candidates], kind="stable")]
+            return candidates, y[candidates]
+
+        bright, bright_rows = sorted_candidates(plan.x, plan.y, plan.useful)
+        fx, fy, fflux, fweight, fuseful = plan.faint
+        faint, faint_rows = sorted_candidates(fx, fy, fuseful)
+        block = _render.FFT_BLOCK_ROWS
+        for start_row in _strip_starts(plan.shape, block):
+            stop_row = min(start_row + _rows_per_strip(width, block), height)
+            low, high = np.searchsorted(bright_rows, [start_row - reach, stop_row + reach])
+            members = np.sort(bright[low:high])
+            low, high = np.searchsorted(faint_rows, [start_row - reach, stop_row + reach])
+            faint_members = np.sort(faint[low:high])
+            yield plan, start_row, (
+                start_row, stop_row, height, width,
+                (plan.x[members], plan.y[members], plan.flux[members], plan.weight[members]),
+                plan.size_bin[members],
+                (fx[faint_members], fy[faint_members], fflux[faint_members], fweight[faint_members]),
+            )
+
     def strips(self, plan):
         """Yield ``(start_row, signal)`` for the strips of ``plan``, the next image, top to bottom."""
-        for start_row in _strip_starts(plan.shape):
+        block = 1 if self._realism.is_ideal else _render.FFT_BLOCK_ROWS
+        key = (plan.band, self._realism)
+        for start_row in _strip_starts(plan.shape, block):
             if self._pool is None:
                 task_plan, task_row, arguments = next(self._tasks)
-                rendered = _render_rows(self._tables[plan.band], *arguments)
+                rendered = _render_strip(self._models[plan.band], key, arguments)
             else:
                 while len(self._pending) <= self._lookahead_strips:
                     task = next(self._tasks, None)
                     if task is None:
                         break
                     task_plan, task_row, arguments = task
-                    self._pending.append((task_plan, task_row,
-                                          self._pool.submit(_render_rows_in_worker, task_plan.band, *arguments)))
+                    self._pending.append((task_plan, task_row, self._pool.submit(
+                        _render_rows_in_worker, (task_plan.band, self._realism), *arguments)))
                 task_plan, task_row, future = self._pending.popleft()
                 rendered = future.result()
             if task_plan is not plan or task_row != start_row:
@@ -519,24 +750,26 @@ class _StripRenderer:
             yield start_row, rendered
 
 
-def _rows_per_strip(width):
-    return max(1, STRIP_PIXELS // width)
+def _rows_per_strip(width, block=1):
+    """Rows per strip; realistic fields cut strips on whole FFT blocks (``block`` rows)."""
+    return max(block, (STRIP_PIXELS // width) // block * block)
 
 
-def _strip_starts(shape):
+def _strip_starts(shape, block=1):
     """First row of every strip of an image of ``shape``."""
-    return range(0, shape[0], _rows_per_strip(shape[1]))
+    return range(0, shape[0], _rows_per_strip(shape[1], block))
 
 
-def _render_workers(n_workers, plans, tables):
+def _render_workers(n_workers, plans, models):
     """Worker processes for rendering: ``n_workers`` (0 = one per core), or by default one per
     core up to `MAX_AUTO_RENDER_WORKERS`, none for fields too small to gain."""
     if n_workers is not None:
         return max(1, n_workers if n_workers > 0 else os.cpu_count() or 1)
-    stamp_pixels = sum(
-        (plan.useful.sum() if plan.useful is not None else plan.x.size) * tables[plan.band].stamps.shape[-1] ** 2
-        for plan in plans
-    )
+    stamp_pixels = 0
+    for plan in plans:
+        model = models[plan.band]
+        size = 2 * (model.half_size if hasattr(model, "half_size") else model.stamp_half_size) + 1
+        stamp_pixels += (plan.useful.sum() if plan.useful is not None else plan.x.size) * size**2
     return 1 if stamp_pixels < PARALLEL_MIN_STAMP_PIXELS else min(os.cpu_count() or 1, MAX_AUTO_RENDER_WORKERS)
 
 
@@ -648,6 +881,90 @@ def _make_galex(spec, plan, rng, out, renderer):
             exposure_file.write(exposure_s)
 
 
+def _irac_header(plan):
+    band = BANDS[plan.band]
+    header = plan.wcs.to_header()
+    header["BUNIT"] = "MJy/sr"
+    header["TELESCOP"] = "Spitzer"
+    header["INSTRUME"] = "IRAC"
+    header["CHNLNUM"] = int(plan.band[-1])
+    header["WAVELEN"] = (band.wavelength_um, "[um]")
+    header["ORIGIN"] = "mbphot.sample (simulated)"
+    return header
+
+
+def _make_irac_realistic(spec, plan, rng, out, renderer):
+    """An IRAC mosaic of the realistic field: noise from dithered native frames (or white),
+    from the image's own random streams; the smooth patterns from the field's stream."""
+    band = BANDS[plan.band]
+    noise_pattern = _SmoothPattern.draw(plan.shape, rng, 0.6)
+    pedestal_pattern = _SmoothPattern.draw(plan.shape, rng, 0.1)
+    if spec.realism.correlated_noise:
+        frames = [_sources.stream(spec, f"noise-{plan.band}-{i}") for i in range(len(_noise.IRAC_DITHERS))]
+        dithered = _noise.DitheredNoise(plan.shape, frames)
+    else:
+        white = _sources.stream(spec, f"noise-{plan.band}")
+    header = _irac_header(plan)
+    channel = plan.band[-1]
+    with (_FitsRowWriter(out / f"irac/irac_ch{channel}_go2_sci.fits", header, plan.shape) as science,
+          _FitsRowWriter(out / f"irac/irac_ch{channel}_go2_unc.fits", header, plan.shape) as uncertainty):
+        for start_row, signal_ujy in renderer.strips(plan):
+            stop_row = start_row + signal_ujy.shape[0]
+            level_ujy = IRAC_NOISE_UJY_PER_PIXEL[plan.band] * (1.0 + np.abs(noise_pattern.rows(start_row, stop_row)))
+            if spec.realism.correlated_noise:
+                unit_noise, unit_sigma = dithered.rows(start_row, stop_row)
+            else:
+                unit_noise, unit_sigma = white.standard_normal(signal_ujy.shape), 1.0
+            pedestal_ujy = 0.05 + pedestal_pattern.rows(start_row, stop_row)
+            science.write((signal_ujy + pedestal_ujy + unit_noise * level_ujy) / band.ujy_per_pixel_unit)
+            uncertainty.write(level_ujy * unit_sigma / band.ujy_per_pixel_unit)
+
+
+def _make_galex_realistic(spec, plan, rng, out, renderer):
+    """A GALEX tile of the realistic field: Poisson counts at the tile's depth inside its
+    footprint, and a sky map with a smooth error against the true sky."""
+    realism = spec.realism
+    band = BANDS[plan.band]
+    sky_pattern = _SmoothPattern.draw(plan.shape, rng, 0.2)
+    counts_rng = _sources.stream(spec, f"counts-{plan.band}-{plan.tile}")
+    sky_error = None
+    if realism.sky_error:
+        sky_error = _noise.SkyError(plan.shape, band.pixel_scale_arcsec, _sources.stream(spec, f"sky-{plan.band}-{plan.tile}"))
+    header = plan.wcs.to_header()
+    header["BUNIT"] = ""
+    header["TELESCOP"] = "GALEX"
+    header["BAND"] = 1 if plan.band == "nuv" else 2
+    header["TILENAME"] = plan.tile
+    header["RA_CENT"] = plan.centre[0]
+    header["DEC_CENT"] = plan.centre[1]
+    header["EXPTIME"] = plan.exptime_s
+    header["ORIGIN"] = "mbphot.sample (simulated)"
+    cos_dec = np.cos(np.radians(spec.dec_deg))
+    stem = f"galex/{plan.tile}-{band.galex_code}"
+    with (_FitsRowWriter(out / f"{stem}-int.fits", header, plan.shape) as intensity_file,
+          _FitsRowWriter(out / f"{stem}-skybg.fits", header, plan.shape) as sky_file,
+          _FitsRowWriter(out / f"{stem}-rrhr.fits", header, plan.shape) as exposure_file):
+        for start_row, signal_ujy in renderer.strips(plan):
+            stop_row = start_row + signal_ujy.shape[0]
+            signal_cps = signal_ujy / band.ujy_per_pixel_unit
+            sky_level = (GALEX_REALISTIC_SKY_COUNTS_PER_S if realism.galex_depth else GALEX_SKY_COUNTS_PER_S)[plan.band]
+            sky_cps = sky_level * (1.0 + sky_pattern.rows(start_row, stop_row))
+            columns, rows = np.meshgrid(np.arange(plan.shape[1]), np.arange(start_row, stop_row))
+            ra_grid, dec_grid = plan.wcs.all_pix2world(columns, rows, 0)
+            off_axis_deg = np.hypot((ra_grid - plan.centre[0]) * cos_dec, dec_grid - plan.centre[1])
+            if realism.galex_depth:
+                inside = off_axis_deg < GALEX_FOOTPRINT_RADIUS_DEG
+                response = np.where(inside, 1.0 - GALEX_REALISTIC_FALLOFF * (off_axis_deg / GALEX_FOOTPRINT_RADIUS_DEG) ** 2, 0.0)
+            else:
+                response = np.clip(1.0 - GALEX_RESPONSE_FALLOFF * (off_axis_deg / GALEX_FOV_RADIUS_DEG) ** 2, 0.0, None)
+            exposure_s = plan.exptime_s * response
+            counts = counts_rng.poisson(np.clip(signal_cps + sky_cps, 0, None) * exposure_s)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                intensity_file.write(np.where(exposure_s > 0, counts / exposure_s, 0.0))
+            sky_file.write(sky_cps * sky_error.rows(start_row, stop_row) if sky_error is not None else sky_cps)
+            exposure_file.write(exposure_s)
+
+
 def _write_prfs(out, prfs):
     """The PRF files, beside the images, as the archives serve them."""
     for name in IRAC_BANDS:
@@ -659,6 +976,8 @@ def _write_prfs(out, prfs):
     for name in GALEX_BANDS:
         header = fits.Header()
         header["COMMENT"] = "Model GALEX PSF on the 1.5\" grid, peak-normalised like the GALEX files"
+        if prfs[name].shape[0] == _prfs.GALEX_PSF_FILE_SIZE:
+            header["COMMENT"] = "120 x 120 like the real GALEX PSF files; its core is 4 % broader than the sky's"
         _write_fits(out / f"prf/PSF{name}.fits", prfs[name], header)
 
 
@@ -672,7 +991,13 @@ def _ab_mag(flux_ujy):
         return np.where(flux_ujy > 0, 23.9 - 2.5 * np.log10(np.where(flux_ujy > 0, flux_ujy, 1.0)), np.nan)
 
 
-def _make_chandra_and_catalog(spec, sources, rng, out):
+def _make_chandra_and_catalog(spec, sources, rng, out, realistic=None):
+    """The Chandra catalogue, the COSMOS2015-like catalogue and the truth table.
+
+    ``realistic`` (realistic fields only) holds ``n_faint`` (sources in the images below the
+    catalogue limit) and ``offsets`` (each image's offset, arcsec); ``sources`` then has the
+    catalogue positions ``cat_ra``, ``cat_dec``, ``pos_sigma_arcsec`` and ``true_re_arcsec``.
+    """
     centre_ra, centre_dec = spec.ra_deg, spec.dec_deg
     cos_dec = np.cos(np.radians(centre_dec))
     sep_arcmin = 60.0 * np.hypot((sources["ra"] - centre_ra) * cos_dec, sources["dec"] - centre_dec)
@@ -740,8 +1065,8 @@ def _make_chandra_and_catalog(spec, sources, rng, out):
     cat_counterpart = counterpart[in_catalog]
     n = len(cat_sources)
     catalog = Table()
-    catalog["ra"] = cat_sources["ra"]
-    catalog["dec"] = cat_sources["dec"]
+    catalog["ra"] = cat_sources["cat_ra" if realistic is not None else "ra"]
+    catalog["dec"] = cat_sources["cat_dec" if realistic is not None else "dec"]
     catalog["id"] = cat_sources["id"]
     ks, ks_err = _catalog_noise(rng, cat_sources["true_irac1_flux_ujy"] * 10 ** rng.normal(-0.15, 0.15, n), "irac1")
     catalog["ks_flux_aper2"], catalog["ks_fluxerr_aper2"] = ks, ks_err
@@ -778,6 +1103,10 @@ def _make_chandra_and_catalog(spec, sources, rng, out):
     catalog["ra"].unit = catalog["dec"].unit = "deg"
     for column in ("flux_chandra_05_2", "flux_chandra_2_10", "flux_chandra_05_10"):
         catalog[column].unit = "erg / (s cm2)"
+    if realistic is not None:
+        # Like a half-light radius from a higher-resolution (HST/ACS-like) image, with scatter.
+        catalog["flux_radius_arcsec"] = _sources.flux_radius(spec, np.asarray(cat_sources["true_re_arcsec"]))
+        catalog["flux_radius_arcsec"].unit = "arcsec"
     catalog.meta["ORIGIN"] = "mbphot.sample (simulated COSMOS2015)"
     (out / "catalog").mkdir(parents=True, exist_ok=True)
     catalog.write(out / "catalog/cosmos2015.fits")
@@ -789,7 +1118,44 @@ def _make_chandra_and_catalog(spec, sources, rng, out):
         truth[f"true_{name}_flux_ujy"] = cat_sources[f"true_{name}_flux_ujy"]
         truth[f"true_{name}_flux_ujy"].unit = "uJy"
     truth["true_chandra_id"] = cat_counterpart
+    if realistic is not None:
+        truth["true_ra"] = cat_sources["ra"]
+        truth["true_dec"] = cat_sources["dec"]
+        truth["true_re_arcsec"] = cat_sources["true_re_arcsec"]
+        truth["pos_sigma_arcsec"] = cat_sources["pos_sigma_arcsec"]
+        for column, unit in (("true_ra", "deg"), ("true_dec", "deg"), ("true_re_arcsec", "arcsec"),
+                             ("pos_sigma_arcsec", "arcsec")):
+            truth[column].unit = unit
+        truth.meta["REALISM"] = spec.realism.name
+        truth.meta["NFAINT"] = (realistic["n_faint"], "sources below catalogue limit, in images")
+        for label, (dx, dy) in realistic["offsets"].items():
+            code = _offset_code(label)
+            truth.meta[f"DX_{code}"] = (round(dx, 5), f"[arcsec] {label} offset RA*cos(Dec)")
+            truth.meta[f"DY_{code}"] = (round(dy, 5), f"[arcsec] {label} offset Dec")
     truth.write(out / "catalog/truth.fits")
+
+
+def _offset_code(label):
+    """Short FITS key code of an image: ``I1``..``I4`` (IRAC), ``N1``, ``F2`` (GALEX band, tile)."""
+    if label.startswith("irac"):
+        return f"I{label[-1]}"
+    band, tile = label.split("-", 1)
+    return f"{band[0].upper()}{tile[-1]}"
+
+
+def image_offsets_from_truth(truth_meta) -> dict:
+    """The images' offsets (arcsec) recorded in a realistic field's truth table metadata:
+    ``{(band, tile or None): (d_ra_cos_dec, d_dec)}``."""
+    offsets = {}
+    for name in IRAC_BANDS:
+        if f"DX_I{name[-1]}" in truth_meta:
+            offsets[(name, None)] = (truth_meta[f"DX_I{name[-1]}"], truth_meta[f"DY_I{name[-1]}"])
+    for name in GALEX_BANDS:
+        for tile, *_ in GALEX_TILE_OFFSETS_DEG:
+            code = f"{name[0].upper()}{tile[-1]}"
+            if f"DX_{code}" in truth_meta:
+                offsets[(name, tile)] = (truth_meta[f"DX_{code}"], truth_meta[f"DY_{code}"])
+    return offsets
 
 
 def make_sample_field(spec: SampleSpec, directory, n_workers: int | None = None) -> Path:
@@ -820,7 +1186,7 @@ def make_sample_field(spec: SampleSpec, directory, n_workers: int | None = None)
         ``directory``.
     """
     directory = Path(directory)
-    stamp = f"mbphot.sample version {SAMPLE_VERSION}: {spec}\n"
+    stamp = spec.stamp
     complete = directory / "COMPLETE"
     if complete.is_file() and complete.read_text() == stamp:
         return directory
@@ -829,6 +1195,13 @@ def make_sample_field(spec: SampleSpec, directory, n_workers: int | None = None)
                                  int(round(spec.radius_arcmin * 1e3))])
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        if not spec.realism.is_ideal:
+            _make_realistic(spec, rng, staging, n_workers)
+            (staging / "COMPLETE").write_text(stamp)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+            return directory
         sources = _draw_sources(spec, rng)
         prfs, tables = {}, {}
         for name in BANDS:
@@ -851,3 +1224,48 @@ def make_sample_field(spec: SampleSpec, directory, n_workers: int | None = None)
             shutil.rmtree(staging, ignore_errors=True)
     return directory
 
+
+
+def _make_realistic(spec, rng, out, n_workers):
+    """Every file of a field with some realism (see `Realism`) into ``out``.
+
+    The sources are those of the ideal field of the same spec (the same random draws); each
+    effect then draws from its own stream, so that switching one leaves the others unchanged.
+    """
+    realism = spec.realism
+    sources = _draw_sources(spec, rng)
+    flux36 = np.asarray(sources["true_irac1_flux_ujy"])
+    if realism.resolved_galaxies:
+        size_bin, true_re = _sources.galaxy_sizes(spec, sources["sed_class"], flux36)
+    else:
+        size_bin, true_re = np.full(len(sources), -1), np.zeros(len(sources))
+    sources["size_bin"] = size_bin
+    sources["true_re_arcsec"] = true_re
+    if realism.astrometric_noise:
+        cat_ra, cat_dec, sigma = _sources.catalogue_positions(spec, np.asarray(sources["ra"]), np.asarray(sources["dec"]), flux36)
+    else:
+        cat_ra, cat_dec, sigma = np.asarray(sources["ra"]), np.asarray(sources["dec"]), np.zeros(len(sources))
+    sources["cat_ra"], sources["cat_dec"], sources["pos_sigma_arcsec"] = cat_ra, cat_dec, sigma
+    if realism.confusion:
+        faint = _draw_sources(spec, _sources.stream(spec, "confusion"), flux_range_ujy=_sources.CONFUSION_FLUX_RANGE_UJY)
+        # Faint galaxies are drawn as points: at r_e <~ 0.2" and S/N < 1 their shape is lost in the noise.
+    else:
+        faint = Table({"ra": np.zeros(0), "dec": np.zeros(0), **{f"true_{b}_flux_ujy": np.zeros(0) for b in BANDS}})
+
+    prfs, models = {}, {}
+    for name in BANDS:
+        if name in GALEX_BANDS and realism.galex_psf_wings:
+            prfs[name] = _prfs.galex_file_psf(name)
+        else:
+            prfs[name] = _band_prf(name)[0]
+        models[name] = _band_model(name, realism)
+    _write_prfs(out, prfs)
+    plans = _plan_realistic(spec, sources, faint, models)
+    with _StripRenderer(plans, models, _render_workers(n_workers, plans, models), realism) as renderer:
+        for plan in plans:
+            if plan.tile is None:
+                _make_irac_realistic(spec, plan, rng, out, renderer)
+            else:
+                _make_galex_realistic(spec, plan, rng, out, renderer)
+    offsets = {plan.band if plan.tile is None else f"{plan.band}-{plan.tile}": plan.offset_arcsec for plan in plans}
+    _make_chandra_and_catalog(spec, sources, rng, out, {"n_faint": len(faint), "offsets": offsets})
