@@ -108,6 +108,80 @@ def test_common_offset_is_recovered_and_each_star_registered(field, measured):
     assert abs(measured.offset_y_pix - np.median(true_shift_y)) * PIXEL_ARCSEC < 0.005
 
 
+def test_wings_that_follow_the_file_show_no_excess(measured):
+    """The true wings here have the file's shape and lose < 0.1 % beyond its box."""
+    print(f"wing excess {measured.wing_excess:+.4f} +- {measured.wing_excess_err:.4f}")
+    assert abs(measured.wing_excess) < max(3 * measured.wing_excess_err, 0.003)
+    assert not measured.wings_extended
+
+
+def irac_like_field(file, halo_fraction, seed=0, side=300, n_stars=130, n=800):
+    """Stars and faint sources drawn with a real IRAC PRF rotated by 40 degrees, broadened,
+    and given a broad halo (``halo_fraction`` of the light, Gaussian sigma 6 px) that reaches
+    well beyond the file's 17 x 17 box: with 4 %, about 1.2 % of the light falls outside it."""
+    from scipy import ndimage
+
+    from mbphot.engine.epsf import render_sources
+
+    oversampling = 5
+    fine = ndimage.zoom(np.pad(normalise_prf(file), 14), oversampling, order=3)
+    core = ndimage.gaussian_filter(ndimage.rotate(fine, 40, reshape=False, order=3), 0.35 * oversampling)
+    offsets = (np.arange(core.shape[0]) - (core.shape[0] - 1) / 2) / oversampling
+    halo = np.exp(-0.5 * (offsets[None, :] ** 2 + offsets[:, None] ** 2) / 6.0**2)
+    true = (1 - halo_fraction) * normalise_prf(core, oversampling) + halo_fraction * normalise_prf(halo, oversampling)
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(-10, side + 10, n), rng.uniform(-10, side + 10, n)
+    flux = np.concatenate([10 ** rng.uniform(np.log10(300), np.log10(15000), n_stars),
+                           10 ** rng.uniform(0, 2.2, n - n_stars)])
+    image = render_sources((side, side), x, y, flux, build_prf_table(true, oversampling, enclosed_fraction=1.0))
+    image += rng.normal(0, 1, image.shape)
+    scatter = 0.15 / PIXEL_ARCSEC / np.sqrt(2)
+    x_cat, y_cat = x - 0.3 - rng.normal(0, scatter, n), y + 0.2 - rng.normal(0, scatter, n)
+    bright = np.flatnonzero((np.arange(n) < n_stars) & (flux > 3000) & (x > 3) & (x < side - 4)
+                            & (y > 3) & (y < side - 4))
+    return image, x, y, x_cat, y_cat, flux, bright
+
+
+def test_light_beyond_the_file_box_is_measured_from_the_stars(real_data_dir):
+    from astropy.io import fits
+
+    file = fits.getdata(real_data_dir / "irac" / "PRF_IRAC_ch1.fits").astype(np.float64)
+    image, x, y, x_cat, y_cat, flux, bright = irac_like_field(file, halo_fraction=0.04)
+    result = measure_prf(image, 0.0, 1.0, x_cat, y_cat, file, 1, extend_wings=True, wing_radius_pix=16.0)
+    biases = {}
+    for name, prf, oversampling in (("file", file, 1), ("measured", result.prf, result.oversampling)):
+        fitted, _, _ = scene_photometry(image, x, y, bright, build_prf_table(prf, oversampling), 23, 0.0, 1.0,
+                                        fit_sky=True)
+        biases[name] = float(np.median(fitted / flux[bright] - 1))
+    print(f"{result.reason}\nwing excess {result.wing_excess:+.4f} +- {result.wing_excess_err:.4f}; "
+          f"bright-star flux bias {biases['file']:+.4f} (file), {biases['measured']:+.4f} (measured, wings "
+          f"extended); offset ({result.offset_x_pix:+.3f}, {result.offset_y_pix:+.3f}) px, true (0.3, -0.2)")
+    assert result.wings_extended and result.wing_excess > 0.005
+    assert result.prf.shape[0] > 17 * result.oversampling
+    assert biases["file"] < -0.03
+    assert abs(biases["measured"]) < 0.005
+
+
+def test_real_irac_prf_rotated_and_broadened_is_recovered(real_data_dir):
+    """Without a halo beyond the box: no wing excess, and the measured PRF alone removes the
+    file's bias (its wings must be sampled out to the pixel edges of the file's box)."""
+    from astropy.io import fits
+
+    file = fits.getdata(real_data_dir / "irac" / "PRF_IRAC_ch3.fits").astype(np.float64)
+    image, x, y, x_cat, y_cat, flux, bright = irac_like_field(file, halo_fraction=0.0, seed=1)
+    result = measure_prf(image, 0.0, 1.0, x_cat, y_cat, file, 1, extend_wings=True)
+    biases = {}
+    for name, prf, oversampling in (("file", file, 1), ("measured", result.prf, result.oversampling)):
+        fitted, _, _ = scene_photometry(image, x, y, bright, build_prf_table(prf, oversampling), 23, 0.0, 1.0,
+                                        fit_sky=True)
+        biases[name] = float(np.median(fitted / flux[bright] - 1))
+    print(f"{result.reason}\nwing excess {result.wing_excess:+.4f} +- {result.wing_excess_err:.4f}; "
+          f"bright-star flux bias {biases['file']:+.4f} (file), {biases['measured']:+.4f} (measured)")
+    assert not result.wings_extended
+    assert biases["file"] < -0.03
+    assert abs(biases["measured"]) < 0.005
+
+
 def test_resolved_galaxies_and_blends_are_not_used_as_stars(field, measured):
     stars = measured.star_indices
     assert np.mean(field.is_star[stars]) >= 0.95

@@ -44,7 +44,7 @@ from scipy.sparse.linalg import splu
 from .prf import PRFTable, build_prf_table, normalise_prf, prf_centre
 from .scene import scene_photometry
 
-__all__ = ["ImageOffset", "MeasuredPRF", "fwhm_pixels", "image_offset", "measure_prf"]
+__all__ = ["ImageOffset", "MeasuredPRF", "fwhm_pixels", "image_offset", "measure_prf", "render_sources"]
 
 _MAD_TO_SIGMA = 1.4826
 _MEDIAN_EFFICIENCY = 1.2533  # error of a median over that of a mean, Gaussian samples
@@ -89,6 +89,12 @@ class MeasuredPRF:
         Each star's offset of its light from its catalogue position.
     rchisq_file, rchisq_measured : float
         Median reduced chi^2 of the stars' fits (within R) with the file's and the measured PRF.
+    wing_excess, wing_excess_err : float
+        Light, per unit total flux, that the stars show between R and ``wing_radius_pix`` beyond
+        what the PRF (file wings included) puts there (a few 0.01 where the true wings reach
+        beyond the file's box), and its error; NaN if not measured.
+    wings_extended : bool
+        True when that excess was added to ``prf`` (``extend_wings``).
     """
 
     prf: np.ndarray
@@ -110,6 +116,9 @@ class MeasuredPRF:
     star_shift_y_pix: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rchisq_file: float = np.nan
     rchisq_measured: float = np.nan
+    wing_excess: float = np.nan
+    wing_excess_err: float = np.nan
+    wings_extended: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,16 +142,27 @@ class ImageOffset:
 
 
 class _FileProfile:
-    """The file's PRF as a smooth function of the offset from its core centroid."""
+    """The file's PRF as a smooth function of the offset from its core centroid.
+
+    The samples are the PRF at pixel offsets up to the box's edge, so the function runs on
+    half a pixel and more beyond it: the spline is taken over the samples padded with zeros,
+    and ``grid_extent`` (pixels) reaches where it has fallen to zero. Sampled only out to the
+    last sample, an oversampled copy would lose the outer half pixel of the box, which for
+    the 17 x 17 IRAC files holds about 1 % of the light.
+    """
+
+    _PAD_PIXELS = 2
 
     def __init__(self, prf, oversampling):
         self.oversampling = int(oversampling)
         self.samples = normalise_prf(prf, oversampling)
-        self.centre = prf_centre(self.samples)
-        self.coefficients = ndimage.spline_filter(self.samples, order=3, mode="constant")
+        centre = prf_centre(self.samples)
         rows, cols = self.samples.shape
-        self.half_extent = min(self.centre[0], rows - 1 - self.centre[0], self.centre[1], cols - 1 - self.centre[1])
-        self.half_extent /= self.oversampling
+        self.half_extent = min(centre[0], rows - 1 - centre[0], centre[1], cols - 1 - centre[1]) / self.oversampling
+        pad = self._PAD_PIXELS * self.oversampling
+        self.coefficients = ndimage.spline_filter(np.pad(self.samples, pad), order=3, mode="constant")
+        self.centre = (centre[0] + pad, centre[1] + pad)
+        self.grid_extent = self.half_extent + self._PAD_PIXELS
 
     def __call__(self, ux, uy):
         ux, uy = np.broadcast_arrays(np.asarray(ux, dtype=np.float64), np.asarray(uy, dtype=np.float64))
@@ -271,7 +291,9 @@ class _Stars:
 def render_sources(shape, x, y, flux, table: PRFTable, skip=None) -> np.ndarray:
     """Image of point sources (flux times the table's stamp) at 0-based positions (x, y).
 
-    Sources with a non-finite position or flux, or listed in ``skip``, are left out.
+    Sources with a non-finite position or flux, or listed in ``skip``, are left out. With the
+    fitted fluxes, ``image - sky - render_sources(...)`` is the residual that
+    `calibrate.noise_inflation` samples.
     """
     image_rows, image_cols = shape
     half = table.half_size
@@ -441,6 +463,8 @@ class _Selection:
     stars: _Stars
     fit: dict
     reason: str
+    fluxes: np.ndarray = None
+    neighbour_model: np.ndarray = None
 
 
 def _select(image, sky, sigma, x, y, file_profile, file_table, radius, *, candidates, fluxes, min_snr,
@@ -483,7 +507,7 @@ def _select(image, sky, sigma, x, y, file_profile, file_table, radius, *, candid
     counts.append(f"{int(compact.sum())} compact")
     stars = _subset(stars, compact)
     fit = {name: values[compact] for name, values in fit.items()}
-    return _Selection(stars, fit, "; ".join(counts))
+    return _Selection(stars, fit, "; ".join(counts), fluxes, neighbour_model)
 
 
 def _compact(fit, good, tolerance, relative_to):
@@ -586,7 +610,7 @@ def _normalised(inner, file_profile, radius, oversampling, shift=(0.0, 0.0)):
     measured_ring = inner.evaluate(ux[ring], uy[ring]).sum()
     file_ring = file_profile(ux[ring], uy[ring]).sum()
     composite.wing_scale = measured_ring / file_ring if file_ring > 0 else 1.0
-    samples, _ = _sample(composite, oversampling, file_profile.half_extent)
+    samples, _ = _sample(composite, oversampling, file_profile.grid_extent)
     total = samples.sum() / oversampling**2
     composite.scale /= total
     composite.wing_scale /= total
@@ -605,6 +629,59 @@ def _centred(composite, oversampling, half_extent):
             break
     samples, _ = _sample(composite, oversampling, half_extent)
     return samples
+
+
+def _wing_excess(image, sky, sigma, x, y, indices, selection, fit, composite, file_table, wing_radius):
+    """Light the PRF misses between the fit radius R and ``wing_radius``, per unit total flux,
+    from the stars' growth curves: (sum of star pixels there) / flux - (the PRF's sum there),
+    an inverse-variance mean over the stars (those beyond 5 robust sigmas left out).
+
+    Positive where the true wings are brighter than the file's shape or reach beyond its box.
+    Pixels with modelled neighbour light above a fifth of the noise are left out, stars with
+    less than 30 % of the annulus left are skipped. Returns (excess, error, number of stars); NaN without stars whose wing annulus is all on
+    data.
+    """
+    stars = _cutouts(image, sky, sigma, x, y, indices, wing_radius, selection.neighbour_model, selection.fluxes,
+                     file_table)
+    position = {index: k for k, index in enumerate(indices)}
+    unshifted = _Composite(composite.inner, composite.file, composite.radius, composite.scale, composite.wing_scale)
+    excess, error = [], []
+    for k, index in enumerate(stars.index):
+        j = position[index]
+        ux, uy = stars.ux[k] - fit["sx"][j], stars.uy[k] - fit["sy"][j]
+        # Pixels where a neighbour's modelled light exceeds a fifth of the noise are left out
+        # (the model is only a first pass, with the file's PRF, and galaxies are not points):
+        # the PRF's own sum is taken over the same pixels, so this costs area, not accuracy.
+        annulus = (np.hypot(ux, uy) > composite.radius) & (np.abs(stars.neighbours[k]) < 0.2 * stars.sigma[k])
+        ring_pixels = np.count_nonzero(np.hypot(ux, uy) > composite.radius)
+        if np.count_nonzero(annulus) < 0.3 * ring_pixels:
+            continue
+        flux = fit["flux"][j]
+        excess.append(stars.data[k][annulus].sum() / flux - unshifted(ux[annulus], uy[annulus]).sum())
+        error.append(np.sqrt(np.sum(stars.sigma[k][annulus] ** 2)) / flux)
+    excess, error = np.asarray(excess), np.asarray(error)
+    if excess.size == 0:
+        return np.nan, np.nan, 0
+    keep = np.abs(excess - np.median(excess)) <= 5 * max(_robust_sigma(excess), 1e-12)
+    weight = 1.0 / error[keep] ** 2
+    mean = float(np.sum(weight * excess[keep]) / np.sum(weight))
+    chi2 = np.sum(weight * (excess[keep] - mean) ** 2) / max(keep.sum() - 1, 1)
+    return mean, float(np.sqrt(max(chi2, 1.0) / np.sum(weight))), int(keep.sum())
+
+
+def _with_extra_wings(samples, oversampling, excess, inner_radius, outer_radius):
+    """Samples on a grid reaching ``outer_radius``, with ``excess`` (per unit flux) added as an
+    r^-3 wing (the fall-off of a diffraction wing) between ``inner_radius`` and
+    ``outer_radius``, renormalised to unit total flux."""
+    n_old = samples.shape[0]
+    n_new = 2 * int(np.floor(outer_radius * oversampling)) + 1
+    pad = max((n_new - n_old) // 2, 0)
+    extended = np.pad(samples, pad)
+    offsets = (np.arange(extended.shape[0]) - (extended.shape[0] - 1) / 2) / oversampling
+    r = np.hypot(offsets[None, :], offsets[:, None])
+    wing = np.where((r > inner_radius) & (r <= outer_radius), np.maximum(r, 1e-9) ** -3.0, 0.0)
+    wing *= excess * oversampling**2 / wing.sum()
+    return normalise_prf(extended + wing, oversampling)
 
 
 def _default_radius(file_fwhm, fit_radius_pix):
@@ -633,6 +710,8 @@ def measure_prf(
     iterations: int = 4,
     ridge: float = 1e-3,
     smoothness: float = 3e-2,
+    wing_radius_pix: float | None = None,
+    extend_wings: bool = False,
 ) -> MeasuredPRF:
     """Measure the effective PRF of an image from its isolated stars (see the module docstring).
 
@@ -680,6 +759,15 @@ def measure_prf(
     ridge, smoothness : float
         Regularisation toward the file's PRF, relative to the median data weight of a spline
         coefficient: a ridge on the difference and a curvature penalty on it.
+    wing_radius_pix : float, optional
+        Outer radius of the stars' growth curves that measure the light beyond R
+        (``wing_excess``). Default 1.5 times the file's half box.
+    extend_wings : bool
+        Where the growth curves show light beyond R that the PRF lacks (``wing_excess`` above
+        three times its error), add it as an r^-3 wing from the file's half box out to
+        ``wing_radius_pix`` on a larger grid, so fits with the PRF count it. Off by default:
+        an error in the sky map or light of undetected neighbours enters the estimate as wing
+        light, so check ``wing_excess`` against the instrument's aperture corrections first.
 
     Returns
     -------
@@ -739,13 +827,19 @@ def measure_prf(
             return fallback(f"only {stars.index.size} stars fit the measured PRF, fewer than {min_stars}: "
                             "the file's PRF is used")
 
-    samples = _centred(composite, oversampling, file_profile.half_extent)
+    samples = _centred(composite, oversampling, file_profile.grid_extent)
+    wing_radius = wing_radius_pix if wing_radius_pix is not None else 1.5 * file_profile.half_extent
+    excess, excess_err, _ = _wing_excess(image, sky, sigma, x, y, stars.index, selection, fit, composite, file_table,
+                                             wing_radius)
+    extended = bool(extend_wings and np.isfinite(excess) and excess > 3 * excess_err and wing_radius > file_profile.half_extent)
+    if extended:
+        samples = _with_extra_wings(samples, oversampling, excess, file_profile.half_extent, wing_radius)
     shift_x = fit["sx"] + composite.shift[0]
     shift_y = fit["sy"] + composite.shift[1]
     offset_x, offset_x_err = _median_and_error(shift_x)
     offset_y, offset_y_err = _median_and_error(shift_y)
     prf = normalise_prf(samples, oversampling)
-    inside = _aperture_fraction(composite, radius)
+    inside = _aperture_fraction(composite, radius) / (1.0 + excess if extended else 1.0)
     return MeasuredPRF(
         prf=prf, oversampling=oversampling, n_stars=int(stars.index.size), used_file=False,
         reason=f"measured from {stars.index.size} stars ({selection.reason})",
@@ -753,7 +847,8 @@ def measure_prf(
         aperture_correction=1.0 / inside, fit_radius_pix=radius, fwhm_pix=fwhm_pixels(prf, oversampling),
         file_fwhm_pix=file_fwhm, star_indices=stars.index.copy(), star_fluxes=fit["flux"].copy(),
         star_shift_x_pix=shift_x, star_shift_y_pix=shift_y, rchisq_file=file_rchisq,
-        rchisq_measured=float(np.median(fit["rchisq"])),
+        rchisq_measured=float(np.median(fit["rchisq"])), wing_excess=excess, wing_excess_err=excess_err,
+        wings_extended=extended,
     )
 
 
