@@ -1,0 +1,100 @@
+"""Flux-error calibration: correlated-noise inflation and the PRF-model error term."""
+
+import numpy as np
+import pytest
+
+from mbphot.engine import build_prf_table, scene_photometry
+from mbphot.engine.calibrate import noise_inflation, prf_model_error
+from mbphot.engine.epsf import measure_prf
+from epsf_fields import file_prf, make_field
+
+
+@pytest.fixture(scope="module")
+def stamp():
+    return build_prf_table(file_prf(), 1).stamp_at(0.0, 0.0)
+
+
+def block_replication_factor(stamp, block=2):
+    """Exact k for noise made on a grid ``block`` times coarser and replicated: the
+    PRF-weighted sum's variance grows by sum over blocks of (sum of P in it)^2 / sum of P^2."""
+    size = stamp.shape[0] + block
+    padded = np.zeros((size + (-size) % block, size + (-size) % block))
+    padded[: stamp.shape[0], : stamp.shape[1]] = stamp
+    sums = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block).sum(axis=(1, 3))
+    return float(np.sqrt((sums**2).sum() / (stamp**2).sum()))
+
+
+def test_white_noise_is_not_inflated(stamp):
+    noise = np.random.default_rng(1).normal(0.0, 2.0, (400, 400))
+    k = noise_inflation(noise, 2.0, stamp, n_samples=4000, rng=np.random.default_rng(2))
+    print(f"white noise: k = {k:.3f}")
+    assert k == pytest.approx(1.0, abs=0.05)
+
+
+def test_noise_resampled_from_a_coarser_grid_is_inflated_about_twice(stamp):
+    coarse = np.random.default_rng(3).normal(0.0, 2.0, (300, 300))
+    noise = np.kron(coarse, np.ones((2, 2)))  # each 2x2 block one value: sigma per pixel still 2
+    k = noise_inflation(noise, np.full(noise.shape, 2.0), stamp, n_samples=50000, rng=np.random.default_rng(4))
+    expected = block_replication_factor(stamp)
+    print(f"2x coarser noise: k = {k:.3f}, exact {expected:.3f}")
+    assert k == pytest.approx(2.0, rel=0.1)
+    assert k == pytest.approx(expected, rel=0.05)
+
+
+def test_inflation_ignores_a_few_bright_residuals_and_masked_pixels(stamp):
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0.0, 1.0, (400, 400))
+    spoiled = noise.copy()
+    rows, cols = rng.integers(10, 390, 20), rng.integers(10, 390, 20)
+    spoiled[rows, cols] += 300.0  # unmasked residuals of bright sources
+    k = noise_inflation(spoiled, 1.0, stamp, n_samples=4000, rng=np.random.default_rng(6))
+    assert k == pytest.approx(1.0, abs=0.06)
+    # Masked: no sampled position may touch them, and NaN pixels are no data.
+    mask = np.zeros(noise.shape, dtype=bool)
+    mask[rows, cols] = True
+    huge = noise.copy()
+    huge[rows, cols] = 1e6
+    huge[:50, :50] = np.nan
+    k_masked = noise_inflation(huge, 1.0, stamp, n_samples=4000, rng=np.random.default_rng(6), mask=mask)
+    assert k_masked == pytest.approx(1.0, abs=0.06)
+    assert np.isnan(noise_inflation(np.full((10, 10), np.nan), 1.0, stamp, rng=np.random.default_rng(0)))
+
+
+def varying_core(x, y):
+    """The PRF broadens from 1.2 to 1.5 px (sigma along x) across the 400 px field."""
+    return (1.2 + 0.3 * x / 400, 1.1 + 0.1 * y / 400, np.radians(30.0))
+
+
+def true_scatter(field, measured):
+    """Spread of noise-free PRF-fit fluxes over true fluxes of the stars used."""
+    stars = measured.star_indices
+    table = build_prf_table(measured.prf, measured.oversampling)
+    flux, _, _ = scene_photometry(field.noise_free, field.x_cat, field.y_cat, stars, table, 23, 0.0, field.sigma)
+    return float(np.std(flux / field.flux[stars]))
+
+
+def test_prf_model_error_follows_the_prf_variation_across_the_field():
+    varying = make_field(seed=2, core_of=varying_core, jitter_arcsec=0.0, offset=(0.0, 0.0))
+    # True fluxes model the neighbours (the first pass is exercised in test_epsf.py).
+    measured = measure_prf(varying.image, 0.0, varying.sigma, varying.x_cat, varying.y_cat, file_prf(), 1,
+                           fluxes=varying.flux)
+    epsilon = prf_model_error(varying.image, 0.0, varying.sigma, varying.x_cat, varying.y_cat,
+                              measured.prf, measured.oversampling, measured.star_indices, fluxes=varying.flux)
+    truth = true_scatter(varying, measured)
+
+    constant = make_field(seed=2, jitter_arcsec=0.0, offset=(0.0, 0.0))
+    measured_constant = measure_prf(constant.image, 0.0, constant.sigma, constant.x_cat, constant.y_cat,
+                                    file_prf(), 1, fluxes=constant.flux)
+    epsilon_constant = prf_model_error(constant.image, 0.0, constant.sigma, constant.x_cat, constant.y_cat,
+                                       measured_constant.prf, measured_constant.oversampling,
+                                       measured_constant.star_indices, fluxes=constant.flux)
+    print(f"PRF varying across the field: epsilon {epsilon:.4f}, true scatter {truth:.4f}; "
+          f"constant PRF: epsilon {epsilon_constant:.4f} (true {true_scatter(constant, measured_constant):.4f})")
+    assert 0.67 * truth < epsilon < 1.5 * truth
+    assert epsilon_constant < 0.005
+
+
+def test_prf_model_error_needs_stars():
+    field = make_field(seed=4, side=100, n_stars=3, n_galaxies=5, n_faint=10)
+    assert np.isnan(prf_model_error(field.image, 0.0, field.sigma, field.x_cat, field.y_cat, file_prf(), 1,
+                                    np.arange(3), fluxes=field.flux))

@@ -1,0 +1,312 @@
+"""The effective PRF measured from an image's stars, and the image's offset from the catalogue.
+
+The synthetic field (`epsf_fields`) is drawn with a PRF rotated and broadened from the "file"
+PRF the code is given, with resolved galaxies among the sources and catalogue positions
+scattered by 0.15" around the light plus a common offset of (0.30, -0.20) pixels.
+"""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from mbphot.engine import build_prf_table, scene_photometry
+from mbphot.engine.epsf import fwhm_pixels, image_offset, measure_prf
+from mbphot.engine.prf import normalise_prf, prf_centre
+from epsf_fields import PIXEL_ARCSEC, effective_prf, file_prf, make_field
+
+
+@pytest.fixture(scope="module")
+def field():
+    return make_field(seed=1)
+
+
+@pytest.fixture(scope="module")
+def measured(field):
+    return measure_prf(field.image, 0.0, field.sigma, field.x_cat, field.y_cat, file_prf(), 1)
+
+
+def bright_star_bias(field, prf, oversampling):
+    """Median fractional flux error of PRF fits of bright stars at their true positions."""
+    side = field.image.shape[0]
+    inside = (field.x_true > 3) & (field.x_true < side - 4) & (field.y_true > 3) & (field.y_true < side - 4)
+    bright = np.flatnonzero(field.is_star & inside & (field.flux > 2000))
+    flux, _, flag = scene_photometry(field.image, field.x_true, field.y_true, bright,
+                                     build_prf_table(prf, oversampling), 23, 0.0, field.sigma, fit_sky=True)
+    good = flag == 0
+    return float(np.median(flux[good] / field.flux[bright][good] - 1)), int(good.sum())
+
+
+def test_measured_prf_removes_the_flux_bias_of_the_file_prf(field, measured):
+    file_bias, n = bright_star_bias(field, file_prf(), 1)
+    measured_bias, _ = bright_star_bias(field, measured.prf, measured.oversampling)
+    print(f"{measured.reason}\nbright stars ({n}): median flux bias {file_bias:+.4f} with the file PRF, "
+          f"{measured_bias:+.4f} with the measured PRF")
+    assert not measured.used_file and measured.n_stars >= 50
+    assert file_bias < -0.02
+    assert abs(measured_bias) < 0.005
+
+
+def test_measured_prf_fits_the_stars_to_the_noise(measured):
+    print(f"median reduced chi2 of the stars: {measured.rchisq_file:.2f} (file), {measured.rchisq_measured:.3f} (measured)")
+    assert measured.rchisq_file > 5
+    assert measured.rchisq_measured < 1.2
+
+
+def test_measured_prf_is_close_to_the_true_prf(measured):
+    os = measured.oversampling
+    n = measured.prf.shape[0]
+    offsets = (np.arange(n) - (n - 1) / 2) / os
+    truth = effective_prf(offsets[None, :], offsets[:, None])  # the true PRF, unit flux
+    file_samples = normalise_prf(file_prf())
+    file_offsets = np.arange(file_samples.shape[0]) - (file_samples.shape[0] - 1) / 2
+    file_truth = effective_prf(file_offsets[None, :], file_offsets[:, None])
+    measured_error = np.abs(measured.prf - truth).max() / truth.max()
+    file_error = np.abs(file_samples - file_truth).max() / file_truth.max()
+    print(f"largest PRF error over the peak: measured {measured_error:.4f}, file {file_error:.4f}; "
+          f"FWHM {measured.fwhm_pix:.3f} px (file {measured.file_fwhm_pix:.3f} px)")
+    assert measured_error < 0.02
+    assert file_error > 0.05
+
+
+def test_measured_prf_is_normalised_centred_and_aperture_corrected(measured):
+    os = measured.oversampling
+    assert measured.prf.sum() == pytest.approx(os**2, rel=1e-9)
+    centre_y, centre_x = prf_centre(measured.prf)
+    middle = (measured.prf.shape[0] - 1) / 2
+    assert abs(centre_x - middle) / os < 0.01 and abs(centre_y - middle) / os < 0.01
+    table = build_prf_table(measured.prf, os)
+    sums = [table.stamp_at(px, py).sum() for px in (-0.5, -0.25, 0.0, 0.3) for py in (-0.5, 0.0, 0.2)]
+    print(f"stamp sums over phases: {min(sums):.5f} - {max(sums):.5f}")
+    assert max(sums) - min(sums) < 0.002, "the flux on the image must not depend on the sub-pixel phase"
+    assert 0.99 < min(sums) and max(sums) < 1.001
+    # Total over the flux within R, as the true PRF has it (its wings follow the file's shape).
+    reach = int(np.ceil(measured.fit_radius_pix))
+    grid = np.arange(-reach, reach + 1)
+    inside = np.hypot(*np.meshgrid(grid, grid)) <= measured.fit_radius_pix
+    true_correction = 1.0 / effective_prf(*np.meshgrid(grid, grid))[inside].sum()
+    print(f"aperture correction {measured.aperture_correction:.4f} (true {true_correction:.4f}) "
+          f"within R = {measured.fit_radius_pix:.2f} px")
+    assert measured.aperture_correction == pytest.approx(true_correction, abs=0.004)
+
+
+def test_common_offset_is_recovered_and_each_star_registered(field, measured):
+    stars = measured.star_indices
+    true_shift_x = field.x_true[stars] - field.x_cat[stars]
+    true_shift_y = field.y_true[stars] - field.y_cat[stars]
+    rms = np.sqrt(np.mean((measured.star_shift_x_pix - true_shift_x) ** 2 + (measured.star_shift_y_pix - true_shift_y) ** 2))
+    error_x = (measured.offset_x_pix - field.offset[0]) * PIXEL_ARCSEC
+    error_y = (measured.offset_y_pix - field.offset[1]) * PIXEL_ARCSEC
+    print(f"offset ({measured.offset_x_pix:+.4f} +- {measured.offset_x_err_pix:.4f}, "
+          f"{measured.offset_y_pix:+.4f} +- {measured.offset_y_err_pix:.4f}) px, true {field.offset}; "
+          f"per-star registration rms {rms * PIXEL_ARCSEC:.4f}\"")
+    assert rms * PIXEL_ARCSEC < 0.02
+    assert abs(error_x) < 0.02 and abs(error_y) < 0.02
+    assert 0.005 < measured.offset_x_err_pix * PIXEL_ARCSEC < 0.02
+    # The median of the stars' own light offsets is what the data can tell: recovered closely.
+    assert abs(measured.offset_x_pix - np.median(true_shift_x)) * PIXEL_ARCSEC < 0.005
+    assert abs(measured.offset_y_pix - np.median(true_shift_y)) * PIXEL_ARCSEC < 0.005
+
+
+def test_wings_that_follow_the_file_show_no_excess(measured):
+    """The true wings here have the file's shape and lose < 0.1 % beyond its box."""
+    print(f"wing excess {measured.wing_excess:+.4f} +- {measured.wing_excess_err:.4f}")
+    assert abs(measured.wing_excess) < max(3 * measured.wing_excess_err, 0.003)
+    assert not measured.wings_extended
+
+
+def irac_like_field(file, halo_fraction, seed=0, side=300, n_stars=130, n=800):
+    """Stars and faint sources drawn with a real IRAC PRF rotated by 40 degrees, broadened,
+    and given a broad halo (``halo_fraction`` of the light, Gaussian sigma 6 px) that reaches
+    well beyond the file's 17 x 17 box: with 4 %, about 1.2 % of the light falls outside it."""
+    from scipy import ndimage
+
+    from mbphot.engine.epsf import render_sources
+
+    oversampling = 5
+    fine = ndimage.zoom(np.pad(normalise_prf(file), 14), oversampling, order=3)
+    core = ndimage.gaussian_filter(ndimage.rotate(fine, 40, reshape=False, order=3), 0.35 * oversampling)
+    offsets = (np.arange(core.shape[0]) - (core.shape[0] - 1) / 2) / oversampling
+    halo = np.exp(-0.5 * (offsets[None, :] ** 2 + offsets[:, None] ** 2) / 6.0**2)
+    true = (1 - halo_fraction) * normalise_prf(core, oversampling) + halo_fraction * normalise_prf(halo, oversampling)
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(-10, side + 10, n), rng.uniform(-10, side + 10, n)
+    flux = np.concatenate([10 ** rng.uniform(np.log10(300), np.log10(15000), n_stars),
+                           10 ** rng.uniform(0, 2.2, n - n_stars)])
+    image = render_sources((side, side), x, y, flux, build_prf_table(true, oversampling, enclosed_fraction=1.0))
+    image += rng.normal(0, 1, image.shape)
+    scatter = 0.15 / PIXEL_ARCSEC / np.sqrt(2)
+    x_cat, y_cat = x - 0.3 - rng.normal(0, scatter, n), y + 0.2 - rng.normal(0, scatter, n)
+    bright = np.flatnonzero((np.arange(n) < n_stars) & (flux > 3000) & (x > 3) & (x < side - 4)
+                            & (y > 3) & (y < side - 4))
+    return image, x, y, x_cat, y_cat, flux, bright
+
+
+def test_light_beyond_the_file_box_is_measured_from_the_stars(real_data_dir):
+    from astropy.io import fits
+
+    file = fits.getdata(real_data_dir / "irac" / "PRF_IRAC_ch1.fits").astype(np.float64)
+    image, x, y, x_cat, y_cat, flux, bright = irac_like_field(file, halo_fraction=0.04)
+    result = measure_prf(image, 0.0, 1.0, x_cat, y_cat, file, 1, extend_wings=True, wing_radius_pix=16.0)
+    biases = {}
+    for name, prf, oversampling in (("file", file, 1), ("measured", result.prf, result.oversampling)):
+        fitted, _, _ = scene_photometry(image, x, y, bright, build_prf_table(prf, oversampling), 23, 0.0, 1.0,
+                                        fit_sky=True)
+        biases[name] = float(np.median(fitted / flux[bright] - 1))
+    print(f"{result.reason}\nwing excess {result.wing_excess:+.4f} +- {result.wing_excess_err:.4f}; "
+          f"bright-star flux bias {biases['file']:+.4f} (file), {biases['measured']:+.4f} (measured, wings "
+          f"extended); offset ({result.offset_x_pix:+.3f}, {result.offset_y_pix:+.3f}) px, true (0.3, -0.2)")
+    assert result.wings_extended and result.wing_excess > 0.005
+    assert result.prf.shape[0] > 17 * result.oversampling
+    assert biases["file"] < -0.03
+    assert abs(biases["measured"]) < 0.005
+
+
+def test_real_irac_prf_rotated_and_broadened_is_recovered(real_data_dir):
+    """Without a halo beyond the box: no wing excess, and the measured PRF alone removes the
+    file's bias (its wings must be sampled out to the pixel edges of the file's box)."""
+    from astropy.io import fits
+
+    file = fits.getdata(real_data_dir / "irac" / "PRF_IRAC_ch3.fits").astype(np.float64)
+    image, x, y, x_cat, y_cat, flux, bright = irac_like_field(file, halo_fraction=0.0, seed=1)
+    result = measure_prf(image, 0.0, 1.0, x_cat, y_cat, file, 1, extend_wings=True)
+    biases = {}
+    for name, prf, oversampling in (("file", file, 1), ("measured", result.prf, result.oversampling)):
+        fitted, _, _ = scene_photometry(image, x, y, bright, build_prf_table(prf, oversampling), 23, 0.0, 1.0,
+                                        fit_sky=True)
+        biases[name] = float(np.median(fitted / flux[bright] - 1))
+    print(f"{result.reason}\nwing excess {result.wing_excess:+.4f} +- {result.wing_excess_err:.4f}; "
+          f"bright-star flux bias {biases['file']:+.4f} (file), {biases['measured']:+.4f} (measured)")
+    assert not result.wings_extended
+    assert biases["file"] < -0.03
+    assert abs(biases["measured"]) < 0.005
+
+
+def test_resolved_galaxies_and_blends_are_not_used_as_stars(field, measured):
+    stars = measured.star_indices
+    assert np.mean(field.is_star[stars]) >= 0.95
+    assert np.all(np.isin(stars, np.arange(field.x_cat.size)))
+
+
+def test_candidates_and_saturation_limit_the_stars(field):
+    candidates = np.flatnonzero(field.is_star)[::2]
+    peaks = field.flux * effective_prf(0.0, 0.0)  # a star's brightest pixel, at most
+    level = float(np.percentile(peaks[field.is_star], 80))
+    padded = np.pad(field.image, 20, constant_values=-np.inf)
+    brightest_pixel = np.array([padded[20 + int(np.rint(y)) - 2 : 20 + int(np.rint(y)) + 3,
+                                       20 + int(np.rint(x)) - 2 : 20 + int(np.rint(x)) + 3].max()
+                                for x, y in zip(field.x_cat, field.y_cat)])
+    result = measure_prf(field.image, 0.0, field.sigma, field.x_cat, field.y_cat, file_prf(), 1,
+                         candidates=candidates, saturation_level=level, fluxes=field.flux, min_stars=5)
+    print(result.reason)
+    assert not result.used_file
+    assert np.all(np.isin(result.star_indices, candidates))
+    assert np.all(brightest_pixel[result.star_indices] < level)
+    assert result.n_stars < np.sum(brightest_pixel[candidates] < level)
+
+
+def test_too_few_stars_fall_back_to_the_file_prf():
+    field = make_field(seed=3, side=120, n_stars=4, n_galaxies=20, n_faint=60)
+    result = measure_prf(field.image, 0.0, field.sigma, field.x_cat, field.y_cat, file_prf(), 1, min_stars=8)
+    print(result.reason)
+    assert result.used_file and result.n_stars == 0
+    assert "fewer than 8" in result.reason
+    assert result.oversampling == 1
+    np.testing.assert_allclose(result.prf, normalise_prf(file_prf()))
+
+
+def test_image_offset_of_bright_compact_sources(field):
+    offset = image_offset(field.image, 0.0, field.sigma, field.x_cat, field.y_cat, file_prf(), 1)
+    print(f"image offset ({offset.dx_pix:+.4f} +- {offset.dx_err_pix:.4f}, {offset.dy_pix:+.4f} +- "
+          f"{offset.dy_err_pix:.4f}) px from {offset.n_sources} sources, true {field.offset}")
+    assert offset.n_sources >= 50
+    assert abs(offset.dx_pix - field.offset[0]) * PIXEL_ARCSEC < 0.02
+    assert abs(offset.dy_pix - field.offset[1]) * PIXEL_ARCSEC < 0.02
+
+
+def test_fwhm_of_a_gaussian():
+    offsets = np.arange(-20, 21) / 4
+    gaussian = np.exp(-0.5 * (offsets[None, :] ** 2 + offsets[:, None] ** 2) / 1.2**2)
+    assert fwhm_pixels(gaussian, 4) == pytest.approx(2.3548 * 1.2, rel=0.02)
+
+
+@pytest.mark.parametrize("function", [measure_prf, image_offset])
+def test_options_are_keyword_only(function):
+    parameters = list(inspect.signature(function).parameters.values())
+    positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional[-1] in ("file_oversampling", "oversampling") and len(positional) == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Real GALEX NUV mosaic
+
+
+def detect(image, sky, sigma, psf, threshold=4.0):
+    """Local maxima of the PSF-matched S/N map above ``threshold``, refined by a parabola: a
+    complete source list, which the COSMOS2015 subset beside the mosaic is not."""
+    from scipy import ndimage
+
+    stamp = normalise_prf(psf)
+    cy, cx = (int(round(c)) for c in prf_centre(stamp))
+    kernel = stamp[cy - 5 : cy + 6, cx - 5 : cx + 6]
+    snr = ndimage.correlate((image - sky) / sigma**2, kernel, mode="constant") / np.sqrt(
+        ndimage.correlate(1.0 / sigma**2, kernel**2, mode="constant"))
+    peaks = (snr == ndimage.maximum_filter(snr, size=3)) & (snr > threshold)
+    peaks[[0, -1], :] = peaks[:, [0, -1]] = False
+    row, col = np.nonzero(peaks)
+
+    def vertex(low, middle, high):
+        curvature = low - 2 * middle + high
+        return np.clip(np.where(curvature < 0, 0.5 * (low - high) / np.where(curvature < 0, curvature, -1), 0), -0.5, 0.5)
+
+    x = col + vertex(snr[row, col - 1], snr[row, col], snr[row, col + 1])
+    y = row + vertex(snr[row - 1, col], snr[row, col], snr[row + 1, col])
+    return x, y
+
+
+def enclosed_energy(prf, oversampling, radii):
+    n = prf.shape[0]
+    offsets = (np.arange(n) - (n - 1) / 2) / oversampling
+    radius = np.hypot(offsets[None, :], offsets[:, None])
+    total = prf.sum()
+    return [prf[radius <= r].sum() / total for r in radii]
+
+
+def test_real_galex_nuv_psf_measured_from_the_mosaic(real_data_dir):
+    from astropy.io import fits
+
+    from mbphot.engine.background import sky_and_rms_maps
+
+    with fits.open(real_data_dir / "galex" / "COSMOS_galex_nuv_mosaic_15arcmin.fits") as hdul:
+        image = hdul[0].data.astype(np.float64)
+        exposure_s = float(hdul[0].header["EXPTIME"])
+    psf = fits.getdata(real_data_dir / "galex" / "PSFnuv_faint.fits")
+    image = image[50:550, 50:550]
+    sky, rms = sky_and_rms_maps(image, box_size=32)
+    sigma = np.sqrt(rms**2 + np.clip(image - sky, 0, None) / exposure_s)
+    x, y = detect(image, sky, sigma, psf)
+    result = measure_prf(image, sky, sigma, x, y, psf, 1)
+    file_samples = normalise_prf(psf)
+    radii = [1, 2, 3, 4, 6, 8, 12, 20, 40]  # pixels of 1.5"
+    ee_measured = enclosed_energy(result.prf, result.oversampling, radii)
+    # The file's samples about its core centroid, as the engine centres it.
+    cy, cx = prf_centre(file_samples)
+    rows, cols = np.indices(file_samples.shape)
+    radius = np.hypot(rows - cy, cols - cx)
+    ee_file = [file_samples[radius <= r].sum() / file_samples.sum() for r in radii]
+    print(f"\n{result.reason}\n{len(x)} detections; FWHM {result.fwhm_pix * 1.5:.2f}\" measured, "
+          f"{result.file_fwhm_pix * 1.5:.2f}\" file; offset ({result.offset_x_pix:+.3f} +- "
+          f"{result.offset_x_err_pix:.3f}, {result.offset_y_pix:+.3f} +- {result.offset_y_err_pix:.3f}) px; "
+          f"aperture correction {result.aperture_correction:.3f} at R = {result.fit_radius_pix:.1f} px; "
+          f"stars' reduced chi2 {result.rchisq_file:.2f} (file) -> {result.rchisq_measured:.2f} (measured)")
+    print("radius/px  " + " ".join(f"{r:6d}" for r in radii))
+    print("EE measured " + " ".join(f"{e:6.3f}" for e in ee_measured))
+    print("EE file     " + " ".join(f"{e:6.3f}" for e in ee_file))
+    assert not result.used_file and result.n_stars >= 10
+    assert result.prf.sum() / result.oversampling**2 == pytest.approx(1.0, rel=1e-9)
+    centre_y, centre_x = prf_centre(result.prf)
+    middle = (result.prf.shape[0] - 1) / 2
+    assert abs(centre_x - middle) / result.oversampling < 0.1
+    assert abs(centre_y - middle) / result.oversampling < 0.1
+    assert result.fwhm_pix == pytest.approx(result.file_fwhm_pix, rel=0.3)
+    assert result.rchisq_measured < result.rchisq_file
