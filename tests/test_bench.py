@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from mbphot.bench import accuracy, main
 
@@ -11,19 +12,23 @@ def test_accuracy_bins_by_true_signal_to_noise():
     true = np.array([100.0, 100.0, 5.0, 5.0, 0.5])
     error = np.ones(5)
     measured = true + np.array([1.0, -1.0, 0.5, -0.5, 3.0])
-    figures = accuracy(measured, true, error)
+    figures = accuracy(measured, true, error, flag=np.array([0, 0, 0, 2, 0]))
     assert figures["snr_gt10"]["n"] == 2 and figures["snr_gt10"]["median_frac_bias"] == 0.0
     assert figures["snr_gt10"]["pull_std"] == 1.0
-    assert figures["snr_3_10"]["n"] == 2 and figures["snr_3_10"]["pull_std"] == 0.5
+    assert figures["snr_gt10"]["flagged_frac"] == 0.0 and figures["snr_gt10"]["pull_std_robust"] == pytest.approx(1.4826)
+    assert figures["snr_3_10"]["n"] == 1 and figures["snr_3_10"]["flagged_frac"] == 0.5, "flagged sources are counted apart"
 
 
 def test_bench_writes_summary_json(tmp_path, capsys):
-    assert main(["--sizes", "300", "--bands", "irac1,nuv", "--cores", "1", "--dask-workers", "1,2", "--dask-sources", "300",
+    assert main(["--sizes", "300", "--bands", "irac1,nuv", "--cores", "1", "--realism", "realistic", "--dask-workers", "1,2", "--dask-sources", "300",
                  "--tractor-sources", "100", "--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "o")]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     run = summary["runs"][0]
     for key in ("n_sources", "mode", "cores", "wall_s", "peak_rss_gb", "source_bands_per_s_per_core"):
         assert key in run
+    assert run["realism"] == "realistic"
+    for key in ("flagged_frac", "pull_std_robust", "pull_std", "median_frac_bias"):
+        assert key in run["bands"]["nuv"]["snr_3_10"]
     assert set(run["bands"]) == {"irac1", "nuv"}
     assert [r["mode"] for r in summary["runs"]] == ["source", "scene"]
     assert run["bands"]["irac1"]["snr_gt10"]["n"] > 10

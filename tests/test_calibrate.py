@@ -1,10 +1,14 @@
 """Flux-error calibration: correlated-noise inflation and the PRF-model error term."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from mbphot.bands import BANDS
+from mbphot.calibration import DEFAULT_PRF_ERROR, calibrate_section
 from mbphot.engine import build_prf_table, scene_photometry
-from mbphot.engine.calibrate import noise_inflation, prf_model_error
+from mbphot.engine.calibrate import correlated_noise_scale, noise_inflation, prf_model_error
 from mbphot.engine.epsf import measure_prf
 from epsf_fields import file_prf, make_field
 
@@ -69,7 +73,7 @@ def true_scatter(field, measured):
     """Spread of noise-free PRF-fit fluxes over true fluxes of the stars used."""
     stars = measured.star_indices
     table = build_prf_table(measured.prf, measured.oversampling)
-    flux, _, _ = scene_photometry(field.noise_free, field.x_cat, field.y_cat, stars, table, 23, 0.0, field.sigma)
+    flux, _, _ = scene_photometry(field.noise_free, field.x_cat, field.y_cat, stars, table, 23, 0.0, field.sigma)[:3]
     return float(np.std(flux / field.flux[stars]))
 
 
@@ -98,3 +102,45 @@ def test_prf_model_error_needs_stars():
     field = make_field(seed=4, side=100, n_stars=3, n_galaxies=5, n_faint=10)
     assert np.isnan(prf_model_error(field.image, 0.0, field.sigma, field.x_cat, field.y_cat, file_prf(), 1,
                                     np.arange(3), fluxes=field.flux))
+
+
+def test_autocovariance_scale_is_one_on_white_noise_and_grows_with_resampling(stamp):
+    noise = np.random.default_rng(11).normal(0.0, 2.0, (300, 300))
+    assert correlated_noise_scale(noise, 2.0, stamp) == pytest.approx(1.0, abs=0.05)
+    coarse = np.kron(np.random.default_rng(12).normal(0.0, 2.0, (150, 150)), np.ones((2, 2)))
+    assert correlated_noise_scale(coarse, 2.0, stamp) == pytest.approx(block_replication_factor(stamp), rel=0.05)
+
+
+def test_autocovariance_scale_ignores_bright_residuals_and_masked_areas(stamp):
+    rng = np.random.default_rng(13)
+    noise = rng.normal(0.0, 1.0, (300, 300))
+    rows, cols = rng.integers(10, 290, 30), rng.integers(10, 290, 30)
+    noise[rows, cols] += 300.0
+    mask = np.zeros(noise.shape, dtype=bool)
+    mask[:100] = True
+    noise[:100] += 5.0 * np.sin(np.arange(300) / 3.0)  # structure where masked
+    assert correlated_noise_scale(noise, 1.0, stamp, mask=mask) == pytest.approx(1.0, abs=0.06)
+
+
+def test_calibration_measures_the_prf_offset_and_correlated_noise():
+    field = make_field(21, side=300, n_stars=160, n_galaxies=150, n_faint=600)
+    coarse = np.random.default_rng(22).normal(0.0, 1.0, (150, 150))
+    correlated = field.noise_free + np.kron(coarse, np.ones((2, 2)))  # per-pixel sigma 1, correlated
+    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_radius_arcsec=None)
+    result = calibrate_section(correlated, 0.0, np.ones(correlated.shape), field.x_cat, field.y_cat, file_prf(), 1, band,
+                               stars=np.flatnonzero(field.is_star))
+    print(result.summary())
+    assert not result.used_file and result.n_stars >= 20
+    assert result.offset_x_pix == pytest.approx(field.offset[0], abs=0.08)  # 0.05": 160 stars in correlated noise
+    assert result.offset_y_pix == pytest.approx(field.offset[1], abs=0.08)
+    assert result.noise_scale == pytest.approx(block_replication_factor(build_prf_table(result.prf, result.oversampling).stamp_at(0, 0)), rel=0.15)
+    assert result.prf_error < 0.02
+    assert result.prf.sum() == pytest.approx(result.oversampling**2, rel=1e-6)
+
+
+def test_calibration_keeps_the_file_prf_without_stars_and_says_why():
+    field = make_field(23, side=120, n_stars=2, n_galaxies=10, n_faint=100)
+    result = calibrate_section(field.image, 0.0, np.ones(field.image.shape), field.x_cat, field.y_cat, file_prf(), 1,
+                               replace(BANDS["irac1"], resampled_noise=False))
+    assert result.used_file and "fewer than" in result.reason
+    assert result.noise_scale == 1.0 and result.prf_error == DEFAULT_PRF_ERROR

@@ -53,6 +53,17 @@ class Band:
         of their light within 6 pixels but need 36-43 pixels for 99.9 %: stamps that large
         would couple hundreds of neighbours in every fit at COSMOS density. None for IRAC,
         whose PRF is compact.
+    calibration_radius_arcsec : float or None
+        Radius of the aperture the instrument's flux calibration refers to, where the PRF
+        file stops short of it: IRAC is calibrated in a 12.2" (10 native pixel) radius
+        aperture (IRAC Instrument Handbook, 4.10), while the COSMOS PRF files keep 5.1" x
+        5.1". The light between the file's box and this radius is measured from the image's
+        stars and added to the PRF (`mbphot.engine.epsf.measure_prf`, ``extend_wings``).
+    resampled_noise : bool
+        The mosaic is resampled from larger native pixels, so its noise is correlated between
+        neighbouring pixels and each image's noise scale is measured (`mbphot.calibration`):
+        IRAC (1.2" frames on a 0.6" grid). GALEX intensity maps are binned from photon lists
+        on their own 1.5" grid, with independent Poisson noise.
     """
 
     name: str
@@ -67,6 +78,8 @@ class Band:
     galex_code: str | None = None
     prf_enclosed_fraction: float = 0.999
     prf_core_radius_pixels: float | None = None
+    calibration_radius_arcsec: float | None = None
+    resampled_noise: bool = False
 
     @property
     def cutout_size_pixels(self) -> int:
@@ -92,6 +105,8 @@ def _irac(channel: int, wavelength_um: float, fwhm_arcsec: float) -> Band:
         cutout_arcsec=10.0,
         fwhm_arcsec=fwhm_arcsec,
         catalog_flux_column=f"splash_{channel}_flux",
+        calibration_radius_arcsec=12.2,
+        resampled_noise=True,
     )
 
 

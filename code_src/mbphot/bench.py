@@ -12,6 +12,11 @@ to ``output/bench/summary.json``:
   only), the same inside the fitting engine alone, and the accuracy against the truth in
   signal-to-noise bins.
 
+Each field is simulated as ``--realism`` says: ``realistic`` (the default field's effects: PRF
+mismatch, real PSF sizes, astrometric noise, resolved galaxies, confusion, correlated noise,
+GALEX depth and sky errors; see `mbphot.sample`), ``ideal`` (drawn with the PRF the engine
+fits), or both. Accuracy is reported on unflagged sources, with the fraction flagged.
+
 ``--full`` measures a full-COSMOS-size field (48' radius, about 1.1 million sources);
 ``--dask-workers 1,2,4`` times a 1e5-source field (``--dask-sources``) on local dask clusters of that
 many workers.
@@ -44,28 +49,42 @@ SNR_BINS = {"snr_gt10": (10.0, np.inf), "snr_3_10": (3.0, 10.0)}
 SEED = 2026
 
 
-def accuracy(measured, true, error) -> dict:
-    """Median fractional bias, robust scatter and pull spread in true-S/N bins."""
+def accuracy(measured, true, error, flag=None) -> dict:
+    """Accuracy against the truth in bins of true signal-to-noise (true flux over the
+    reported error), on the sources without flags.
+
+    Per bin: ``n`` unflagged sources, ``flagged_frac`` the fraction of the bin's sources that
+    carry any flag (those with a reported error), ``median_frac_bias`` and
+    ``robust_frac_scatter`` of (measured - true) / true, ``pull_std`` the plain standard
+    deviation of (measured - true) / error and ``pull_std_robust`` its 1.4826 MAD.
+    """
+    flag = np.zeros(np.shape(measured), dtype=int) if flag is None else np.asarray(flag)
     result = {}
-    snr = true / error
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = true / error
     for name, (low, high) in SNR_BINS.items():
-        selected = np.isfinite(measured) & (snr > low) & (snr <= high)
+        in_bin = np.isfinite(snr) & (snr > low) & (snr <= high)
+        selected = in_bin & np.isfinite(measured) & (flag == 0)
         fractional = (measured[selected] - true[selected]) / true[selected]
         pull = (measured[selected] - true[selected]) / error[selected]
-        median = float(np.median(fractional)) if selected.any() else float("nan")
+        any_selected = bool(selected.any())
+        median = float(np.median(fractional)) if any_selected else float("nan")
+        pull_median = float(np.median(pull)) if any_selected else float("nan")
         result[name] = {
             "n": int(selected.sum()),
+            "flagged_frac": float((flag[in_bin] != 0).mean()) if in_bin.any() else float("nan"),
             "median_frac_bias": median,
-            "robust_frac_scatter": float(1.4826 * np.median(np.abs(fractional - median))) if selected.any() else float("nan"),
-            "pull_std": float(np.std(pull)) if selected.any() else float("nan"),
+            "robust_frac_scatter": float(1.4826 * np.median(np.abs(fractional - median))) if any_selected else float("nan"),
+            "pull_std": float(np.std(pull)) if any_selected else float("nan"),
+            "pull_std_robust": float(1.4826 * np.median(np.abs(pull - pull_median))) if any_selected else float("nan"),
         }
     return result
 
 
-def _field_parameters(n_sources: int, data_dir: Path, radius_arcmin: float | None = None) -> RunParameters:
+def _field_parameters(n_sources: int, data_dir: Path, realism: str, radius_arcmin: float | None = None) -> RunParameters:
     if radius_arcmin is None:
         radius_arcmin = round(float(np.sqrt(n_sources / (np.pi * SOURCES_PER_ARCMIN2))), 3)
-    return RunParameters(radius_arcmin=radius_arcmin, seed=SEED, data_dir=str(data_dir))
+    return RunParameters(radius_arcmin=radius_arcmin, seed=SEED, data_dir=str(data_dir), realism=realism)
 
 
 def _simulate(params: RunParameters) -> tuple[Manifest, float, float]:
@@ -76,7 +95,7 @@ def _simulate(params: RunParameters) -> tuple[Manifest, float, float]:
     script = (
         "from mbphot.params import RunParameters; from mbphot.retrieve import retrieve; "
         f"retrieve(RunParameters(radius_arcmin={params.radius_arcmin!r}, seed={params.seed}, "
-        f"data_dir={params.data_dir!r}), progress=False)"
+        f"data_dir={params.data_dir!r}, realism={params.realism!r}), progress=False)"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
     simulate_s = time.perf_counter() - started
@@ -84,9 +103,11 @@ def _simulate(params: RunParameters) -> tuple[Manifest, float, float]:
     return Manifest.load(params.manifest_path), simulate_s, children_peak_gb
 
 
-def run_size(n_sources: int, bands, cores: int, data_dir: Path, mode: str = "scene", radius_arcmin=None) -> dict:
+def run_size(
+    n_sources: int, bands, cores: int, data_dir: Path, mode: str = "scene", radius_arcmin=None, realism: str = "realistic"
+) -> dict:
     """Simulate a field with about ``n_sources`` sources inside it and measure all ``bands``."""
-    params = _field_parameters(n_sources, data_dir, radius_arcmin)
+    params = _field_parameters(n_sources, data_dir, realism, radius_arcmin)
     manifest, simulate_s, simulate_peak_gb = _simulate(params)
     started = time.perf_counter()
     photometry = measure_field(
@@ -100,6 +121,7 @@ def run_size(n_sources: int, bands, cores: int, data_dir: Path, mode: str = "sce
     run = {
         "n_sources": n,
         "mode": mode,
+        "realism": realism,
         "cores": cores,
         "radius_arcmin": params.radius_arcmin,
         "simulate_s": simulate_s,
@@ -113,23 +135,26 @@ def run_size(n_sources: int, bands, cores: int, data_dir: Path, mode: str = "sce
         "bands": {},
     }
     for band in bands:
-        flux_col, err_col, _ = measured_columns(band)
+        flux_col, err_col, flag_col = measured_columns(band)
         worker_cpu_s = photometry.attrs["task_cpu_s"][band] + photometry.attrs["background_cpu_s"][band]
         run["bands"][band] = {
             "source_bands_per_s_per_core": n / worker_cpu_s,
             "engine_source_bands_per_cpu_s": n / photometry.attrs["engine_cpu_s"][band],
             "worker_cpu_s": worker_cpu_s,
             "read_s": photometry.attrs["read_s"][band],
-            **accuracy(table[flux_col].to_numpy(), table[f"true_{band}_flux_ujy"].to_numpy(), table[err_col].to_numpy()),
+            **accuracy(
+                table[flux_col].to_numpy(), table[f"true_{band}_flux_ujy"].to_numpy(), table[err_col].to_numpy(),
+                table[flag_col].to_numpy(),
+            ),
         }
     return run
 
 
-def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path) -> list:
+def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path, realism: str = "realistic") -> list:
     """Photometry wall time of one field on local dask clusters of each number of workers."""
     from distributed import Client, LocalCluster
 
-    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir))
+    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir, realism))
     results = []
     for n_workers in worker_counts:
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -142,13 +167,13 @@ def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path) -> list:
     return results
 
 
-def compare_with_tractor(n_sources: int, bands, data_dir: Path) -> dict:
+def compare_with_tractor(n_sources: int, bands, data_dir: Path, realism: str = "realistic") -> dict:
     """The Tractor and the mbphot engine on the same field of about ``n_sources`` sources.
 
     Both run in this process, in source mode, on the same cutouts, neighbours, sky and noise;
     the speed-up is the ratio of CPU seconds spent inside the two engines.
     """
-    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir))
+    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir, realism))
     native = measure_field(manifest, bands, n_workers=1, progress=False, reuse=False, mode="source")
     tractor = measure_field(manifest, bands, n_workers=1, progress=False, reuse=False, engine="tractor")
     ratios, n_source_bands = [], 0
@@ -166,18 +191,21 @@ def compare_with_tractor(n_sources: int, bands, data_dir: Path) -> dict:
 
 
 def _print_run(run: dict) -> None:
-    print(f"\nN = {run['n_sources']} sources (radius {run['radius_arcmin']}'), mode {run['mode']}, {run['cores']} cores: "
+    print(f"\nN = {run['n_sources']} sources (radius {run['radius_arcmin']}', {run['realism']} field), mode {run['mode']}, "
+          f"{run['cores']} cores: "
           f"photometry wall {run['wall_s']:.1f} s, {run['source_bands_per_s_per_core']:.0f} source-bands/s/core end to "
           f"end; reading image sections {run['read_s']:.1f} s; simulation {run['simulate_s']:.1f} s; peak RSS "
           f"{run['peak_rss_gb']:.2f} GB per process, {run['peak_rss_all_processes_gb']:.2f} GB all photometry "
           f"processes; simulation {run['simulate_peak_rss_gb']:.2f} GB")
-    print(f"  {'band':6s} {'sb/s/core':>10s} {'engine':>8s} | {'S/N>10: n':>9s} {'bias':>8s} {'pull sd':>7s} "
-          f"| {'S/N 3-10: n':>11s} {'bias':>8s} {'pull sd':>7s}")
+    columns = f"{'n':>6s} {'flagged':>7s} {'bias':>8s} {'pull sd':>7s} {'robust':>6s}"
+    print(f"  {'band':6s} {'sb/s/core':>10s} {'engine':>8s} | S/N > 10 (unflagged): {columns} | S/N 3-10: {columns}")
     for band, figures in run["bands"].items():
-        high, mid = figures["snr_gt10"], figures["snr_3_10"]
+        cells = [
+            f"{b['n']:6d} {b['flagged_frac']:7.1%} {b['median_frac_bias']:+8.4f} {b['pull_std']:7.3f} {b['pull_std_robust']:6.3f}"
+            for b in (figures["snr_gt10"], figures["snr_3_10"])
+        ]
         print(f"  {band:6s} {figures['source_bands_per_s_per_core']:10.0f} {figures['engine_source_bands_per_cpu_s']:8.0f} | "
-              f"{high['n']:9d} {high['median_frac_bias']:+8.4f} {high['pull_std']:7.3f} | "
-              f"{mid['n']:11d} {mid['median_frac_bias']:+8.4f} {mid['pull_std']:7.3f}")
+              f"{'':22s}{cells[0]} | {'':10s}{cells[1]}")
 
 
 def _figure(runs, path: Path) -> None:
@@ -187,14 +215,17 @@ def _figure(runs, path: Path) -> None:
 
     figure = Figure(figsize=(10, 4), layout="constrained")
     speed, pulls = figure.subplots(1, 2)
-    for mode, style in (("source", "o-"), ("scene", "s--"), ("full", "D:")):
-        mode_runs = [r for r in runs if r["mode"] == mode]
+    for (mode, realism), style in (
+        (("source", "realistic"), "o-"), (("scene", "realistic"), "s--"), (("full", "realistic"), "D:"),
+        (("source", "ideal"), "o:"), (("scene", "ideal"), "s:"), (("full", "ideal"), "D:"),
+    ):
+        mode_runs = [r for r in runs if r["mode"] == mode and r["realism"] == realism]
         if not mode_runs:
             continue
         sizes = [r["n_sources"] for r in mode_runs]
         for index, band in enumerate(mode_runs[0]["bands"]):
             speed.plot(sizes, [r["bands"][band]["source_bands_per_s_per_core"] for r in mode_runs], style,
-                       color=f"C{index}", label=f"{band} ({mode})")
+                       color=f"C{index}", label=f"{band} ({mode}, {realism})")
             pulls.plot(sizes, [r["bands"][band]["snr_gt10"]["pull_std"] for r in mode_runs], style, color=f"C{index}")
     for axis in (speed, pulls):
         axis.set_xscale("log")
@@ -213,6 +244,9 @@ def main(argv=None) -> int:
                         help="comma-separated numbers of sources, or 'none' (default %(default)s)")
     parser.add_argument("--bands", default="all", help=f"subset of {','.join(BAND_NAMES)}")
     parser.add_argument("--modes", default="source,scene", help="photometry modes to compare (default %(default)s)")
+    parser.add_argument("--realism", default="realistic,ideal",
+                        help="simulated fields to measure: realistic, ideal or both (default %(default)s); the "
+                             "full field, dask and Tractor runs use the first")
     parser.add_argument("--full", action="store_true",
                         help=f"also measure a full-COSMOS-size field ({FULL_FIELD_RADIUS_ARCMIN:g}' radius, scene mode)")
     parser.add_argument("--dask-workers", default="",
@@ -230,20 +264,23 @@ def main(argv=None) -> int:
     data_dir = Path(args.data_dir)
     runs = []
     sizes = [] if args.sizes == "none" else [int(float(n)) for n in args.sizes.split(",")]
-    for n_sources in sizes:
-        for mode in args.modes.split(","):
-            runs.append(run_size(n_sources, bands, cores, data_dir, mode=mode))
-            _print_run(runs[-1])
+    realisms = args.realism.split(",")
+    for realism in realisms:
+        for n_sources in sizes:
+            for mode in args.modes.split(","):
+                runs.append(run_size(n_sources, bands, cores, data_dir, mode=mode, realism=realism))
+                _print_run(runs[-1])
     if args.full:
-        runs.append(run_size(0, bands, cores, data_dir, mode="full", radius_arcmin=FULL_FIELD_RADIUS_ARCMIN))
+        runs.append(run_size(0, bands, cores, data_dir, mode="full", radius_arcmin=FULL_FIELD_RADIUS_ARCMIN,
+                             realism=realisms[0]))
         _print_run(runs[-1])
     summary = {"runs": runs, "tractor": None}
     if args.dask_workers:
         summary["dask_scaling"] = dask_scaling(
-            args.dask_sources, bands, [int(n) for n in args.dask_workers.split(",")], data_dir
+            args.dask_sources, bands, [int(n) for n in args.dask_workers.split(",")], data_dir, realisms[0]
         )
     if tractor_available():
-        summary["tractor"] = compare_with_tractor(args.tractor_sources, bands, data_dir)
+        summary["tractor"] = compare_with_tractor(args.tractor_sources, bands, data_dir, realisms[0])
         print(f"\nThe Tractor on the same {summary['tractor']['n_source_bands']} source-bands: mbphot is "
               f"{summary['tractor']['speedup']:.0f}x faster; median flux ratio Tractor/mbphot (S/N > 10) "
               f"{summary['tractor']['median_flux_ratio']:.4f}")

@@ -16,6 +16,7 @@ partition size give the same catalogue, bit for bit.
 
 import functools
 import hashlib
+import json
 import multiprocessing
 import os
 import resource
@@ -36,6 +37,7 @@ from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm
 
 from .bands import BANDS, Band, measured_columns, quality_columns
+from .calibration import Calibration, calibrate_section
 from .engine import PRFTable, build_prf_table, forced_photometry
 from .engine.background import box_statistics, grid_to_pixels, smooth_grid, source_mask
 from .engine.solve import FLAGS, Measurement
@@ -51,8 +53,13 @@ SCENE_ARCMIN = 6.0
 density)."""
 PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
+CALIBRATION_VERSION = 1
+"""Bumped when the calibration changes, so that images are calibrated afresh."""
+CALIBRATION_ARCMIN = 6.0
+"""Side of the largest section of an image its calibration is measured on (about 5,000
+sources at COSMOS density: tens of stars)."""
 CHUNK_SIZE = 500
 """Source mode: targets per engine call."""
 STRIP_BOXES = 16
@@ -70,13 +77,11 @@ _SMOOTHING_REACH = 4
 _NO_DATA_BOX = 5
 
 
-def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
-    """Read a PRF file and tabulate it for the band's image grid.
+def read_prf(path, band: Band) -> tuple[np.ndarray, int]:
+    """A PRF file's image and its samples per image pixel.
 
     The sampling comes from the header: ``OVERSAMP`` if present, else the ratio of the band's
-    pixel scale to ``PIXSCALE`` (arcsec per PRF sample), else the image grid itself. With
-    ``split_wings`` (scene mode), a PRF reaching beyond the band's
-    ``prf_core_radius_pixels`` is split into core stamps and a wing kernel.
+    pixel scale to ``PIXSCALE`` (arcsec per PRF sample), else the image grid itself.
     """
     with fits.open(path) as hdul:
         hdu = next(h for h in hdul if h.data is not None and h.data.ndim == 2)
@@ -88,8 +93,20 @@ def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
         oversampling = max(1, int(round(band.pixel_scale_arcsec / float(header["PIXSCALE"]))))
     else:
         oversampling = 1
+    return prf, oversampling
+
+
+def tabulate_prf(prf, oversampling, band: Band, split_wings: bool = False) -> PRFTable:
+    """Tabulate a PRF for the band's image grid; with ``split_wings`` (scene mode), a PRF
+    reaching beyond the band's ``prf_core_radius_pixels`` is split into core stamps and a
+    wing kernel."""
     core_radius = band.prf_core_radius_pixels if split_wings else None
     return build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=core_radius)
+
+
+def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
+    """Read a PRF file and tabulate it for the band's image grid (`read_prf`, `tabulate_prf`)."""
+    return tabulate_prf(*read_prf(path, band), band, split_wings)
 
 
 def _derived_file(cache_dir: Path, source, suffix: str) -> Path:
@@ -101,27 +118,15 @@ def _derived_file(cache_dir: Path, source, suffix: str) -> Path:
     return cache_dir / f"{path.name.removesuffix('.gz').removesuffix('.fits')}_{digest}{suffix}"
 
 
-def _prf_table_file(manifest: Manifest, band: Band, split_wings: bool) -> tuple[Path, PRFTable]:
-    """The band's PRF table, tabulated once per field and saved for the workers to load."""
-    suffix = f".{band.name}{'.split' if split_wings else ''}.prf.npz"
-    path = _derived_file(manifest.directory / "derived", manifest.prf_path(band.name), suffix)
-    if path.is_file():
-        return path, _cached_prf_table(path)
-    table = load_prf(manifest.prf_path(band.name), band, split_wings)
-    wings = np.empty((0, 0)) if table.wings is None else table.wings
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, stamps=table.stamps, phases=table.phases, half_size=table.half_size, wings=wings)
-    return path, table
-
-
-# Worker processes measure many partitions of the same images: load each PRF table and read
-# each header once.
+# Worker processes measure many partitions of the same images: tabulate each image's PRF
+# and read each header once.
 @functools.lru_cache(maxsize=16)
-def _cached_prf_table(path) -> PRFTable:
+def _calibrated(path, split_wings: bool) -> tuple[PRFTable, Calibration]:
+    """An image's calibration (saved by `_calibrate_image`) and its PRF, tabulated."""
     with np.load(path) as stored:
-        wings = stored["wings"] if stored["wings"].size else None
-        return PRFTable(stamps=stored["stamps"], phases=stored["phases"], half_size=int(stored["half_size"]), wings=wings)
+        calibration = Calibration(prf=stored["prf"], **json.loads(str(stored["summary"])))
+        band = BANDS[str(stored["band"])]
+    return tabulate_prf(calibration.prf, calibration.oversampling, band, split_wings), calibration
 
 
 @functools.lru_cache(maxsize=64)
@@ -357,6 +362,84 @@ def _poisson_sigma(intensity, sky, exposure_s):
 
 
 # ---------------------------------------------------------------------------------------------
+# Calibration: each image's PRF, offset, noise scale and PRF-model error, from a section of it.
+
+
+@dataclass
+class _CalibrationTask:
+    """One image to calibrate: the section around the field, every catalogue source's pixel
+    position on the image, the catalogue's stars, and where the result goes."""
+
+    plan: _BackgroundPlan
+    rows: slice
+    cols: slice
+    x: np.ndarray
+    y: np.ndarray
+    stars: np.ndarray
+    prf_path: Path
+    path: Path
+
+
+def _calibrate_image(task: _CalibrationTask):
+    """Worker: calibrate one image (`mbphot.calibration.calibrate_section`) and save it.
+
+    Returns the CPU seconds spent."""
+    started = time.process_time()
+    _warm_up()
+    plan = task.plan
+    maps = _read_section(plan, task.rows, task.cols)
+    sky, sigma = _sky_and_sigma(plan, maps, task.rows, task.cols)
+    prf, oversampling = read_prf(task.prf_path, plan.band)
+    near = np.flatnonzero(
+        (task.x > task.cols.start - 2 * plan.band.cutout_size_pixels) & (task.x < task.cols.stop + 2 * plan.band.cutout_size_pixels)
+        & (task.y > task.rows.start - 2 * plan.band.cutout_size_pixels) & (task.y < task.rows.stop + 2 * plan.band.cutout_size_pixels)
+    )
+    stars = np.flatnonzero(np.isin(near, task.stars))
+    calibration = calibrate_section(
+        maps["image"], sky, sigma, task.x[near] - task.cols.start, task.y[near] - task.rows.start, prf, oversampling,
+        plan.band, stars=stars,
+    )
+    with atomic_path(task.path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, prf=calibration.prf, summary=json.dumps(calibration.summary()), band=plan.band.name)
+    return time.process_time() - started
+
+
+def _calibration_tasks(manifest: Manifest, plans, catalog: pd.DataFrame, reuse: bool) -> tuple[dict, list]:
+    """Where each image's calibration is (by image path), and the tasks of those still to do.
+
+    The section is the field's bounding square on the image, at most `CALIBRATION_ARCMIN`
+    on a side around the field's centre; the result is keyed by the image, the PRF file, the
+    field and the catalogue.
+    """
+    ra, dec = catalog["ra"].to_numpy(dtype=np.float64), catalog["dec"].to_numpy(dtype=np.float64)
+    stars = np.flatnonzero(catalog["type"].to_numpy() == 1) if "type" in catalog else np.empty(0, dtype=np.intp)
+    field = manifest.field
+    key = f"{field['ra']!r}|{field['dec']!r}|{field['radius_arcmin']!r}|{len(catalog)}|v{CALIBRATION_VERSION}"
+    paths, tasks = {}, []
+    for plan in plans:
+        band = plan.band
+        prf_path = manifest.prf_path(band.name)
+        digest = hashlib.sha1(f"{key}|{_derived_file(Path('.'), prf_path, '')}".encode()).hexdigest()[:8]
+        path = _derived_file(manifest.directory / "derived", plan.entry.image, f".{band.name}.{digest}.calibration.npz")
+        paths[plan.entry.image] = path
+        if reuse and path.is_file():
+            continue
+        header = _cached_header(plan.entry.image)
+        ny, nx = header["NAXIS2"], header["NAXIS1"]
+        wcs = read_wcs(header)
+        x, y = (np.asarray(v, dtype=np.float64) for v in wcs.wcs_world2pix(ra, dec, 0))
+        centre_x, centre_y = (float(v) for v in wcs.wcs_world2pix(field["ra"], field["dec"], 0))
+        half = int(min(CALIBRATION_ARCMIN / 2, field["radius_arcmin"] + 0.5) * 60 / band.pixel_scale_arcsec)
+        x0, x1 = int(np.clip(centre_x - half, 0, nx)), int(np.clip(centre_x + half + 1, 0, nx))
+        y0, y1 = int(np.clip(centre_y - half, 0, ny)), int(np.clip(centre_y + half + 1, 0, ny))
+        if x1 - x0 < band.cutout_size_pixels or y1 - y0 < band.cutout_size_pixels:
+            x0, x1, y0, y1 = 0, nx, 0, ny
+        tasks.append(_CalibrationTask(plan, slice(y0, y1), slice(x0, x1), x, y, stars, prf_path, path))
+    return paths, tasks
+
+
+# ---------------------------------------------------------------------------------------------
 # Partitions: every band of one square of sky.
 
 
@@ -365,7 +448,8 @@ class _BandJob:
     """One band of a partition: the images, the tile of each target and how to fit."""
 
     band: Band
-    prf_table: Path
+    calibrations: list
+    split_wings: bool
     plans: list
     target_tiles: np.ndarray
     fit_sky: list
@@ -412,7 +496,7 @@ def _groups(task: _PartitionTask, members: np.ndarray, x, y):
     return [members[order[i : i + CHUNK_SIZE]] for i in range(0, members.size, CHUNK_SIZE)]
 
 
-def _fit_group(task, plan, prf, fit_sky, x, y, targets):
+def _fit_group(task, plan, prf, calibration, fit_sky, x, y, targets):
     """Read the section around ``targets`` (indices into x, y) and run the engine on it."""
     band = plan.band
     header = _cached_header(plan.entry.image)
@@ -448,6 +532,7 @@ def _fit_group(task, plan, prf, fit_sky, x, y, targets):
     result = _engine_function(task.engine, task.mode)(
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner], sigma=sigma[inner], fit_sky=fit_sky,
+        noise_scale=calibration.noise_scale, prf_error=calibration.prf_error,
     )
     engine_cpu_s = time.process_time() - started
     in_ujy = result._replace(flux=result.flux * band.ujy_per_pixel_unit, flux_err=result.flux_err * band.ujy_per_pixel_unit)
@@ -495,16 +580,18 @@ def _measure_partition(task: _PartitionTask):
             *(np.full(n_targets, np.nan) for _ in range(3)),
         )
         engine_cpu_s = read_s = 0.0
-        prf = _cached_prf_table(job.prf_table)
-        for plan, fit_sky in zip(job.plans, job.fit_sky):
+        for plan, calibration_path, fit_sky in zip(job.plans, job.calibrations, job.fit_sky):
             members = np.flatnonzero(job.target_tiles == plan.entry.tile)
             if members.size == 0:
                 continue
+            prf, calibration = _calibrated(calibration_path, job.split_wings)
             wcs = read_wcs(_cached_header(plan.entry.image))
             x, y = (np.asarray(v, dtype=np.float64) for v in wcs.wcs_world2pix(task.ra, task.dec, 0))
+            x += calibration.offset_x_pix
+            y += calibration.offset_y_pix
             for group in _groups(task, members, x, y):
                 positions = task.target_positions[group]
-                result, group_engine_cpu_s, group_read_s = _fit_group(task, plan, prf, fit_sky, x, y, positions)
+                result, group_engine_cpu_s, group_read_s = _fit_group(task, plan, prf, calibration, fit_sky, x, y, positions)
                 for column, values in zip(measured, result):
                     column[group] = values
                 engine_cpu_s += group_engine_cpu_s
@@ -649,12 +736,12 @@ def measure_field(
         the same sky, engine, mode and partition grid, and the cached background grids.
     sky : {"auto", "map", "fit"}
         ``"map"`` subtracts the sky map (the archive's, else the source-masked background
-        map); ``"fit"`` also fits a constant sky in every cutout; ``"auto"`` (default) fits
-        it only where the archive gave no sky map. On the simulated IRAC field the
-        source-masked map alone leaves PRF wings of unmasked sources in the sky and biases
-        faint fluxes low by about 15 %, which the fitted constant removes (see
-        ``tests/test_photometry.py``); GALEX sky maps are unbiased and fitting a constant
-        there would only add noise.
+        map); ``"fit"`` also fits a constant sky in every cutout-sized tile, with the
+        fluxes, so that its error enters theirs; ``"auto"`` (default) is ``"fit"``. On the
+        simulated IRAC field the source-masked map alone leaves PRF wings of unmasked sources
+        in the sky and biases faint fluxes low by about 15 %, which the fitted constant
+        removes (see ``tests/test_photometry.py``); the GALEX pipeline's sky maps carry
+        large-scale errors of several per cent, which bias faint fluxes the same way.
     engine : {"mbphot", "tractor"}
         The fitting engine; The Tractor must be importable. It fits one cutout at a time,
         so it always runs in source mode.
@@ -725,17 +812,19 @@ def measure_field(
     }
     pending = {key: todo for key, todo in pending.items() if todo}
     n_workers = n_workers or os.cpu_count() or 1
-    stats = {name: {b.name: 0.0 for b in bands} for name in ("engine_cpu_s", "task_cpu_s", "background_cpu_s", "read_s")}
+    stats = {
+        name: {b.name: 0.0 for b in bands}
+        for name in ("engine_cpu_s", "task_cpu_s", "background_cpu_s", "calibration_cpu_s", "read_s")
+    }
+    stats["calibration"] = {}
     stats["rss"] = [0.0]
     stats["startup_cpu_s"] = 0.0
 
     if pending:
         tile_choice = pd.read_parquet(manifest.resolve(manifest.tile_choice)).set_index("id").loc[catalog["id"]]
         todo_bands = [band for band in bands if any(band in todo for todo in pending.values())]
-        prf_tables = {band.name: _prf_table_file(manifest, band, split_wings=mode == "scene") for band in todo_bands}
-        prfs = {name: table for name, (_, table) in prf_tables.items()}
         plans = {band.name: _plans(manifest, band) for band in todo_bands}
-        halo = _halo_arcmin(todo_bands, prfs)
+        split_wings = mode == "scene"
         with _connect(client) as dask_client, _executor(n_workers, dask_client) as run:
             positions = {}
             for band in todo_bands:
@@ -745,6 +834,20 @@ def measure_field(
                         positions[plan.entry.image] = wcs.wcs_world2pix(ra, dec, 0)
             background_cpu_s = _background_grids([plan for band in todo_bands for plan in plans[band.name]], positions, run)
             stats["background_cpu_s"].update(background_cpu_s)
+            calibrations, calibration_tasks = _calibration_tasks(
+                manifest, [plan for band in todo_bands for plan in plans[band.name]], catalog, reuse
+            )
+            for task, cpu_s in run(_calibrate_image, calibration_tasks):
+                stats["calibration_cpu_s"][task.plan.band.name] += cpu_s
+            tables = {
+                band.name: [_calibrated(calibrations[plan.entry.image], split_wings) for plan in plans[band.name]]
+                for band in todo_bands
+            }
+            stats["calibration"].update(
+                {name: [dict(tile=plan.entry.tile, **calibration.summary()) for plan, (_, calibration) in zip(plans[name], pairs)]
+                 for name, pairs in tables.items()}
+            )
+            halo = _halo_arcmin(todo_bands, {name: max((t for t, _ in pairs), key=lambda t: t.half_size) for name, pairs in tables.items()})
             tasks = []
             for key, todo in pending.items():
                 number = np.searchsorted(partition_keys, key)
@@ -756,9 +859,9 @@ def measure_field(
                 )
                 jobs = [
                     _BandJob(
-                        band, prf_tables[band.name][0], plans[band.name],
-                        tile_choice[band.name].to_numpy()[targets[members]],
-                        [sky == "fit" or (sky == "auto" and plan.entry.sky is None) for plan in plans[band.name]],
+                        band, [calibrations[plan.entry.image] for plan in plans[band.name]], split_wings,
+                        plans[band.name], tile_choice[band.name].to_numpy()[targets[members]],
+                        [sky != "map" for _ in plans[band.name]],
                     )
                     for band in todo
                 ]
@@ -790,7 +893,7 @@ def measure_field(
             result = result.merge(pd.concat(parts, ignore_index=True), on="id", how="left")
         else:
             result = result.assign(**dict.fromkeys((*measured_columns(band.name), *quality_columns(band.name)), np.nan))
-    for name in ("engine_cpu_s", "task_cpu_s", "background_cpu_s", "read_s", "startup_cpu_s"):
+    for name in ("engine_cpu_s", "task_cpu_s", "background_cpu_s", "calibration_cpu_s", "read_s", "startup_cpu_s", "calibration"):
         result.attrs[name] = stats[name]
     result.attrs["worker_peak_rss_gb"] = max(stats["rss"])
     result.attrs["partitions"] = {"total": len(partition_keys), "measured": len(pending)}

@@ -43,6 +43,7 @@ from scipy.sparse.linalg import splu
 
 from .prf import PRFTable, build_prf_table, normalise_prf, prf_centre
 from .scene import scene_photometry
+from .solve import FLAGS
 
 __all__ = ["ImageOffset", "MeasuredPRF", "fwhm_pixels", "image_offset", "measure_prf", "render_sources"]
 
@@ -318,9 +319,10 @@ def render_sources(shape, x, y, flux, table: PRFTable, skip=None) -> np.ndarray:
 def _first_pass(image, sky, sigma, x, y, table, radius):
     cutout = 2 * int(np.ceil(2 * radius)) + 1
     on = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
-    flux, flux_err, flag = scene_photometry(image, x, y, on, table, cutout, sky, sigma, fit_sky=True)
+    flux, flux_err, flag = scene_photometry(image, x, y, on, table, cutout, sky, sigma, fit_sky=True)[:3]
     all_flux = np.full(x.size, np.nan)
-    all_flux[on] = np.where(flag == 0, flux, np.nan)
+    # Blended and poorly fitted sources still model their light; only unmeasured ones do not.
+    all_flux[on] = np.where(flag & ~(FLAGS["blended"] | FLAGS["poor_fit"]) == 0, flux, np.nan)
     return all_flux
 
 
