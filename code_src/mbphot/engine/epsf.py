@@ -13,19 +13,25 @@ source is P(u)) from bright, isolated, unsaturated, compact sources:
    radius R below ``max_neighbour_fraction`` of the star's own; the aperture fully on data;
    the peak below ``saturation_level``; compact, i.e. its PRF-fit flux agrees with its
    aperture flux within the aperture (a resolved galaxy puts less light in the PRF fit).
-3. Each star is registered (flux, sub-pixel shift and a local constant fitted by Gauss-Newton)
-   and the PRF within R is solved for as a cubic B-spline on a grid ``oversampling`` times
-   finer than the pixels, by linear least squares over every star pixel (each star scaled by
-   its flux, at its own sub-pixel phase), regularised toward the file's PRF (a small ridge
-   plus a curvature penalty on the difference), so that where samples are sparse the
-   correction is smooth and the file's shape is kept. Registration and solve alternate;
-   stars whose fit stays poor are dropped and the PRF rebuilt.
+3. Each star is registered (flux and sub-pixel shift fitted by Gauss-Newton; no local
+   constant, which within R is degenerate with the PRF's outer profile) and the PRF within R
+   is solved for as a cubic B-spline on a grid ``oversampling`` times finer than the pixels,
+   by linear least squares over every star pixel (each star scaled by its flux, at its own
+   sub-pixel phase), regularised toward the file's PRF (a small ridge plus a curvature
+   penalty on the difference), so that where samples are sparse the correction is smooth
+   and the file's shape is kept, and constrained to put the same flux on the image at every
+   sub-pixel phase. Registration and solve alternate; stars whose fit stays poor (reduced
+   chi^2 or fit-to-aperture flux ratio off the others') are dropped and the PRF rebuilt.
 4. Wings and normalisation: beyond R the file's wing shape is kept, scaled to match the
-   measured PRF in the annulus just inside R (blended linearly over the last pixel). The
-   result is normalised to unit total flux over the file's box: the file defines the light
-   beyond R, and whatever its box misses (about a few per cent for the 17x17 IRAC files) is
-   not estimated here (the stars' growth curve beyond 5" is lost in noise and confusion).
-   ``aperture_correction`` reports total / within-R.
+   measured PRF in the annulus just inside R (blended linearly over the last pixel), out to
+   the pixel edges of the file's box. The result is normalised to unit total flux:
+   ``aperture_correction`` reports total / within-R. Whether the true wings hold more light
+   than that (IRAC's reach beyond the 17 x 17 files) is measured from the stars' growth
+   curves between R and ``wing_radius_pix``, neighbours masked (``wing_excess``); with
+   ``extend_wings=True`` a significant excess is added to the PRF as an r^-3 wing beyond the
+   box, so fits count it. It is off by default because sky-map errors and undetected
+   neighbours also enter that estimate: check ``wing_excess`` against the instrument's
+   aperture corrections before turning it on.
 5. Centring: the result is shifted so that its core centroid (`prf.prf_centre`, the
    engine's convention) falls on the central sample; the stars' fitted shifts plus that
    re-centring are the light's offsets from the catalogue, and their median is the image's
@@ -33,6 +39,20 @@ source is P(u)) from bright, isolated, unsaturated, compact sources:
 
 With fewer than ``min_stars`` stars the file's PRF is returned with ``used_file=True`` and a
 ``reason``, for the caller to warn.
+
+Use, per image (or region of a large image)::
+
+    measured = measure_prf(image, sky, sigma, x, y, file_prf, file_oversampling,
+                           candidates=catalogue_stars, saturation_level=...)
+    if measured.used_file:
+        warn(measured.reason)
+    x_light, y_light = x + measured.offset_x_pix, y + measured.offset_y_pix
+    table = build_prf_table(measured.prf, measured.oversampling)
+    flux, flux_err, flag = scene_photometry(image, x_light, y_light, everything, table, ...)
+
+then `calibrate.noise_inflation` on ``image - sky - render_sources(..., flux, table)`` and
+`calibrate.prf_model_error` on ``measured.star_indices`` give the factor k and the term
+epsilon of the final error sqrt((k * flux_err)^2 + (epsilon * flux)^2).
 """
 
 from dataclasses import dataclass, field
