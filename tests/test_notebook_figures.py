@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = ("01_retrieve", "02_photometry", "03_crossmatch", "04_plots")
-FIGURES_IN_04 = 6
+FIGURES_IN_04 = 5
 """Figure cells of 04_plots on the simulated field (which has the truth)."""
 
 

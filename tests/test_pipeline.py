@@ -37,7 +37,7 @@ def pipeline_run(tmp_path_factory):
 def test_notebooks_run_and_write_every_output(pipeline_run):
     for name in ("01_retrieve", "02_photometry", "03_crossmatch", "04_plots"):
         assert (pipeline_run / "notebooks" / f"{name}.ipynb").is_file()
-    for name in ("flux_validation", "irac_color_color", "uv_ir_color"):
+    for name in ("flux_vs_cosmos2015", "flux_vs_truth", "flux_pulls", "irac_color_color", "uv_ir_color"):
         assert (pipeline_run / "figures" / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
