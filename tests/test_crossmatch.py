@@ -116,11 +116,12 @@ def test_hardness_ratio():
     hr = hardness_ratio(soft, hard)
     assert hr.shape == (7,)
     assert hr[0] == pytest.approx(0.5)
-    assert hr[1] == 1.0  # only hard detected
-    assert hr[2] == -1.0  # only soft detected
+    # Undefined unless both bands are detected: no artificial +1 or -1.
+    assert np.isnan(hr[1])  # only hard detected
+    assert np.isnan(hr[2])  # only soft detected
     assert np.isnan(hr[3])  # neither
-    assert hr[4] == 1.0  # a NaN flux is a non-detection
-    assert hr[5] == -1.0
+    assert np.isnan(hr[4])  # a NaN flux is a non-detection
+    assert np.isnan(hr[5])
     assert np.isnan(hr[6])  # negative fluxes are non-detections
     assert hardness_ratio(1.0, 1.0) == 0.0
     assert hardness_ratio(np.array([[1.0], [2.0]]), np.array([3.0, 1.0])).shape == (2, 2)
@@ -169,9 +170,14 @@ def test_synthetic_field_recovers_true_pairs_and_leaves_cwd_clean(tmp_path, tmp_
         assert match["id"] == _nearest_id(photometry, chandra["RA"][row], chandra["DEC"][row])
         assert match["chandra_ra"] == chandra["RA"][row]
         assert match["chandra_error_radius_arcsec"] == chandra["ERROR_RADIUS"][row]
-        assert match["xray_flux_05_10_cgs"] == chandra["FLUX"][row]
-        assert match["xray_flux_05_2_cgs"] == chandra["SB_FLUX"][row]
-        assert match["xray_flux_2_10_cgs"] == chandra["HB_FLUX"][row]
+        # HEASARC's 0.0 for a band without detection becomes NaN, never a measured zero.
+        for column, heasarc in (("xray_flux_05_10_cgs", "FLUX"), ("xray_flux_05_2_cgs", "SB_FLUX"),
+                                ("xray_flux_2_10_cgs", "HB_FLUX")):
+            expected = chandra[heasarc][row]
+            if expected > 0:
+                assert match[column] == expected
+            else:
+                assert np.isnan(match[column])
         np.testing.assert_equal(
             match["hardness_ratio"], hardness_ratio(chandra["SB_FLUX"][row], chandra["HB_FLUX"][row])
         )

@@ -10,6 +10,9 @@ from matplotlib.figure import Figure
 
 from mbphot.bands import BANDS, GALEX_BANDS, IRAC_BANDS
 from mbphot.plots import (
+    InlineFigure,
+    flux_comparison,
+    flux_pulls,
     flux_validation,
     irac_color_color,
     irac_colors,
@@ -225,7 +228,7 @@ def test_irac_color_color_reports_what_it_plots(catalog):
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert any("NUV" in label and f"({n_nuv})" in label for label in legend)
     assert any("Chandra" in label and f"({n_chandra})" in label for label in legend)
-    assert any("Lacy" in label and f"({n_wedge} inside)" in label for label in legend)
+    assert any("Lacy" in label and f"({n_wedge} inside, " in label for label in legend)
     assert n_nuv > 0 and n_chandra > 0
 
 
@@ -322,7 +325,7 @@ def test_uv_ir_color_has_a_hardness_colour_bar(catalog):
     assert len(fig.axes) == 2
     ax, colorbar_ax = fig.axes
     assert f"{len(colors)} sources plotted" in ax.get_title()
-    assert colorbar_ax.get_ylabel() == "Chandra hardness ratio"
+    assert colorbar_ax.get_ylabel().startswith("Chandra hardness ratio")
     assert colorbar_ax.get_ylim() == pytest.approx((-1.0, 1.0))
 
 
@@ -365,3 +368,91 @@ def test_save_figure_failure_keeps_the_old_file_and_no_temporary(tmp_path, monke
 def test_save_figure_refuses_other_formats(tmp_path):
     with pytest.raises(ValueError, match=r"\.png"):
         save_figure(Figure(), tmp_path / "figure.pdf")
+
+
+# --- inline display and slide figures -------------------------------------------------
+
+def test_figures_display_as_png_in_ipython(catalog, truth):
+    from IPython.core.formatters import DisplayFormatter
+
+    for fig in (flux_validation(catalog, bands="irac1"), flux_comparison(catalog), flux_pulls(catalog, truth),
+                irac_color_color(catalog), uv_ir_color(catalog)):
+        assert isinstance(fig, InlineFigure)
+        data, _ = DisplayFormatter().format(fig)
+        assert data["image/png"][:8] == PNG_SIGNATURE
+
+
+def test_flux_comparison_draws_flagged_sources_apart_and_names_their_bits(catalog):
+    fig = flux_comparison(catalog, bands="irac1")
+    ax = fig.axes[0]
+    flux, error = catalog["irac1_flux_ujy"], catalog["irac1_flux_err_ujy"]
+    cosmos = catalog[BANDS["irac1"].catalog_flux_column]
+    shown = (error > 0) & (flux / error > 3) & (cosmos > 0)
+    good = int((shown & (catalog["irac1_flag"] == 0)).sum())
+    flagged = catalog.loc[shown & (catalog["irac1_flag"] != 0), "irac1_flag"]
+    assert _annotated_number(ax, "N") == good
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert f"flag 0 ({good})" in legend
+    bits = sorted({bit for value in flagged for bit in (1, 2, 4) if value & bit})
+    flagged_label = next(label for label in legend if label.startswith("flag ≠ 0"))
+    assert flagged_label.endswith(f"({len(flagged)})")
+    for bit in bits:
+        assert f"{bit} " in flagged_label
+    assert "S/N > 3" in fig.get_suptitle()
+
+
+def test_flux_comparison_is_slide_sized_with_legible_text(catalog, truth):
+    fig = flux_comparison(catalog, truth=truth)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == len(BANDS)
+    width, height = fig.get_size_inches()
+    assert width <= 14 and height <= 10
+    for ax in fig.axes:
+        if ax.get_visible():
+            assert ax.xaxis.label.get_size() >= 12
+            assert all(label.get_size() >= 11 for label in ax.get_xticklabels())
+
+
+def test_flux_pulls_states_and_uses_every_source_with_a_true_flux(catalog, truth):
+    fig = flux_pulls(catalog, truth, bands="irac1")
+    table = catalog.merge(truth, on="id", how="left")
+    flux, error = table["irac1_flux_ujy"], table["irac1_flux_err_ujy"]
+    usable = (error > 0) & flux.notna() & (table["true_irac1_flux_ujy"] > 0) & (table["irac1_flag"] == 0)
+    assert _annotated_number(fig.axes[0], "N") == int(usable.sum())
+    assert "no S/N cut" in fig.get_suptitle() and "flag 0" in fig.get_suptitle()
+
+
+def test_uv_ir_axes_follow_bouquin_2015(catalog):
+    ax = uv_ir_color(catalog).axes[0]
+    assert ax.get_xlabel().startswith("NUV − [3.6]")
+    assert ax.get_ylabel().startswith("FUV − NUV")
+
+
+def test_uv_ir_colour_scale_is_not_filled_by_non_detections(catalog):
+    # A match detected in one X-ray band only has no hardness ratio (NaN, not +-1).
+    one_band = catalog.assign(hardness_ratio=catalog["hardness_ratio"].where(catalog["id"] != UV_KNOWN_ID))
+    fig = uv_ir_color(one_band)
+    ax = fig.axes[0]
+    coloured = [c for c in ax.collections if c.get_array() is not None and len(c.get_array())]
+    values = np.concatenate([np.asarray(c.get_array()) for c in coloured]) if coloured else np.empty(0)
+    assert np.all(np.isfinite(values))
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any("no HR" in label for label in legend)
+
+
+def test_irac_color_color_marks_stars_and_notes_the_contamination(catalog):
+    typed = catalog.assign(type=np.where(catalog["id"] % 7 == 0, 1, 0))
+    fig = irac_color_color(typed)
+    colors = irac_colors(typed)
+    n_stars = int((typed.loc[colors.index, "type"] == 1).sum())
+    legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert f"COSMOS2015 stars ({n_stars})" in legend
+    assert any("Donley" in text.get_text() for text in fig.texts)
+
+
+def test_a_saved_figure_displays_the_saved_image_until_it_changes(catalog, tmp_path):
+    fig = irac_color_color(catalog)
+    path = save_figure(fig, tmp_path / "irac.png")
+    assert fig._repr_png_() == path.read_bytes()
+    fig.axes[0].set_title("changed")
+    redrawn = fig._repr_png_()
+    assert redrawn[:8] == PNG_SIGNATURE and redrawn != path.read_bytes()

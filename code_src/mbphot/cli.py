@@ -1,4 +1,9 @@
-"""``mbphot run``: execute the four notebooks in order with papermill.
+"""``mbphot run``: execute the four notebooks in order with papermill; ``mbphot notebooks DEST``
+copies them into DEST to open them in Jupyter.
+
+The notebooks are read from the source tree's ``notebooks/`` in a checkout, and from the
+package data (``mbphot/notebooks/``, copied there when the wheel is built) in an installed
+package.
 
 Each notebook is MyST markdown; it is converted with jupytext, run with the parameters given
 on the command line and/or in a YAML or JSON parameter file (``--params``; options override
@@ -31,10 +36,21 @@ from .io import atomic_path, write_json
 from .params import DATA_SOURCES, ENGINES, MODES, PARAMETER_NAMES, REALISM_LEVELS, RunParameters
 from .photometry import PROGRESS_ENV
 
-__all__ = ["main", "run_notebooks", "run_pipeline", "read_parameter_file", "NOTEBOOKS", "COMPLETE_MARKER"]
+__all__ = ["main", "run_notebooks", "run_pipeline", "read_parameter_file", "copy_notebooks", "NOTEBOOKS",
+           "COMPLETE_MARKER"]
 
 NOTEBOOKS = ("01_retrieve", "02_photometry", "03_crossmatch", "04_plots")
-DEFAULT_NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def _notebook_dir() -> Path:
+    """The notebooks: the source tree's ``notebooks/`` in a checkout, else the package data."""
+    checkout = Path(__file__).resolve().parents[2] / "notebooks"
+    if (checkout / f"{NOTEBOOKS[0]}.md").is_file():
+        return checkout
+    return Path(__file__).resolve().parent / "notebooks"
+
+
+DEFAULT_NOTEBOOK_DIR = _notebook_dir()
 COMPLETE_MARKER = "COMPLETE"
 LATEST_RECORD = "latest_run.json"
 PATH_PARAMETERS = ("data_dir", "output_dir", "files_manifest")
@@ -182,6 +198,26 @@ def read_parameter_file(path) -> dict:
     return values
 
 
+def copy_notebooks(destination, notebook_dir=DEFAULT_NOTEBOOK_DIR, overwrite=False) -> list[Path]:
+    """Copy the four notebooks (MyST markdown) into ``destination`` to open them in Jupyter.
+
+    Raises
+    ------
+    FileExistsError
+        A notebook of the same name is already there and ``overwrite`` is False.
+    """
+    destination = Path(destination).expanduser()
+    sources = [Path(notebook_dir) / f"{name}.md" for name in NOTEBOOKS]
+    missing = [str(source) for source in sources if not source.is_file()]
+    if missing:
+        raise FileNotFoundError(f"notebooks not found: {', '.join(missing)}")
+    existing = [str(destination / source.name) for source in sources if (destination / source.name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist; use --force to overwrite them")
+    destination.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copyfile(source, destination / source.name)) for source in sources]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbphot", description="Multiband forced photometry of COSMOS fields.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,11 +258,27 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"YAML or JSON file of archive endpoints for data source 'archive' (sets ${ENDPOINTS_ENV})")
     run.add_argument("--notebooks", default=str(DEFAULT_NOTEBOOK_DIR), help="folder holding the notebooks")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    notebooks = commands.add_parser(
+        "notebooks",
+        help="copy the four notebooks into a folder, to open them in Jupyter",
+        description="Copy the four notebooks (MyST markdown; jupytext opens them as notebooks) into DEST.",
+    )
+    notebooks.add_argument("destination", metavar="DEST", help="folder to copy the notebooks into (created)")
+    notebooks.add_argument("--force", action="store_true", help="overwrite notebooks already in DEST")
     return parser
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "notebooks":
+        try:
+            copied = copy_notebooks(args.destination, overwrite=args.force)
+        except (FileExistsError, FileNotFoundError) as error:
+            print(f"mbphot notebooks: {error}", file=sys.stderr)
+            return 1
+        for path in copied:
+            print(path)
+        return 0
     try:
         values = read_parameter_file(args.params_file) if args.params_file else {}
         values.update({name: getattr(args, name) for name in PARAMETER_NAMES if hasattr(args, name)})

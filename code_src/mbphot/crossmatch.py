@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["sky_area_deg2", "hardness_ratio", "match_accuracy", "match_chandra", "merge_chandra"]
+__all__ = ["sky_area_deg2", "hardness_ratio", "detected_flux", "match_accuracy", "match_chandra", "merge_chandra"]
 
 DEG2_PER_SR = (180.0 / np.pi) ** 2
 
@@ -73,9 +73,10 @@ def sky_area_deg2(radius_arcmin: float) -> float:
 def hardness_ratio(soft_flux, hard_flux) -> np.ndarray:
     """X-ray hardness ratio ``HR = (H - S) / (H + S)`` from band fluxes.
 
-    A band counts as detected when its flux is finite and > 0: HEASARC writes 0.0 for a
-    band in which the source was not detected, so such a flux is a non-detection, not a
-    measured zero.
+    A band counts as detected when its flux is finite and > 0 (HEASARC writes 0.0 for a
+    band in which the source was not detected). HR is defined only where both bands are
+    detected: counting a non-detection as zero flux would give an artificial HR of
+    exactly +1 or -1, which says more about the survey depth than about the source.
 
     Parameters
     ----------
@@ -87,19 +88,20 @@ def hardness_ratio(soft_flux, hard_flux) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        HR per source (broadcast shape of the inputs): +1 when only the hard band is
-        detected, -1 when only the soft band is, NaN when neither is.
+        HR per source (broadcast shape of the inputs), in (-1, 1) where both bands are
+        detected and NaN where either is not.
     """
     soft, hard = np.broadcast_arrays(np.asarray(soft_flux, dtype=float), np.asarray(hard_flux, dtype=float))
-    soft_detected = np.isfinite(soft) & (soft > 0)
-    hard_detected = np.isfinite(hard) & (hard > 0)
+    both = np.isfinite(soft) & (soft > 0) & np.isfinite(hard) & (hard > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        both = (hard - soft) / (hard + soft)
-    return np.where(
-        soft_detected & hard_detected,
-        both,
-        np.where(hard_detected, 1.0, np.where(soft_detected, -1.0, np.nan)),
-    )
+        ratio = (hard - soft) / (hard + soft)
+    return np.where(both, ratio, np.nan)
+
+
+def detected_flux(flux) -> np.ndarray:
+    """X-ray band fluxes with non-detections (0.0, negative or NaN in HEASARC) as NaN."""
+    flux = np.asarray(flux, dtype=float)
+    return np.where(np.isfinite(flux) & (flux > 0), flux, np.nan)
 
 
 @contextlib.contextmanager
@@ -220,7 +222,7 @@ def match_chandra(
         One row per confident match, columns ``id`` (photometry id), ``chandra_name``,
         ``chandra_ra``, ``chandra_dec`` (deg), ``chandra_error_radius_arcsec``,
         ``chandra_separation_arcsec``, ``xray_flux_05_10_cgs``, ``xray_flux_05_2_cgs``,
-        ``xray_flux_2_10_cgs`` (erg/s/cm², 0.0 = not detected), ``hardness_ratio``
+        ``xray_flux_2_10_cgs`` (erg/s/cm², NaN = not detected in that band), ``hardness_ratio``
         (:func:`hardness_ratio` of ``SB_FLUX``, ``HB_FLUX``), ``nway_p_any``,
         ``nway_p_i``, plus ``chandra_id`` when ``chandra`` has ``SOURCE_NUMBER``.
         Empty (with these columns) when nothing matches.
@@ -336,9 +338,9 @@ def match_chandra(
             "chandra_dec": x_dec[rows],
             "chandra_error_radius_arcsec": x_err_arcsec[rows],
             "chandra_separation_arcsec": result[f"Separation_{_PRIMARY}_{_SECONDARY}"].to_numpy()[confident],
-            "xray_flux_05_10_cgs": _float_column(chandra, "FLUX")[rows],
-            "xray_flux_05_2_cgs": soft,
-            "xray_flux_2_10_cgs": hard,
+            "xray_flux_05_10_cgs": detected_flux(_float_column(chandra, "FLUX")[rows]),
+            "xray_flux_05_2_cgs": detected_flux(soft),
+            "xray_flux_2_10_cgs": detected_flux(hard),
             "hardness_ratio": hardness_ratio(soft, hard),
             "nway_p_any": p_any[confident],
             "nway_p_i": p_i[confident],
