@@ -20,13 +20,13 @@ def test_accuracy_bins_by_true_signal_to_noise():
 
 
 def test_bench_writes_summary_json(tmp_path, capsys):
-    assert main(["--sizes", "300", "--bands", "irac1,nuv", "--cores", "1", "--realism", "realistic", "--dask-workers", "1,2", "--dask-sources", "300",
+    assert main(["--sizes", "300", "--bands", "irac1,nuv", "--cores", "1", "--realism", "ideal", "--dask-workers", "1,2", "--dask-sources", "300",
                  "--tractor-sources", "100", "--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "o")]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     run = summary["runs"][0]
     for key in ("n_sources", "mode", "cores", "wall_s", "peak_rss_gb", "source_bands_per_s_per_core"):
         assert key in run
-    assert run["realism"] == "realistic"
+    assert run["realism"] == "ideal"
     for key in ("flagged_frac", "pull_std_robust", "pull_std", "median_frac_bias"):
         assert key in run["bands"]["nuv"]["snr_3_10"]
     assert set(run["bands"]) == {"irac1", "nuv"}

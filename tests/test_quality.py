@@ -9,6 +9,7 @@ import pytest
 from scipy.special import erf
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene_photometry
+from mbphot.engine.scene import extended_profiles
 from mbphot.engine.solve import FRACFLUX_LIMIT, RCHISQ_LIMIT
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
 
@@ -156,3 +157,22 @@ def test_the_per_source_engine_refuses_a_split_prf(table):
     split = build_prf_table(core_and_halo((91, 91), [45.0], [45.0], [1.0]), enclosed_fraction=0.999, core_radius=8.0)
     with pytest.raises(ValueError, match="core/wing"):
         forced_photometry(np.zeros((40, 40)), [20.0], [20.0], [0], split, 17, sky=0.0, sigma=1.0)
+
+
+def test_resolved_sources_are_fitted_with_their_catalogue_size(table):
+    rng = np.random.default_rng(27)
+    (disc,) = extended_profiles(gaussian_prf_file(), OVERSAMPLING, [1.5], table)
+    x = 15 + 20 * np.arange(6, dtype=float) + 0.3
+    y = np.full(6, 20.2)
+    image = np.zeros((40, 130))
+    h = disc.half_size
+    for xi, yi in zip(x, y):
+        col, row = int(np.rint(xi)), int(np.rint(yi))
+        image[row - h : row + h + 1, col - h : col + h + 1] += 50.0 * disc.stamp_at(xi, yi)
+    image += rng.normal(0, 0.01, image.shape)
+    as_points = scene_photometry(image, x, y, np.arange(6), table, 17, 0.0, 0.01, correct_positions=False)
+    as_discs = scene_photometry(image, x, y, np.arange(6), table, 17, 0.0, 0.01, correct_positions=False,
+                                extended=([disc], np.zeros(6, dtype=int)))
+    assert np.all(as_points.flux < 0.9 * 50.0) and np.all(as_points.flag & FLAGS["poor_fit"])
+    np.testing.assert_allclose(as_discs.flux, 50.0, rtol=3e-3)
+    assert np.median(as_discs.rchisq) < 1.3 and np.all(as_discs.flag == 0)

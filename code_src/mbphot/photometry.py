@@ -40,6 +40,7 @@ from .bands import BANDS, Band, measured_columns, quality_columns
 from .calibration import Calibration, calibrate_section
 from .engine import PRFTable, build_prf_table, forced_photometry
 from .engine.background import box_statistics, grid_to_pixels, smooth_grid, source_mask
+from .engine.scene import extended_profiles
 from .engine.solve import FLAGS, Measurement
 from .io import atomic_path, read_header, read_wcs
 from .manifest import ImageEntry, Manifest
@@ -53,10 +54,18 @@ SCENE_ARCMIN = 6.0
 density)."""
 PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
-RESULTS_VERSION = 3
+RESULTS_VERSION = 4
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
 CALIBRATION_VERSION = 1
 """Bumped when the calibration changes, so that images are calibrated afresh."""
+SIZE_COLUMN = "flux_radius_arcsec"
+"""Catalogue column of each source's half-light radius in a high-resolution image (arcsec);
+where present, scene mode fits resolved sources with their PRF-convolved disc."""
+HIGH_RESOLUTION_PSF_ARCSEC = 0.06
+"""Half-light radius of the PSF of the image the sizes come from (HST/ACS F814W)."""
+SIZE_BINS_ARCSEC = np.geomspace(0.1, 1.6, 9)
+"""Edges of the bins of intrinsic half-light radius fitted with one disc each (at the bin's
+geometric centre); smaller sources are points."""
 CALIBRATION_ARCMIN = 6.0
 """Side of the largest section of an image its calibration is measured on (about 5,000
 sources at COSMOS density: tens of stars)."""
@@ -127,6 +136,33 @@ def _calibrated(path, split_wings: bool) -> tuple[PRFTable, Calibration]:
         calibration = Calibration(prf=stored["prf"], **json.loads(str(stored["summary"])))
         band = BANDS[str(stored["band"])]
     return tabulate_prf(calibration.prf, calibration.oversampling, band, split_wings), calibration
+
+
+@functools.lru_cache(maxsize=16)
+def _extended_tables(path, split_wings: bool, band_name: str) -> list:
+    """The image's PRF convolved with exponential discs of the `SIZE_BINS_ARCSEC` radii."""
+    table, calibration = _calibrated(path, split_wings)
+    band = BANDS[band_name]
+    radii_pix = np.sqrt(SIZE_BINS_ARCSEC[:-1] * SIZE_BINS_ARCSEC[1:]) / band.pixel_scale_arcsec
+    core_radius = band.prf_core_radius_pixels if split_wings else None
+    return extended_profiles(calibration.prf, calibration.oversampling, radii_pix, table, core_radius)
+
+
+def size_bins(catalog: pd.DataFrame) -> np.ndarray:
+    """Each source's bin of `SIZE_BINS_ARCSEC` by its intrinsic half-light radius, -1 for a
+    point source or where the catalogue has no `SIZE_COLUMN`.
+
+    The column is a half-light radius measured at high resolution (HST/ACS-like); the
+    intrinsic radius is sqrt(r^2 - r_psf^2), r_psf = `HIGH_RESOLUTION_PSF_ARCSEC`.
+    """
+    if SIZE_COLUMN not in catalog:
+        return np.full(len(catalog), -1, dtype=np.intp)
+    measured = catalog[SIZE_COLUMN].to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        intrinsic = np.sqrt(np.clip(measured**2 - HIGH_RESOLUTION_PSF_ARCSEC**2, 0.0, None))
+        index = np.searchsorted(SIZE_BINS_ARCSEC, intrinsic, side="right") - 1
+    resolved = np.isfinite(intrinsic) & (intrinsic >= SIZE_BINS_ARCSEC[0])
+    return np.where(resolved, np.minimum(index, SIZE_BINS_ARCSEC.size - 2), -1).astype(np.intp)
 
 
 @functools.lru_cache(maxsize=64)
@@ -469,6 +505,7 @@ class _PartitionTask:
     jobs: list
     engine: str
     mode: str
+    size_bin: np.ndarray
 
 
 def _engine_function(engine: str, mode: str):
@@ -496,7 +533,7 @@ def _groups(task: _PartitionTask, members: np.ndarray, x, y):
     return [members[order[i : i + CHUNK_SIZE]] for i in range(0, members.size, CHUNK_SIZE)]
 
 
-def _fit_group(task, plan, prf, calibration, fit_sky, x, y, targets):
+def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sky, x, y, targets):
     """Read the section around ``targets`` (indices into x, y) and run the engine on it."""
     band = plan.band
     header = _cached_header(plan.entry.image)
@@ -529,10 +566,13 @@ def _fit_group(task, plan, prf, calibration, fit_sky, x, y, targets):
     # Targets off the whole image stay off the section, whatever the section is.
     local_x[targets[~on_image]] = np.nan
     started = time.process_time()
+    options = {}
+    if task.mode == "scene" and task.engine == "mbphot" and (task.size_bin >= 0).any():
+        options["extended"] = (_extended_tables(calibration_path, job_split, band.name), task.size_bin)
     result = _engine_function(task.engine, task.mode)(
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner], sigma=sigma[inner], fit_sky=fit_sky,
-        noise_scale=calibration.noise_scale, prf_error=calibration.prf_error,
+        noise_scale=calibration.noise_scale, prf_error=calibration.prf_error, **options,
     )
     engine_cpu_s = time.process_time() - started
     in_ujy = result._replace(flux=result.flux * band.ujy_per_pixel_unit, flux_err=result.flux_err * band.ujy_per_pixel_unit)
@@ -591,7 +631,9 @@ def _measure_partition(task: _PartitionTask):
             y += calibration.offset_y_pix
             for group in _groups(task, members, x, y):
                 positions = task.target_positions[group]
-                result, group_engine_cpu_s, group_read_s = _fit_group(task, plan, prf, calibration, fit_sky, x, y, positions)
+                result, group_engine_cpu_s, group_read_s = _fit_group(
+                    task, plan, prf, calibration, calibration_path, job.split_wings, fit_sky, x, y, positions
+                )
                 for column, values in zip(measured, result):
                     column[group] = values
                 engine_cpu_s += group_engine_cpu_s
@@ -789,6 +831,7 @@ def measure_field(
             f"so that partitions never cut a scene; try partition_arcmin={scene_arcmin}"
         )
     catalog = load_catalog(manifest)
+    size_bin = size_bins(catalog)
     targets = np.flatnonzero(catalog["in_field"].to_numpy())
     ra, dec = catalog["ra"].to_numpy(dtype=np.float64), catalog["dec"].to_numpy(dtype=np.float64)
     bands = [BANDS[name] for name in bands]
@@ -868,7 +911,7 @@ def measure_field(
                 tasks.append(
                     _PartitionTask(
                         key, ra[near], dec[near], near, np.searchsorted(near, targets[members]), cell[members],
-                        jobs, engine, mode,
+                        jobs, engine, mode, size_bin[near],
                     )
                 )
             bar = _progress_bar(total=len(tasks), desc="forced photometry", unit="partition", disable=not progress)

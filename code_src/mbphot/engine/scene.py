@@ -26,10 +26,10 @@ from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
 from .kernels import add_stamps, pair_overlaps, residual_sums, stamp_dots, tile_sums, weighted_stamps
-from .prf import PRFTable
+from .prf import PRFTable, build_prf_table
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
-__all__ = ["scene_photometry"]
+__all__ = ["extended_profiles", "scene_photometry"]
 
 _SUBDOMAIN_SOURCES = 1000
 # Conjugate gradients stop when sqrt(r^T M^-1 r), which approximates the A-norm of the error
@@ -68,17 +68,37 @@ def _pixel_arrays(image, sky, sigma, margin):
     return np.pad(whitened, pad), np.pad(sqrt_weight, pad), np.pad(valid, pad)
 
 
-def _source_terms(table, x, y, col, row, padded, half_cutout):
+def _by_profile(tables, profile, kernel, *per_source):
+    """Run a per-source ``kernel(table, *arrays)`` on each group of sources sharing a profile
+    (``profile`` indexes ``tables``) and put the results back in source order."""
+    results = None
+    for index in np.unique(profile):
+        members = np.flatnonzero(profile == index)
+        table = tables[index]
+        outputs = kernel(table, *(array[members] for array in per_source))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if results is None:
+            results = [np.empty((profile.size, *o.shape[1:]), dtype=o.dtype) for o in outputs]
+        for result, output in zip(results, outputs):
+            result[members] = output
+    return tuple(results) if len(results) > 1 else results[0]
+
+
+def _source_terms(tables, profile, x, y, col, row, padded, half_cutout):
     """Whitened stamps, A diagonal, b and the per-source-engine coverage of each source.
 
     ``covered`` is the fraction of the stamp's flux inside the target's cutout that falls on
     usable pixels, as `solve.forced_photometry` computes it, so both engines flag alike.
     """
     whitened, sqrt_weight, valid = padded
-    return weighted_stamps(
-        table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
-        x - col, y - row, col, row, whitened, sqrt_weight, valid, min(table.half_size, half_cutout),
-    )
+
+    def kernel(table, offset_x, offset_y, source_col, source_row):
+        return weighted_stamps(
+            table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
+            offset_x, offset_y, source_col, source_row, whitened, sqrt_weight, valid, min(table.half_size, half_cutout),
+        )
+
+    return _by_profile(tables, profile, kernel, x - col, y - row, col, row)
 
 
 def _overlap_couplings(weighted, col, row, half):
@@ -324,7 +344,7 @@ class _Scene:
     tile_of_pixel: np.ndarray | None
 
 
-def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky) -> _Scene:
+def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile) -> _Scene:
     """Assemble the scene's normal equations from stamp overlaps (see `scene_photometry`)."""
     ny, nx = image.shape
     half = prf_table.half_size
@@ -342,7 +362,7 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky) 
     m_row = row[modelled].astype(np.intp)
     padded = _pixel_arrays(image, sky, sigma, margin=2 * half)
     weighted, rhs, diagonal, covered = _source_terms(
-        prf_table, x[modelled], y[modelled], m_col, m_row, padded, cutout_size // 2
+        tables, profile[modelled], x[modelled], y[modelled], m_col, m_row, padded, cutout_size // 2
     )
     first, second, values = _overlap_couplings(weighted, m_col, m_row, half)
 
@@ -479,6 +499,39 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape):
     return solver.solve(rhs, normal_product, start=solution, tolerance=_WING_TOLERANCE), wings
 
 
+def _profiles(prf_table, extended, n_source):
+    """All tables and each source's index into them (0: the point PRF)."""
+    if extended is None:
+        return [prf_table], np.zeros(n_source, dtype=np.intp)
+    tables, index = extended
+    if any(t.half_size != prf_table.half_size or t.phases.size != prf_table.phases.size for t in tables):
+        raise ValueError("extended profiles need the point PRF's stamp size and phases")
+    return [prf_table, *tables], np.asarray(index, dtype=np.intp) + 1
+
+
+def extended_profiles(prf, oversampling, radii_pix, prf_table: PRFTable, core_radius=None) -> list:
+    """Tables of the PRF convolved with exponential discs of half-light radii ``radii_pix``
+    (image pixels), for `scene_photometry`'s ``extended``.
+
+    The convolution is GalSim's (the PRF as an interpolated image, drawn without a further
+    pixel since it holds the pixel already), on the PRF's own grid; each table keeps the
+    point table's stamp size, phases and split, and puts the disc's whole flux on the image.
+    """
+    import galsim
+
+    fine = 1.0 / oversampling
+    image = galsim.InterpolatedImage(galsim.Image(np.asarray(prf, dtype=np.float64) / oversampling**2, scale=fine))
+    tables = []
+    for radius in radii_pix:
+        disc = galsim.Convolve(galsim.Exponential(half_light_radius=float(radius)), image)
+        drawn = disc.drawImage(nx=prf.shape[1], ny=prf.shape[0], scale=fine, method="no_pixel").array
+        tables.append(build_prf_table(
+            drawn, oversampling, n_phase=prf_table.phases.size, enclosed_fraction=1.0,
+            max_half_size=prf_table.half_size, core_radius=core_radius,
+        ))
+    return tables
+
+
 def _position_corrections(sums, flux, diagonal, noise_scale):
     """Flux corrections for catalogue positions off the light, from the residual's gradient.
 
@@ -515,6 +568,7 @@ def scene_photometry(
     noise_scale: float = 1.0,
     prf_error: float = 0.0,
     correct_positions: bool = True,
+    extended=None,
 ) -> Measurement:
     """Forced PRF photometry of ``targets``, fitting every source on the image at once.
 
@@ -557,6 +611,10 @@ def scene_photometry(
     correct_positions : bool
         Correct each target's flux for the offset of its catalogue position from its light,
         measured from the residuals (`_position_corrections`); positions themselves stay.
+    extended : (list of PRFTable, ndarray of int), optional
+        Resolved sources: tables of the PRF convolved with each galaxy profile (same
+        ``half_size``, phases and wings as ``prf_table``; `extended_profiles`), and for each
+        source of ``x`` the index of its table, -1 for a point source.
 
     Returns
     -------
@@ -573,7 +631,8 @@ def scene_photometry(
     col = np.rint(x)
     row = np.rint(y)
 
-    scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky)
+    tables, profile = _profiles(prf_table, extended, x.size)
+    scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile)
     subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
     solver = _Solver(scene.normal, subdomains)
     solution, wings = _solve_with_wings(scene, solver, prf_table, x, y, image.shape)
@@ -600,11 +659,16 @@ def scene_photometry(
     with np.errstate(invalid="ignore", divide="ignore"):
         fracflux = neighbour_flux / np.abs(fitted)
     target_sources = targets[measured]
-    sums = residual_sums(
-        prf_table.stamps, float(prf_table.phases[0]), float(prf_table.phases[1] - prf_table.phases[0]),
-        x[target_sources] - col[target_sources], y[target_sources] - row[target_sources],
-        col[target_sources].astype(np.intp), row[target_sources].astype(np.intp), chi, model, prf_error,
-        scene.padded[1], scene.padded[2],
+
+    def kernel(table, offset_x, offset_y, source_col, source_row):
+        return residual_sums(
+            table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
+            offset_x, offset_y, source_col, source_row, chi, model, prf_error, scene.padded[1], scene.padded[2],
+        )
+
+    sums = _by_profile(
+        tables, profile[target_sources], kernel, x[target_sources] - col[target_sources],
+        y[target_sources] - row[target_sources], col[target_sources].astype(np.intp), row[target_sources].astype(np.intp),
     )
     with np.errstate(invalid="ignore", divide="ignore"):
         rchisq = sums[:, 1] / sums[:, 0]
