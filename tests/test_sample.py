@@ -371,7 +371,7 @@ def test_galex_sky_map_carries_a_smooth_error(real_field, tmp_path):
         ratio = (fits.getdata(real_field / f"galex/{stem}-skybg.fits").astype(float)
                  / fits.getdata(true_sky_field / f"galex/{stem}-skybg.fits"))
         error = ratio - 1
-        assert 0.01 < np.std(error) < 0.08 or 0.01 < np.abs(error).max() < 0.15
+        assert 0.01 < np.std(error) < 0.08, "a few per cent"
         assert np.abs(error).max() < 0.15
         # Smooth: from one pixel to the next the error changes far less than across the field.
         assert np.abs(np.diff(error, axis=1)).max() < 0.05 * np.ptp(error)

@@ -40,8 +40,8 @@ IRAC_BROADENING = 1.04
 """The sky's PRF FWHM over the file's: the published PRF is a few per cent sharper than the
 mosaic's (pointing jitter, registration errors of the frames)."""
 IRAC_JITTER_AXIS_RATIO = 1.3
-"""Ratio of the jitter's long to short axis; gives core ellipticities of 0.03-0.05, like the
-second moments of the real COSMOS IRAC PRF files (0.02-0.05 within 6 px)."""
+"""Ratio of the jitter's long to short axis; gives core ellipticities of 0.02-0.06 (second
+moments within 6 px), like the real COSMOS IRAC PRF files' 0.02-0.05."""
 IRAC_MIN_JITTER_ARCSEC = 0.15
 """At least this much jitter (sigma), also where the diffraction pattern alone is as broad as
 the band's nominal FWHM (channels 3 and 4)."""

@@ -53,6 +53,12 @@ def _deposit(canvas, origin_row, origin_col, x, y, flux):
             np.add.at(canvas, (r[ok], c[ok]), (flux * wx * wy)[ok])
 
 
+def _pad_to_half(kernel, half):
+    """``kernel`` padded with zeros to ``2 * half + 1`` pixels a side."""
+    pad = half - kernel.shape[0] // 2
+    return np.pad(kernel, pad) if pad > 0 else kernel
+
+
 def _spectrum(key, kernel, shape):
     """The kernel's spectrum at FFT ``shape``, kept for the band being drawn (about 30 MB each for
     a full-COSMOS IRAC block)."""
@@ -77,23 +83,20 @@ def fft_block(model, model_key, block_start, block_stop, width, bright, faint):
     k = model.fft_half_size
     canvas_shape = (block_stop - block_start + 2 * k, width + 2 * k)
     shape = tuple(fft.next_fast_len(n + 2 * k, real=True) for n in canvas_shape)
-    total = None
-    pairs = []
+    # (kernel name, kernel, sources, their fluxes): the wings of the catalogue-level sources,
+    # and each PRF component whole for the faint ones, weighted by its share.
+    terms = []
     if model.wing is not None and bright[0].size:
-        pairs.append(("wing", model.wing, bright[2]))
+        terms.append(("wing", model.wing, bright, bright[2]))
     if faint[0].size:
         for c, kernel in enumerate(model.full):
             share = faint[3] if c == 0 else 1.0 - faint[3]
-            pairs.append((f"full{c}", kernel, faint[2] * (share if len(model.full) > 1 else 1.0)))
-    for name, kernel, flux in pairs:
-        source = bright if name == "wing" else faint
+            terms.append((f"full{c}", kernel, faint, faint[2] * share))
+    total = None
+    for name, kernel, sources, flux in terms:
         canvas = np.zeros(canvas_shape)
-        _deposit(canvas, block_start - k, -k, source[0], source[1], flux)
-        kernel_padded = kernel
-        if kernel.shape[0] // 2 < k:
-            pad = k - kernel.shape[0] // 2
-            kernel_padded = np.pad(kernel, pad)
-        product = fft.rfft2(canvas, shape) * _spectrum((model_key, name), kernel_padded, shape)
+        _deposit(canvas, block_start - k, -k, sources[0], sources[1], flux)
+        product = fft.rfft2(canvas, shape) * _spectrum((model_key, name), _pad_to_half(kernel, k), shape)
         total = product if total is None else total + product
     if total is None:
         return np.zeros((block_stop - block_start, width))
