@@ -65,9 +65,11 @@ def test_band_overview_counts(field):
     assert overview.loc["irac1", "S/N > 3"] > overview.loc["fuv", "S/N > 3"]
 
 
-def test_fitted_sky_is_the_right_default_where_there_is_no_sky_map(field):
-    """Injection test behind the default: on IRAC (no archive sky map) the source-masked
-    background alone biases faint fluxes low; fitting a constant sky removes the bias."""
+def test_source_masked_background_bias_is_taken_out(field):
+    """On IRAC (no archive sky map) the source-masked background includes the light of
+    unmasked PRF wings and biased faint fluxes low by about half a sigma; the calibration's
+    sky offset (the median residual of a fit of the whole section) takes it out, and the
+    default fitted sky tiles take out what varies across the image."""
     manifest, _ = field
     truth = load_truth(manifest)
     bias = {}
@@ -78,7 +80,7 @@ def test_fitted_sky_is_the_right_default_where_there_is_no_sky_map(field):
         faint = (table["true_irac1_flux_ujy"] / table["irac1_flux_err_ujy"]).between(3, 10)
         bias[sky] = np.median((table["irac1_flux_ujy"] - table["true_irac1_flux_ujy"])[faint] / table["irac1_flux_err_ujy"][faint])
     print(f"median (measured - true)/error for S/N 3-10: sky map only {bias['map']:+.2f}, fitted sky {bias['auto']:+.2f}")
-    assert bias["map"] < -0.3
+    assert abs(bias["map"]) < 0.2
     assert abs(bias["auto"]) < 0.15
 
 

@@ -69,6 +69,15 @@ class Calibration:
     reason : str
     aperture_correction : float
         Total over the stars' measured flux within the fit radius (NaN for the file's PRF).
+    flux_fraction : float
+        Fraction of a source's calibrated total flux that the PRF model holds: the stars'
+        PRF-fit flux over their flux in the instrument's calibration aperture
+        (`Band.calibration_radius_arcsec`, sky from the ring outside it). The engine's PRF is
+        scaled by it, so that fits return total fluxes. 1 where the band has no such aperture.
+    sky_offset : float
+        Median of the section's residual (data - sky - model), in image units: what the sky
+        estimate left or took of the sky, with the diffuse light of the sources' far wings.
+        The engine adds it to the sky.
     """
 
     prf: np.ndarray
@@ -81,6 +90,8 @@ class Calibration:
     used_file: bool
     reason: str
     aperture_correction: float
+    flux_fraction: float = 1.0
+    sky_offset: float = 0.0
 
     def summary(self) -> dict:
         """The scalars, for the catalogue's provenance."""
@@ -140,11 +151,19 @@ def calibrate_section(
     )
     light_x, light_y = x + measured.offset_x_pix, y + measured.offset_y_pix
     second = fit(measured.prf, measured.oversampling, light_x, light_y)
-    noise_scale = 1.0
-    if band.resampled_noise:
+    flux_fraction = 1.0
+    if band.calibration_radius_arcsec is not None and measured.star_indices.size >= _MIN_STARS:
         whole = build_prf_table(measured.prf, measured.oversampling, enclosed_fraction=band.prf_enclosed_fraction)
-        model = render_sources(image.shape, light_x, light_y, np.nan_to_num(second, nan=0.0), whole)
-        noise_scale = _noise_scale(np.asarray(image, dtype=np.float64) - sky - model, sigma, model, whole, band)
+        fraction = _model_flux_fraction(
+            np.asarray(image, dtype=np.float64) - sky, light_x, light_y, second, measured.star_indices, whole,
+            band.calibration_radius_arcsec / band.pixel_scale_arcsec,
+        )
+        flux_fraction = fraction if np.isfinite(fraction) else 1.0
+    whole = build_prf_table(measured.prf, measured.oversampling, enclosed_fraction=band.prf_enclosed_fraction)
+    model = render_sources(image.shape, light_x, light_y, np.nan_to_num(second, nan=0.0), whole)
+    residual = _inner(np.asarray(image, dtype=np.float64) - sky - model, whole, band)
+    sky_offset = float(np.nanmedian(residual)) if np.isfinite(residual).any() else 0.0
+    noise_scale = _noise_scale(residual, sigma, model, whole, band) if band.resampled_noise else 1.0
     prf_error = float("nan")
     if measured.star_indices.size >= _MIN_STARS:
         prf_error = prf_model_error(
@@ -162,19 +181,26 @@ def calibrate_section(
         used_file=bool(measured.used_file),
         reason=measured.reason,
         aperture_correction=float(measured.aperture_correction),
+        flux_fraction=float(flux_fraction),
+        sky_offset=sky_offset,
     )
 
+
+
+def _inner(residual, table, band: Band):
+    """The residual a PRF's reach inside the section's edge (NaN outside), where the section
+    allows: sources beyond the edge are fitted but not reported, so not in the model."""
+    residual = residual.copy()
+    margin = min(table.half_size, (min(residual.shape) - band.cutout_size_pixels) // 2)
+    if margin > 0:
+        residual[:margin], residual[-margin:], residual[:, :margin], residual[:, -margin:] = np.nan, np.nan, np.nan, np.nan
+    return residual
 
 
 def _noise_scale(residual, sigma, model, table, band: Band) -> float:
     """`correlated_noise_scale` of a calibration fit's residual, clipped to `NOISE_SCALE_RANGE`."""
     # The fit's sky tiles are not in the model: take out what is smooth on their scale.
     residual = residual - ndimage.median_filter(np.nan_to_num(residual), size=band.cutout_size_pixels, mode="nearest")
-    # Sources beyond the section's edge are fitted but not reported, so not in the model:
-    # keep the residual a PRF's reach inside the edge, where the section allows.
-    margin = min(table.half_size, (min(residual.shape) - band.cutout_size_pixels) // 2)
-    if margin > 0:
-        residual[:margin], residual[-margin:], residual[:, :margin], residual[:, -margin:] = np.nan, np.nan, np.nan, np.nan
     # Where sources' light is bright the residual holds the PRF model's errors (`prf_error`);
     # the PRF's core carries nearly all of a flux's information.
     core = min(table.half_size, _NOISE_STAMP_HALF_SIZE)
@@ -182,3 +208,38 @@ def _noise_scale(residual, sigma, model, table, band: Band) -> float:
     stamp = table.stamp_at(0.0, 0.0)[centre, centre]
     noise_scale = correlated_noise_scale(residual, sigma, stamp, mask=model > _BRIGHT_MODEL_SIGMA * sigma)
     return float(np.clip(noise_scale, *NOISE_SCALE_RANGE)) if np.isfinite(noise_scale) else 1.0
+
+
+def _model_flux_fraction(data, x, y, fluxes, stars, table, radius_pix) -> float:
+    """Median over the stars of PRF-fit flux over calibration-aperture flux (see
+    `Calibration.flux_fraction`).
+
+    Each star's neighbours (their fitted fluxes, this PRF) are subtracted; its aperture sum
+    within ``radius_pix`` less the median of the ring out to `_BACKGROUND_RING` times that
+    radius, which takes out the sky and the diffuse light of all sources' far wings, is its
+    total flux. NaN for fewer than `_MIN_STARS` stars with the whole ring on data.
+    """
+    fluxes = np.nan_to_num(fluxes, nan=0.0)
+    model = render_sources(data.shape, x, y, fluxes, table)
+    outer = int(np.ceil(_BACKGROUND_RING * radius_pix))
+    offsets = np.arange(-outer, outer + 1)
+    ratios = []
+    for star in stars:
+        col, row = int(np.rint(x[star])), int(np.rint(y[star]))
+        if not (outer <= row < data.shape[0] - outer and outer <= col < data.shape[1] - outer) or fluxes[star] <= 0:
+            continue
+        window = (slice(row - outer, row + outer + 1), slice(col - outer, col + outer + 1))
+        own = np.zeros((2 * outer + 1, 2 * outer + 1))
+        half = table.half_size
+        own[outer - half : outer + half + 1, outer - half : outer + half + 1] = fluxes[star] * table.stamp_at(x[star], y[star])
+        cleaned = data[window] - (model[window] - own)
+        radius = np.hypot(offsets[None, :] - (x[star] - col), offsets[:, None] - (y[star] - row))
+        aperture, ring = radius <= radius_pix, (radius > radius_pix) & (radius <= _BACKGROUND_RING * radius_pix)
+        if not (np.isfinite(cleaned[aperture]).all() and np.isfinite(cleaned[ring]).mean() > 0.9):
+            continue
+        total = cleaned[aperture].sum() - np.nanmedian(cleaned[ring]) * aperture.sum()
+        ratios.append(fluxes[star] / total)
+    return float(np.median(ratios)) if len(ratios) >= _MIN_STARS else float("nan")
+
+
+_BACKGROUND_RING = 1.5

@@ -56,7 +56,7 @@ PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
 RESULTS_VERSION = 4
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 3
 """Bumped when the calibration changes, so that images are calibrated afresh."""
 SIZE_COLUMN = "flux_radius_arcsec"
 """Catalogue column of each source's half-light radius in a high-resolution image (arcsec);
@@ -105,12 +105,17 @@ def read_prf(path, band: Band) -> tuple[np.ndarray, int]:
     return prf, oversampling
 
 
-def tabulate_prf(prf, oversampling, band: Band, split_wings: bool = False) -> PRFTable:
+def tabulate_prf(prf, oversampling, band: Band, split_wings: bool = False, flux_fraction: float = 1.0) -> PRFTable:
     """Tabulate a PRF for the band's image grid; with ``split_wings`` (scene mode), a PRF
     reaching beyond the band's ``prf_core_radius_pixels`` is split into core stamps and a
-    wing kernel."""
+    wing kernel. A source of unit total flux puts ``flux_fraction`` on the image (the rest
+    lies beyond the PRF's reach; `mbphot.calibration.Calibration.flux_fraction`)."""
     core_radius = band.prf_core_radius_pixels if split_wings else None
-    return build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=core_radius)
+    table = build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=core_radius)
+    if flux_fraction == 1.0:
+        return table
+    wings = None if table.wings is None else table.wings * flux_fraction
+    return PRFTable(stamps=table.stamps * flux_fraction, phases=table.phases, half_size=table.half_size, wings=wings)
 
 
 def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
@@ -135,7 +140,7 @@ def _calibrated(path, split_wings: bool) -> tuple[PRFTable, Calibration]:
     with np.load(path) as stored:
         calibration = Calibration(prf=stored["prf"], **json.loads(str(stored["summary"])))
         band = BANDS[str(stored["band"])]
-    return tabulate_prf(calibration.prf, calibration.oversampling, band, split_wings), calibration
+    return tabulate_prf(calibration.prf, calibration.oversampling, band, split_wings, calibration.flux_fraction), calibration
 
 
 @functools.lru_cache(maxsize=16)
@@ -145,7 +150,9 @@ def _extended_tables(path, split_wings: bool, band_name: str) -> list:
     band = BANDS[band_name]
     radii_pix = np.sqrt(SIZE_BINS_ARCSEC[:-1] * SIZE_BINS_ARCSEC[1:]) / band.pixel_scale_arcsec
     core_radius = band.prf_core_radius_pixels if split_wings else None
-    return extended_profiles(calibration.prf, calibration.oversampling, radii_pix, table, core_radius)
+    tables = extended_profiles(calibration.prf, calibration.oversampling, radii_pix, table, core_radius)
+    scale = calibration.flux_fraction
+    return [PRFTable(t.stamps * scale, t.phases, t.half_size, None if t.wings is None else t.wings * scale) for t in tables]
 
 
 def size_bins(catalog: pd.DataFrame) -> np.ndarray:
@@ -571,7 +578,7 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
         options["extended"] = (_extended_tables(calibration_path, job_split, band.name), task.size_bin)
     result = _engine_function(task.engine, task.mode)(
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
-        sky=sky[inner], sigma=sigma[inner], fit_sky=fit_sky,
+        sky=sky[inner] + calibration.sky_offset, sigma=sigma[inner], fit_sky=fit_sky,
         noise_scale=calibration.noise_scale, prf_error=calibration.prf_error, **options,
     )
     engine_cpu_s = time.process_time() - started
