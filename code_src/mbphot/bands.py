@@ -51,8 +51,9 @@ class Band:
         In scene mode, PRFs reaching beyond this radius are split into a core, fitted, and
         wings, subtracted by FFT (`mbphot.engine.build_prf_table`). The GALEX PSFs hold 90 %
         of their light within 6 pixels but need 36-43 pixels for 99.9 %: stamps that large
-        would couple hundreds of neighbours in every fit at COSMOS density. None for IRAC,
-        whose PRF is compact.
+        would couple hundreds of neighbours in every fit at COSMOS density. IRAC's PRF
+        measured to its 12.2" calibration aperture reaches 20 pixels: its core is the
+        10-pixel radius that holds 99.9 % of a PRF file's light.
     calibration_radius_arcsec : float or None
         Radius of the aperture the instrument's flux calibration refers to, where the PRF
         file stops short of it: IRAC is calibrated in a 12.2" (10 native pixel) radius
@@ -107,6 +108,7 @@ def _irac(channel: int, wavelength_um: float, fwhm_arcsec: float) -> Band:
         catalog_flux_column=f"splash_{channel}_flux",
         calibration_radius_arcsec=12.2,
         resampled_noise=True,
+        prf_core_radius_pixels=10.0,
     )
 
 

@@ -239,7 +239,16 @@ def _model_flux_fraction(data, x, y, fluxes, stars, table, radius_pix) -> float:
             continue
         total = cleaned[aperture].sum() - np.nanmedian(cleaned[ring]) * aperture.sum()
         ratios.append(fluxes[star] / total)
-    return float(np.median(ratios)) if len(ratios) >= _MIN_STARS else float("nan")
+    if len(ratios) < _MIN_STARS:
+        return float("nan")
+    ratios = np.asarray(ratios)
+    median = float(np.median(ratios))
+    error = 1.2533 * 1.4826 * float(np.median(np.abs(ratios - median))) / np.sqrt(ratios.size)
+    # The model cannot hold more than the total light; a fraction within its noise of 1 is 1.
+    if 1.0 - median <= 2.0 * error:
+        return 1.0
+    return max(median, _MIN_FLUX_FRACTION)
 
 
 _BACKGROUND_RING = 1.5
+_MIN_FLUX_FRACTION = 0.8
