@@ -155,8 +155,8 @@ def calibrate_section(
     if band.calibration_radius_arcsec is not None and measured.star_indices.size >= _MIN_STARS:
         whole = build_prf_table(measured.prf, measured.oversampling, enclosed_fraction=band.prf_enclosed_fraction)
         fraction = _model_flux_fraction(
-            np.asarray(image, dtype=np.float64) - sky, light_x, light_y, second, measured.star_indices, whole,
-            band.calibration_radius_arcsec / band.pixel_scale_arcsec,
+            np.asarray(image, dtype=np.float64) - sky, np.broadcast_to(sigma, np.shape(image)), light_x, light_y, second,
+            measured.star_indices, whole, band.calibration_radius_arcsec / band.pixel_scale_arcsec,
         )
         flux_fraction = fraction if np.isfinite(fraction) else 1.0
     whole = build_prf_table(measured.prf, measured.oversampling, enclosed_fraction=band.prf_enclosed_fraction)
@@ -210,14 +210,14 @@ def _noise_scale(residual, sigma, model, table, band: Band) -> float:
     return float(np.clip(noise_scale, *NOISE_SCALE_RANGE)) if np.isfinite(noise_scale) else 1.0
 
 
-def _model_flux_fraction(data, x, y, fluxes, stars, table, radius_pix) -> float:
+def _model_flux_fraction(data, sigma, x, y, fluxes, stars, table, radius_pix) -> float:
     """Median over the stars of PRF-fit flux over calibration-aperture flux (see
     `Calibration.flux_fraction`).
 
     Each star's neighbours (their fitted fluxes, this PRF) are subtracted; its aperture sum
     within ``radius_pix`` less the median of the ring out to `_BACKGROUND_RING` times that
     radius, which takes out the sky and the diffuse light of all sources' far wings, is its
-    total flux. NaN for fewer than `_MIN_STARS` stars with the whole ring on data.
+    total flux; stars measured there below `_MIN_APERTURE_SNR` are left out. NaN for fewer than `_MIN_STARS` stars with the whole ring on data.
     """
     fluxes = np.nan_to_num(fluxes, nan=0.0)
     model = render_sources(data.shape, x, y, fluxes, table)
@@ -238,6 +238,9 @@ def _model_flux_fraction(data, x, y, fluxes, stars, table, radius_pix) -> float:
         if not (np.isfinite(cleaned[aperture]).all() and np.isfinite(cleaned[ring]).mean() > 0.9):
             continue
         total = cleaned[aperture].sum() - np.nanmedian(cleaned[ring]) * aperture.sum()
+        # A wide aperture gathers the noise of a thousand pixels: only stars it measures well.
+        if total < _MIN_APERTURE_SNR * np.sqrt(np.sum(sigma[window][aperture] ** 2)):
+            continue
         ratios.append(fluxes[star] / total)
     if len(ratios) < _MIN_STARS:
         return float("nan")
@@ -252,3 +255,4 @@ def _model_flux_fraction(data, x, y, fluxes, stars, table, radius_pix) -> float:
 
 _BACKGROUND_RING = 1.5
 _MIN_FLUX_FRACTION = 0.8
+_MIN_APERTURE_SNR = 50.0
