@@ -15,8 +15,10 @@ from the documentation or public example named here:
   ``standard_id`` (RegTAP 1.1 sections 8.5-8.6), listing IRSA's COSMOS SIA service and a decoy.
 * ``/irsa/sia`` -- IRSA's COSMOS SIA 1.0 service: a VOTable with the UCDs SIA 1.0 requires
   (``VOX:Image_Title``, ``POS_EQ_RA_MAIN``, ``VOX:Image_AccessReference``, ...) and IRSA's own
-  ``dataset`` and ``fname`` columns that the Fornax notebook filters on (``dataset == 'IRAC'``,
-  ``go2_sci`` in ``fname``). Access URLs point at
+  ``dataset``, ``band_name`` and ``fname`` columns, as IRSA's tutorial "Searching for
+  contributed COSMOS images" (Caltech-IPAC/irsa-tutorials, tutorials/cosmos/sia_v1_cosmos.md:
+  ``band_name == 'IRAC1'``, ``sia_url``) and the Fornax notebook (``dataset == 'IRAC'``,
+  ``go2_sci`` in ``fname``) read them. Access URLs point at
   ``/data/COSMOS/images/spitzer/irac/irac_ch<N>_go2_<kind>_10.fits``, IRSA's layout.
 * ``/data/COSMOS/images/spitzer/irac/...`` -- IRSA's static file server: plain FITS mosaics
   that honour single ``Range: bytes=a-b`` requests with ``206 Partial Content`` and
@@ -269,12 +271,13 @@ class ArchiveServer:
                 for kind in ("sci", "unc", "cov"):
                     name = f"irac_ch{channel}_go2_{kind}_10.fits"
                     url = f"{self.url}{IRSA_IRAC_PATH}{name}"
-                    rows.append((f"IRAC ch{channel} {kind}", centre.ra.deg, centre.dec.deg, "IRAC", name, url))
-            rows.append(("ACS F814W", ra, dec, "ACS", "acs_I_030mas_077_sci.fits", f"{self.url}/data/COSMOS/images/acs_mosaic_2.0/acs.fits"))
+                    rows.append((f"IRAC ch{channel} {kind}", centre.ra.deg, centre.dec.deg, "IRAC", f"IRAC{channel}", name, url))
+            rows.append(("ACS F814W", ra, dec, "ACS", "F814W", "acs_I_030mas_077_sci.fits",
+                         f"{self.url}/data/COSMOS/images/acs_mosaic_2.0/acs.fits"))
         table = Table(
             rows=rows or None,
-            names=("sia_title", "ra", "dec", "dataset", "fname", "sia_url"),
-            dtype=(str, float, float, str, str, str),
+            names=("sia_title", "ra", "dec", "dataset", "band_name", "fname", "sia_url"),
+            dtype=(str, float, float, str, str, str, str),
         )
         table.add_column(["image/fits"] * len(table), name="sia_fmt")
         ucds = {
@@ -540,8 +543,8 @@ class _Handler(BaseHTTPRequestHandler):
             if job_id not in archive.jobs:
                 return self._send(404, b"no such job", "text/plain")
             job = archive.jobs[job_id]
-            if method == "DELETE":
-                del archive.jobs[job_id]
+            if method == "DELETE" or (method == "POST" and parts[1:] == [] and form.get("ACTION") == "DELETE"):
+                del archive.jobs[job_id]  # UWS 1.1 section 2.2.3.2: HTTP DELETE, or POST ACTION=DELETE
                 return self._redirect(f"{archive.url}/irsa/TAP/async")
             if parts[1:] == ["phase"] and method == "POST":
                 if form.get("PHASE") == "RUN":
