@@ -20,6 +20,7 @@ for a box in a wide mosaic would fetch whole rows, and with mbphot's time-outs, 
 progress bar.
 """
 
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,13 +59,16 @@ def _get_range(session, url: str, start: int, stop: int) -> tuple[bytes, int | N
             raise RangeNotSupportedError(f"{url} answered HTTP {response.status_code} to a range request")
         body = b"".join(response.iter_content(1 << 16))  # requests' errors for cut or stalled bodies
         content_range = response.headers.get("Content-Range", "")
-    expected = stop - start + 1
-    total = content_range.rsplit("/", 1)[-1] if "/" in content_range else ""
-    if not content_range.startswith(f"bytes {start}-"):
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
+    if match is None or int(match[1]) != start or int(match[2]) > stop:
         raise IncompleteDownloadError(f"asked for bytes {start}-{stop}, got Content-Range {content_range!r}")
-    if len(body) != expected:
-        raise IncompleteDownloadError(f"received {len(body)} of {expected} bytes of range {start}-{stop}")
-    return body, int(total) if total.isdigit() else None
+    total = int(match[3]) if match[3] != "*" else None
+    last = int(match[2])
+    if last < stop and (total is None or last != total - 1):  # a shorter range only at the end of the file
+        raise IncompleteDownloadError(f"asked for bytes {start}-{stop}, got Content-Range {content_range!r}")
+    if len(body) != last - start + 1:
+        raise IncompleteDownloadError(f"received {len(body)} of {last - start + 1} bytes of range {start}-{last}")
+    return body, total
 
 
 def _read_header(session, url: str) -> tuple[fits.Header, int, int | None, int]:
@@ -81,7 +85,7 @@ def _read_header(session, url: str) -> tuple[fits.Header, int, int | None, int]:
             if raw[offset : offset + 8] == b"END     ":
                 data_offset = (offset // BLOCK + 1) * BLOCK
                 return fits.Header.fromstring(raw[: offset + 80].decode("ascii")), data_offset, total, received
-        if len(raw) > 400 * BLOCK:
+        if len(raw) > 400 * BLOCK or (total is not None and len(raw) >= total):
             raise IncompleteDownloadError(f"no END card in the first {len(raw)} bytes of {url}: not a FITS file")
 
 
