@@ -68,7 +68,6 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.io.votable import from_table
 from astropy.io.votable.tree import Info
-from astropy.nddata import Cutout2D
 from astropy.table import Table
 
 from mbphot.io import read_table, read_wcs
