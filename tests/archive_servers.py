@@ -145,6 +145,7 @@ class ArchiveServer:
     def __init__(self, field_dir):
         self.field_dir = Path(field_dir)
         self.hits = Counter()
+        self.request_times = defaultdict(list)
         self.bytes_sent = Counter()
         self.faults = defaultdict(list)
         self.shared_target_name = False
@@ -205,6 +206,7 @@ class ArchiveServer:
     def reset(self) -> None:
         with self._lock:
             self.hits.clear()
+            self.request_times.clear()
             self.bytes_sent.clear()
             self.faults.clear()
             self.shared_target_name = False
@@ -217,6 +219,7 @@ class ArchiveServer:
     def _next_fault(self, route: str) -> str | None:
         with self._lock:
             self.hits[route] += 1
+            self.request_times[route].append(time.monotonic())
             return self.faults[route].pop(0) if self.faults[route] else None
 
     # --- TAP ----------------------------------------------------------------------------

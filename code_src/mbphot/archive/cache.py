@@ -120,7 +120,10 @@ def _is_transient(error) -> bool:
 
 def retry_after_s(error) -> float | None:
     """Seconds the server asked to wait (``Retry-After``: delay-seconds or an HTTP date)."""
-    response = getattr(_cause(error), "response", None) or getattr(error, "response", None)
+    # Not ``a or b``: a requests Response is falsy when its status is an error.
+    response = getattr(_cause(error), "response", None)
+    if response is None:
+        response = getattr(error, "response", None)
     value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
     if not value:
         return None
