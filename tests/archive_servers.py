@@ -1,24 +1,53 @@
 """Local stand-ins for the archives, speaking the protocols mbphot's clients use.
 
-One threaded HTTP server on 127.0.0.1 (an ephemeral port) plays every service, each under its
-own path, with data from a simulated field (`mbphot.sample.make_sample_field`):
+One threaded HTTP server on 127.0.0.1 (an ephemeral port; never another address) plays every
+service, each under its own path, with data from a simulated field
+(`mbphot.sample.make_sample_field`). Each answer follows the structure of the real service's,
+from the documentation or public example named here:
 
-* ``/irsa/TAP/sync`` -- IRSA TAP (ADQL cone on ``cosmos2015``; VOTable answers);
-* ``/registry/tap`` -- a RegTAP registry (``/capabilities`` and ``/sync``) listing IRSA's
-  COSMOS image service and a decoy;
-* ``/irsa/sia`` -- SIA 1 with IRAC sci/unc/cov mosaics and a decoy ACS row; access URLs under
-  ``/irsa/data/`` honour IRSA's ``center``/``size`` cutout parameters (astropy Cutout2D);
-* ``/mast/...`` -- the MAST portal calls astroquery makes (``columnsconfig``, ``api/v0/invoke``
-  for ``Mast.Caom.Filtered.Position`` and ``Mast.Caom.Products``) and ``Download/file``;
-* ``/heasarc/tap/sync`` -- HEASARC's Xamin TAP (cone on ``ccosmoscat``, with ``__row``);
-* ``/prf/<file>`` -- plain PRF files.
+* ``/irsa/TAP/sync`` and ``/irsa/TAP/async`` -- IRSA TAP (IVOA TAP 1.1: ``QUERY`` posted to
+  ``/sync``; ``/async`` a UWS 1.1 job list with ``phase``, ``results/result``; answers VOTable
+  1.4 with ``<INFO name="QUERY_STATUS">``, TAP 1.1 section 5). The ``cosmos2015`` columns and
+  their lower-case names are those IRSA's TAP returns to the Fornax ``multiband_photometry``
+  notebook's query and IRSA's "Accessing COSMOS data" tutorial (Caltech-IPAC/irsa-tutorials).
+* ``/registry/tap`` -- a RegTAP 1.1 service (``/capabilities``, ``/sync``) answering the
+  ``rr.capability NATURAL JOIN rr.interface`` query with ``ivoid``, ``access_url``,
+  ``standard_id`` (RegTAP 1.1 sections 8.5-8.6), listing IRSA's COSMOS SIA service and a decoy.
+* ``/irsa/sia`` -- IRSA's COSMOS SIA 1.0 service: a VOTable with the UCDs SIA 1.0 requires
+  (``VOX:Image_Title``, ``POS_EQ_RA_MAIN``, ``VOX:Image_AccessReference``, ...) and IRSA's own
+  ``dataset``, ``band_name`` and ``fname`` columns, as IRSA's tutorial "Searching for
+  contributed COSMOS images" (Caltech-IPAC/irsa-tutorials, tutorials/cosmos/sia_v1_cosmos.md:
+  ``band_name == 'IRAC1'``, ``sia_url``) and the Fornax notebook (``dataset == 'IRAC'``,
+  ``go2_sci`` in ``fname``) read them. Access URLs point at
+  ``/data/COSMOS/images/spitzer/irac/irac_ch<N>_go2_<kind>_10.fits``, IRSA's layout.
+* ``/data/COSMOS/images/spitzer/irac/...`` -- IRSA's static file server: plain FITS mosaics
+  that honour single ``Range: bytes=a-b`` requests with ``206 Partial Content`` and
+  ``Content-Range`` (RFC 9110 section 14, as Apache does). Each served mosaic is
+  `MOSAIC_PIXELS` square with the simulated field's image placed inside and NaN around it
+  (the real mosaics are NaN outside coverage), so a field's box is a small part of it.
+  ``bytes_sent`` counts the body bytes sent per route.
+* ``/mast/...`` -- the MAST portal calls astroquery makes (``columnsconfig``,
+  ``api/v0/invoke`` for ``Mast.Caom.Filtered.Position`` and ``Mast.Caom.Products``; JSON with
+  ``status``, ``fields`` (name, type), ``data``, ``paging``, as in the MAST API documentation,
+  mast.stsci.edu/api/v0) and ``Download/file?uri=mast:GALEX/...``. GALEX product names follow
+  the pipeline's ``<tile>-<nd|fd>-<int|skybg|rrhr>.fits.gz`` (GALEX GR6/7 data description).
+  With ``shared_target_name`` every deep observation has the same ``target_name``.
+* ``/heasarc/tap/sync`` -- HEASARC's Xamin TAP (``SELECT * FROM clscat|ccosmoscat WHERE
+  CONTAINS(...)``, the ADQL astroquery.heasarc 0.4.8 sends): ``ccosmoscat`` with its documented
+  columns (HEASARC's ccosmoscat page: ``name, ra, dec, error_radius, flux, sb_flux, hb_flux,
+  hardness_ratio, source_number``) and ``__row``; ``clscat`` (ivo://nasa.heasarc/clscat, the
+  Chandra COSMOS Legacy catalogue) with ``name, ra, dec, error_radius, flux, soft_flux,
+  hard_flux, hardness_ratio`` -- its column names are not checked against the live service
+  from here (``pytest -m live`` does).
+* ``/prf/irac/PRF_IRAC_ch<N>.fits``, ``/prf/galex/PSF<band>[_faint].fits`` -- plain files.
 
-Faults are injected per route, consumed one per request: ``"500"`` (HTTP 500), ``"truncate"``
-(Content-Length larger than the body), ``"cut_fits"`` (a FITS file cut short, with a matching
-Content-Length), ``"empty"`` (no rows), ``"tap_error"`` (a TAP error VOTable with
-`TAP_ERROR_MESSAGE`), ``"refuse_cutout"`` (HTTP 400 for cutout parameters), ``"slow"`` (an
-answer only after `SLOW_ANSWER_S`). Every request is
-counted per route in ``hits``.
+Faults are injected per route, consumed one per request: ``"500"`` (HTTP 500), ``"503_retry"``
+(HTTP 503 with ``Retry-After: 1``), ``"truncate"`` (Content-Length larger than the body),
+``"cut_fits"`` (a FITS file cut short, with a matching Content-Length), ``"empty"`` (no rows),
+``"tap_error"`` (a TAP error VOTable with `TAP_ERROR_MESSAGE`), ``"no_range"`` (the whole file
+with HTTP 200 whatever the ``Range``), ``"no_table"`` (a TAP error: the table does not exist),
+``"slow"`` (an answer only after `SLOW_ANSWER_S`). Every request is counted per route in
+``hits``.
 """
 
 import gzip
@@ -27,6 +56,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,15 +68,21 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.io.votable import from_table
 from astropy.io.votable.tree import Info
-from astropy.nddata import Cutout2D
 from astropy.table import Table
 
 from mbphot.io import read_table, read_wcs
 
 SLOW_ANSWER_S = 1.5
+MOSAIC_PIXELS = 4000
+"""Side of the served IRAC mosaics (40' at 0.6"/pixel; the real ones are about 11,000)."""
+MOSAIC_OFFSET = (1700, 1900)
+"""Pixel (x, y) of the served mosaic where the simulated image's first pixel lands."""
+NAN_FRAME = 80
+"""Pixels of NaN written around the simulated image; the rest of the mosaic is a sparse hole."""
+IRSA_IRAC_PATH = "/data/COSMOS/images/spitzer/irac/"
 TAP_ERROR_MESSAGE = "Query error: table cosmos2015 is being reloaded, retry in 10 minutes (code 7731)"
 GALEX_FOV_RADIUS_DEG = 0.6
-IRSA_SIA_IVOID = "ivo://irsa.ipac/COSMOS/images"
+IRSA_SIA_IVOID = "ivo://irsa.ipac/cosmos/images"
 REGTAP_SEPARATOR = ":::py VO sep:::"
 MAST_COLUMNS_CONFIG = {
     "obs_collection": {"text": "Mission", "type": "string"},
@@ -109,7 +145,13 @@ class ArchiveServer:
     def __init__(self, field_dir):
         self.field_dir = Path(field_dir)
         self.hits = Counter()
+        self.request_times = defaultdict(list)
+        self.bytes_sent = Counter()
         self.faults = defaultdict(list)
+        self.shared_target_name = False
+        self._current_fault = None
+        self.jobs = {}
+        self.mosaic_dir = self.field_dir.parent / f"{self.field_dir.name}_served_mosaics"
         self._lock = threading.Lock()
         self._server = None
         self._thread = None
@@ -118,6 +160,10 @@ class ArchiveServer:
         chandra.rename_columns(chandra.colnames, [name.lower() for name in chandra.colnames])
         chandra.rename_column("id", "__row")
         self.chandra = chandra
+        legacy = chandra.copy()
+        legacy.remove_columns(["__row", "source_number"])
+        legacy.rename_columns(["sb_flux", "hb_flux"], ["soft_flux", "hard_flux"])
+        self.legacy = legacy
         self.galex_tiles = {}
         for path in sorted((self.field_dir / "galex").glob("*-nd-int.fits")):
             header = fits.getheader(path)
@@ -149,6 +195,7 @@ class ArchiveServer:
             "registry": f"{self.url}/registry/tap",
             "mast": f"{self.url}/mast",
             "heasarc": f"{self.url}/heasarc",
+            "prf_base": {"irac": f"{self.url}/prf/irac", "galex": f"{self.url}/prf/galex"},
             "timeout_s": 10.0,
             "retries": 2,
             "backoff_s": 0.01,
@@ -159,7 +206,10 @@ class ArchiveServer:
     def reset(self) -> None:
         with self._lock:
             self.hits.clear()
+            self.request_times.clear()
+            self.bytes_sent.clear()
             self.faults.clear()
+            self.shared_target_name = False
 
     def inject(self, route: str, *faults: str) -> None:
         """Answer the next requests on ``route`` with ``faults``, in order."""
@@ -169,6 +219,7 @@ class ArchiveServer:
     def _next_fault(self, route: str) -> str | None:
         with self._lock:
             self.hits[route] += 1
+            self.request_times[route].append(time.monotonic())
             return self.faults[route].pop(0) if self.faults[route] else None
 
     # --- TAP ----------------------------------------------------------------------------
@@ -186,6 +237,8 @@ class ArchiveServer:
             return _tap_error(f"Table '{match['table']}' does not exist")
         table = tables[name]
         columns = [c.strip() for c in match["columns"].split(",")]
+        if columns == ["*"]:
+            columns = list(table.colnames)
         by_lower = {c.lower(): c for c in table.colnames}
         unknown = [c for c in columns if c.lower() not in by_lower]
         if unknown:
@@ -198,22 +251,15 @@ class ArchiveServer:
             column.unit = None  # archives' own unit strings differ; the client sets its units
         return _votable_bytes(result)
 
-    def registry_answer(self) -> bytes:
-        rows = [
-            ("ivo://cds.vizier/ii/284", "COSMOS photometry (VizieR)", "http://vizier.example/sia?"),
-            (IRSA_SIA_IVOID, "COSMOS images at IRSA", f"{self.url}/irsa/sia?"),
-        ]
-        columns = {
-            "ivoid": [r[0] for r in rows], "res_type": ["vs:catalogservice"] * 2, "short_name": ["COSMOS"] * 2,
-            "res_title": [r[1] for r in rows], "content_level": ["research"] * 2, "res_description": [r[1] for r in rows],
-            "reference_url": ["https://example.org"] * 2, "creator_seq": ["Scoville, N."] * 2,
-            "created": ["2008-01-01T00:00:00"] * 2, "updated": ["2020-01-01T00:00:00"] * 2, "rights": ["public"] * 2,
-            "content_type": ["survey"] * 2, "source_format": ["bibcode"] * 2, "source_value": ["2007ApJS..172....1S"] * 2,
-            "region_of_regard": [np.nan] * 2, "waveband": ["infrared#optical"] * 2, "access_urls": [r[2] for r in rows],
-            "standard_ids": ["ivo://ivoa.net/std/sia"] * 2, "intf_types": ["vs:paramhttp"] * 2, "intf_roles": ["std"] * 2,
-            "cap_descriptions": ["SIA"] * 2,
-        }
-        return _votable_bytes(Table(columns))
+    def registry_answer(self, query: str) -> bytes:
+        if "rr.interface" not in query or "rr.capability" not in query:
+            return _tap_error(f"this RegTAP stand-in answers only the capability/interface join, not: {query}")
+        table = Table({
+            "ivoid": ["ivo://cds.vizier/ii/284", IRSA_SIA_IVOID, IRSA_SIA_IVOID],
+            "access_url": ["http://vizier.example/sia?", f"{self.url}/irsa/sia2?", f"{self.url}/irsa/sia?"],
+            "standard_id": ["ivo://ivoa.net/std/sia", "ivo://ivoa.net/std/sia#query-2.0", "ivo://ivoa.net/std/sia"],
+        })
+        return _votable_bytes(table)
 
     # --- SIA and the image server ---------------------------------------------------------
     def sia_answer(self, position: str, empty: bool) -> bytes:
@@ -226,13 +272,14 @@ class ArchiveServer:
             for channel in range(1, 5):
                 for kind in ("sci", "unc", "cov"):
                     name = f"irac_ch{channel}_go2_{kind}_10.fits"
-                    url = f"{self.url}/irsa/data/{name}"
-                    rows.append((f"IRAC ch{channel} {kind}", centre.ra.deg, centre.dec.deg, "IRAC", name, url))
-            rows.append(("ACS F814W", ra, dec, "ACS", "acs_I_030mas_077_sci.fits", f"{self.url}/irsa/data/acs.fits"))
+                    url = f"{self.url}{IRSA_IRAC_PATH}{name}"
+                    rows.append((f"IRAC ch{channel} {kind}", centre.ra.deg, centre.dec.deg, "IRAC", f"IRAC{channel}", name, url))
+            rows.append(("ACS F814W", ra, dec, "ACS", "F814W", "acs_I_030mas_077_sci.fits",
+                         f"{self.url}/data/COSMOS/images/acs_mosaic_2.0/acs.fits"))
         table = Table(
             rows=rows or None,
-            names=("sia_title", "ra", "dec", "dataset", "fname", "sia_url"),
-            dtype=(str, float, float, str, str, str),
+            names=("sia_title", "ra", "dec", "dataset", "band_name", "fname", "sia_url"),
+            dtype=(str, float, float, str, str, str, str),
         )
         table.add_column(["image/fits"] * len(table), name="sia_fmt")
         ucds = {
@@ -241,22 +288,39 @@ class ArchiveServer:
         }
         return _votable_bytes(table, ucds=ucds)
 
-    def irac_file(self, name: str, query: dict) -> bytes | None:
+    def mosaic(self, name: str) -> Path | None:
+        """The served mosaic file ``name``, written on first use (sparse: NaN only near the data)."""
         match = re.fullmatch(r"irac_ch(\d)_go2_(sci|unc)_10\.fits", name)
         if not match:
             return None
-        path = self.field_dir / f"irac/irac_ch{match[1]}_go2_{match[2]}.fits"
-        if "center" not in query:
-            return _fits_bytes(path)
-        ra, dec = (float(v) for v in query["center"].split(","))
-        size = u.Quantity(query["size"].replace("arcmin", " arcmin"))
-        with fits.open(path) as hdul:
-            header = hdul[0].header.copy()
-            cut = Cutout2D(hdul[0].data, SkyCoord(ra * u.deg, dec * u.deg), size, wcs=read_wcs(header), mode="trim")
-        header.update(cut.wcs.to_header())
-        buffer = io.BytesIO()
-        fits.PrimaryHDU(cut.data, header).writeto(buffer)
-        return buffer.getvalue()
+        path = self.mosaic_dir / name
+        with self._lock:
+            if path.is_file():
+                return path
+            with fits.open(self.field_dir / f"irac/irac_ch{match[1]}_go2_{match[2]}.fits") as hdul:
+                data, header = hdul[0].data, hdul[0].header.copy()
+            dtype = data.dtype.newbyteorder(">")
+            header["NAXIS1"] = header["NAXIS2"] = MOSAIC_PIXELS
+            header["CRPIX1"] += MOSAIC_OFFSET[0]
+            header["CRPIX2"] += MOSAIC_OFFSET[1]
+            header_bytes = header.tostring(padding=True).encode("ascii")
+            size = len(header_bytes) + MOSAIC_PIXELS * MOSAIC_PIXELS * dtype.itemsize
+            size += -size % 2880
+            ox, oy = MOSAIC_OFFSET
+            n_y, n_x = data.shape
+            block = np.full((n_y + 2 * NAN_FRAME, n_x + 2 * NAN_FRAME), np.nan, dtype=dtype)
+            block[NAN_FRAME : NAN_FRAME + n_y, NAN_FRAME : NAN_FRAME + n_x] = data
+            self.mosaic_dir.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".part")
+            with open(partial, "wb") as out:
+                out.write(header_bytes)
+                out.truncate(size)
+                for index, row in enumerate(block):
+                    y = oy - NAN_FRAME + index
+                    out.seek(len(header_bytes) + (y * MOSAIC_PIXELS + ox - NAN_FRAME) * dtype.itemsize)
+                    out.write(row.tobytes())
+            partial.rename(path)
+        return path
 
     # --- MAST -------------------------------------------------------------------------------
     def _galex_observations(self) -> list:
@@ -265,7 +329,8 @@ class ArchiveServer:
             for band_index, band in enumerate(("NUV", "FUV")):
                 rows.append({
                     "obsid": str(2000 + 10 * index + band_index), "obs_collection": "GALEX", "dataproduct_type": "image",
-                    "target_name": tile, "filters": band, "t_exptime": float(header["EXPTIME"]),
+                    "target_name": "COSMOS" if self.shared_target_name else tile, "filters": band,
+                    "t_exptime": float(header["EXPTIME"]),
                     "s_ra": float(header["RA_CENT"]), "s_dec": float(header["DEC_CENT"]), "project": "DIS",
                 })
         # A shallow all-sky-survey tile over the same sky: the deepest-exposure rule must drop it.
@@ -283,12 +348,19 @@ class ArchiveServer:
         })
         return rows
 
+    def _tile_of(self, observation: dict) -> str:
+        """The tile a deep observation covers, from its pointing (its products' name prefix)."""
+        for tile, header in self.galex_tiles.items():
+            if float(header["RA_CENT"]) == observation["s_ra"] and float(header["DEC_CENT"]) == observation["s_dec"]:
+                return tile
+        raise KeyError(observation)
+
     def _galex_products(self, obsids) -> list:
         rows = []
         for observation in self._galex_observations():
             if observation["obsid"] not in obsids:
                 continue
-            tile = observation["target_name"]
+            tile = observation["target_name"] if observation["project"] != "DIS" else self._tile_of(observation)
             for code in ("nd", "fd"):
                 for kind in ("int", "skybg", "rrhr", "cat"):
                     name = f"{tile}-{code}-{kind}.fits.gz"
@@ -349,6 +421,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest's output clean
         pass
 
+    def handle(self):
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a time-out test): nothing to answer
+            pass
+
     def _send(self, status: int, body: bytes, content_type: str = "application/octet-stream", length: int | None = None):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -360,6 +438,66 @@ class _Handler(BaseHTTPRequestHandler):
         size = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(size).decode() if size else ""
         return {k.upper(): v[0] for k, v in parse_qs(body).items()}
+
+    def _send_file(self, path: Path, route: str):
+        """A static file, honouring a single ``Range: bytes=a-b`` (RFC 9110 section 14.2)."""
+        archive = self.archive
+        total = path.stat().st_size
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "").strip())
+        if wanted is None or self._fault == "no_range":
+            start, stop, status = 0, total - 1, 200
+        else:
+            start = int(wanted[1])
+            stop = min(int(wanted[2]) if wanted[2] else total - 1, total - 1)
+            if start >= total:
+                return self._send(416, b"range not satisfiable", "text/plain")
+            status = 206
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            body = handle.read(stop - start + 1)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/fits")
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{stop}/{total}")
+        if self._fault == "truncate":
+            self.close_connection = True
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            body = body[: len(body) // 2]
+        else:
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+        self.wfile.write(body)
+        with archive._lock:
+            archive.bytes_sent[route] += len(body)
+
+    def _uws_job(self, job_id: str) -> bytes:
+        archive = self.archive
+        job = archive.jobs[job_id]
+        base = f"{archive.url}/irsa/TAP/async/{job_id}"
+        result = f'<uws:result id="result" xlink:href="{base}/results/result"/>' if job["phase"] == "COMPLETED" else ""
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<uws:job xmlns:uws="http://www.ivoa.net/xml/UWS/v1.0" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" version="1.1">\n'
+            f"  <uws:jobId>{job_id}</uws:jobId>\n  <uws:runId/>\n  <uws:ownerId xsi:nil=\"true\"/>\n"
+            f"  <uws:phase>{job['phase']}</uws:phase>\n  <uws:quote xsi:nil=\"true\"/>\n"
+            "  <uws:creationTime>2026-01-01T00:00:00Z</uws:creationTime>\n"
+            "  <uws:startTime xsi:nil=\"true\"/>\n  <uws:endTime xsi:nil=\"true\"/>\n"
+            "  <uws:executionDuration>3600</uws:executionDuration>\n"
+            "  <uws:destruction>2026-01-08T00:00:00Z</uws:destruction>\n"
+            "  <uws:parameters>\n"
+            f"    <uws:parameter id=\"query\">{job['query'].replace('&', '&amp;').replace('<', '&lt;')}</uws:parameter>\n"
+            "  </uws:parameters>\n"
+            f"  <uws:results>{result}</uws:results>\n</uws:job>\n"
+        ).encode()
+
+    def _redirect(self, location: str):
+        self.send_response(303)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _route(self, method: str):
         archive = self.archive
@@ -376,29 +514,59 @@ class _Handler(BaseHTTPRequestHandler):
             "/irsa/sia": "sia", "/mast/portal/Mashup/Mashup.asmx/columnsconfig": "mast_columnsconfig",
             "/mast/api/v0/invoke": "mast_invoke", "/mast/api/v0.1/Download/file": "mast_download",
         }
-        route = routes.get(path) or ("irac_download" if path.startswith("/irsa/data/") else None) or (
-            "prf_download" if path.startswith("/prf/") else None)
+        route = (routes.get(path) or ("irac_download" if path.startswith(IRSA_IRAC_PATH) else None)
+                 or ("prf_download" if path.startswith("/prf/") else None)
+                 or ("irsa_tap_async" if path.startswith("/irsa/TAP/async") else None))
         if route is None:
             return self._send(404, b"not found", "text/plain")
         fault = archive._next_fault(route)
+        self._fault = fault
         if fault == "slow":
             time.sleep(SLOW_ANSWER_S)
         if fault == "500":
             return self._send(500, b"Internal Server Error: the archive is overloaded", "text/plain")
+        if fault == "503_retry":
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if fault == "tap_error":
             return self._send(200, _tap_error(TAP_ERROR_MESSAGE), "text/xml")
-        if fault == "refuse_cutout" and "center" in query:
-            return self._send(400, b"cutouts are not supported for this file", "text/plain")
         empty = fault == "empty"
 
+        if route == "irsa_tap_async":
+            parts = path[len("/irsa/TAP/async"):].strip("/").split("/")
+            if parts == [""] and method == "POST":  # TAP 1.1 section 2.3.2: create the job, redirect to it
+                job_id = uuid.uuid4().hex[:12]
+                archive.jobs[job_id] = {"phase": "PENDING", "query": form.get("QUERY", ""), "empty": empty}
+                return self._redirect(f"{archive.url}/irsa/TAP/async/{job_id}")
+            job_id = parts[0]
+            if job_id not in archive.jobs:
+                return self._send(404, b"no such job", "text/plain")
+            job = archive.jobs[job_id]
+            if method == "DELETE" or (method == "POST" and parts[1:] == [] and form.get("ACTION") == "DELETE"):
+                del archive.jobs[job_id]  # UWS 1.1 section 2.2.3.2: HTTP DELETE, or POST ACTION=DELETE
+                return self._redirect(f"{archive.url}/irsa/TAP/async")
+            if parts[1:] == ["phase"] and method == "POST":
+                if form.get("PHASE") == "RUN":
+                    job["phase"] = "COMPLETED"  # the stand-in's jobs finish at once
+                return self._redirect(f"{archive.url}/irsa/TAP/async/{job_id}")
+            if parts[1:] == ["results", "result"]:
+                table = archive.catalog[:0] if job["empty"] else archive.catalog
+                return self._send(200, archive.tap_answer(job["query"], {"cosmos2015": table}), "application/x-votable+xml")
+            return self._send(200, self._uws_job(job_id), "text/xml")
         if route in ("irsa_tap", "registry", "heasarc_tap"):
             adql = form.get("QUERY", "")
             if route == "registry":
-                body = archive.registry_answer()
+                body = archive.registry_answer(adql)
+            elif route == "irsa_tap":
+                body = archive.tap_answer(adql, {"cosmos2015": archive.catalog[:0] if empty else archive.catalog})
             else:
-                table = archive.catalog if route == "irsa_tap" else archive.chandra
-                name = "cosmos2015" if route == "irsa_tap" else "ccosmoscat"
-                body = archive.tap_answer(adql, {name: table[:0] if empty else table})
+                tables = {"ccosmoscat": archive.chandra, "clscat": archive.legacy}
+                if fault == "no_table":
+                    tables.pop("clscat")
+                body = archive.tap_answer(adql, {k: v[:0] if empty else v for k, v in tables.items()})
             return self._send(200, body, "application/x-votable+xml")
         if route == "sia":
             return self._send(200, archive.sia_answer(query.get("POS", "0,0"), empty), "text/xml")
@@ -408,11 +576,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, archive.mast_invoke(json.loads(form["REQUEST"]), empty), "application/json")
 
         if route == "irac_download":
-            body = archive.irac_file(unquote(path.rsplit("/", 1)[-1]), query)
-        elif route == "mast_download":
+            mosaic = archive.mosaic(unquote(path.rsplit("/", 1)[-1]))
+            if mosaic is None:
+                return self._send(404, b"no such file", "text/plain")
+            return self._send_file(mosaic, route)
+        if route == "mast_download":
             body = archive.galex_file(query.get("uri", ""))
         else:
-            file = archive.field_dir / "prf" / unquote(path.rsplit("/", 1)[-1])
+            name = unquote(path.rsplit("/", 1)[-1])
+            file = archive.field_dir / "prf" / {"PSFnuv_faint.fits": "PSFnuv.fits"}.get(name, name)
             body = file.read_bytes() if file.is_file() else None
         if body is None:
             return self._send(404, b"no such file", "text/plain")
@@ -432,3 +604,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self._route("POST")
+
+    def do_DELETE(self):
+        self._route("DELETE")

@@ -5,28 +5,20 @@ One module per service over one shared download cache and one endpoint configura
 * `irsa` -- COSMOS2015 from IRSA's TAP service and the IRAC mosaics from IRSA's COSMOS image
   (SIA) service, found in the IVOA registry;
 * `mast` -- the deep GALEX tiles from MAST (astroquery);
-* `heasarc` -- the Chandra COSMOS Legacy catalogue from HEASARC (astroquery, TAP);
-* `prf` -- the PRF of each band (a configured instrument file, else the simulator's model);
+* `heasarc` -- the Chandra COSMOS Legacy catalogue from HEASARC (TAP), C-COSMOS as a fallback;
+* `prf` -- the published PRF of each band, downloaded and checked (the model PRF, loudly, if not);
+* `sections` -- the field's box of a remote mosaic read with HTTP range requests;
 * `cutout` -- the local cut of an image to the field's box, where a service sent more;
 * `cache` -- atomic, checked downloads, retries with backoff, time-outs, clear errors;
 * `config` -- the endpoints (``$MBPHOT_ENDPOINTS`` or an argument), defaults the real services.
 
-`retrieve_archive` writes the field's files in the layout and formats of the simulated field,
+Importing this package is cheap: pyvo, astroquery and requests are imported only when
+`retrieve_archive` or an error class is first used, so sample mode and ``mbphot --help`` never
+load the archive stack. `retrieve_archive` writes the field's files in the layout and formats of the simulated field,
 so every later step reads both the same way.
 """
 
-from pathlib import Path
-
-from ..bands import GALEX_BANDS, IRAC_BANDS
-from ..manifest import Manifest
-from ..params import RunParameters
-from ..sample import SampleSpec
-from .cache import ArchiveEmptyError, ArchiveError, ArchiveUnreachableError
 from .config import ENDPOINTS_ENV, Endpoints, load_endpoints
-from .heasarc import query_chandra
-from .irsa import fetch_irac, query_cosmos2015
-from .mast import fetch_galex
-from .prf import fetch_prfs
 
 __all__ = [
     "retrieve_archive",
@@ -35,77 +27,22 @@ __all__ = [
     "ENDPOINTS_ENV",
     "ArchiveError",
     "ArchiveEmptyError",
+    "ArchiveSlowError",
     "ArchiveUnreachableError",
 ]
 
-CATALOG_FILE = "catalog/cosmos2015.fits"
-CHANDRA_FILE = "chandra/ccosmoscat.fits"
-BOX_MARGIN_ARCMIN = 0.2
-"""Added to the image box side so that a server's rounding to whole pixels never cuts off the
-last row or column of the simulated field's box."""
+_LAZY = {
+    "retrieve_archive": "retrieval",
+    "ArchiveError": "cache",
+    "ArchiveEmptyError": "cache",
+    "ArchiveSlowError": "cache",
+    "ArchiveUnreachableError": "cache",
+}
 
 
-def retrieve_archive(params: RunParameters, progress: bool = True, endpoints=None) -> Manifest:
-    """Retrieve a field's real data from IRSA, MAST and HEASARC into ``params.field_dir``.
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-    The catalogue and the Chandra catalogue reach 1 arcmin beyond the field (neighbours of edge
-    sources matter), and the images cover the same box as the simulated field's. Files are
-    cached in the field folder: a rerun fetches only what is missing, and a run that fails
-    leaves only complete files behind. The manifest is returned, not saved.
-
-    Parameters
-    ----------
-    params : RunParameters
-        Position, radius, bands and folders of the run.
-    progress : bool
-        Show download progress bars.
-    endpoints : dict or Endpoints, optional
-        Service addresses and network policy, over ``$MBPHOT_ENDPOINTS`` and the defaults
-        (see `mbphot.archive.config`).
-
-    Returns
-    -------
-    Manifest
-        ``field["data_source"] == "archive"``, ``truth`` None, and per band the images, the
-        PRF and its ``prf_source``.
-
-    Raises
-    ------
-    ArchiveUnreachableError
-        A service cannot be reached ("cannot reach ... at <url>; use data_source='sample' ...").
-    ArchiveEmptyError
-        A service has nothing for this position and radius.
-    ArchiveError
-        Any other failure of a service, with the archive's own message.
-    """
-    endpoints = load_endpoints(endpoints)
-    geometry = SampleSpec(ra_deg=params.ra, dec_deg=params.dec, radius_arcmin=params.radius_arcmin)
-    directory = Path(params.field_dir)
-    box_side_arcmin = 2 * geometry.image_half_side_arcmin + BOX_MARGIN_ARCMIN
-
-    query_cosmos2015(params.ra, params.dec, geometry.catalog_radius_arcmin, directory / CATALOG_FILE, endpoints)
-    query_chandra(params.ra, params.dec, geometry.catalog_radius_arcmin, directory / CHANDRA_FILE, endpoints)
-    images = fetch_irac(
-        [b for b in params.bands if b in IRAC_BANDS], params.ra, params.dec, box_side_arcmin, directory, endpoints, progress
-    )
-    images.update(
-        fetch_galex(
-            [b for b in params.bands if b in GALEX_BANDS], params.ra, params.dec, geometry.catalog_radius_arcmin,
-            box_side_arcmin, directory, endpoints, progress,
-        )
-    )
-    prfs = fetch_prfs(params.bands, directory, endpoints, progress)
-    return Manifest(
-        directory=directory,
-        field={
-            "ra": params.ra,
-            "dec": params.dec,
-            "radius_arcmin": params.radius_arcmin,
-            "catalog_radius_arcmin": geometry.catalog_radius_arcmin,
-            "data_source": "archive",
-        },
-        catalog=CATALOG_FILE,
-        chandra=CHANDRA_FILE,
-        truth=None,
-        bands={band: {**prfs[band], "images": images[band]} for band in params.bands},
-    )
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

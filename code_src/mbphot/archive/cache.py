@@ -5,22 +5,27 @@
   a file already under its final name is reused. So a rerun downloads nothing it has, and an
   interrupted or truncated transfer never counts as done.
 * `call_with_retries` runs one request with a bounded number of retries and exponential
-  backoff on transient failures (no connection, time-out, HTTP 5xx, a truncated body), and
-  turns every failure into an `ArchiveError` that says which service failed and what to do;
-  an archive's own error message is passed on verbatim.
+  backoff on transient failures (no connection, time-out, HTTP 5xx or 429, a truncated body),
+  waiting instead as long as a ``Retry-After`` header asks (RFC 9110, section 10.2.3; capped
+  at `MAX_RETRY_AFTER_S`), and turns every failure into an `ArchiveError` that says which
+  service failed and what to do; an archive's own error message is passed on verbatim.
+  "Unreachable" (no connection could be made: refused, no route, DNS, connect time-out) and
+  "slow" (connected, but no answer within ``timeout_s``) are different errors with different
+  advice.
 """
 
+import email.utils
 import gzip
+import logging
 import os
 import shutil
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
 from astropy.io import fits
-from astroquery.exceptions import RemoteServiceError
-from pyvo.dal import DALQueryError, DALServiceError
 from tqdm.auto import tqdm
 
 from ..io import atomic_path
@@ -30,6 +35,7 @@ __all__ = [
     "ArchiveError",
     "ArchiveUnreachableError",
     "ArchiveEmptyError",
+    "ArchiveSlowError",
     "TimeoutSession",
     "call_with_retries",
     "download",
@@ -40,6 +46,10 @@ __all__ = [
 OFFLINE_HINT = "use data_source='sample' to run offline"
 CHUNK_BYTES = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
+MAX_RETRY_AFTER_S = 300.0
+"""The longest wait a ``Retry-After`` header can impose before mbphot gives up instead."""
+USER_AGENT = "mbphot/0.1 (multiband forced photometry of COSMOS; python-requests)"
+logger = logging.getLogger("mbphot.archive")
 
 
 class ArchiveError(RuntimeError):
@@ -61,6 +71,10 @@ class ArchiveEmptyError(ArchiveError):
     """A service answered, but has nothing for the requested position and radius."""
 
 
+class ArchiveSlowError(ArchiveError):
+    """A service accepted the connection but did not answer within ``timeout_s``."""
+
+
 class IncompleteDownloadError(OSError):
     """A body shorter than its Content-Length, or a file that is not whole FITS; retried."""
 
@@ -72,6 +86,7 @@ class TimeoutSession(requests.Session):
     def __init__(self, timeout_s: float):
         super().__init__()
         self.timeout_s = timeout_s
+        self.headers["User-Agent"] = USER_AGENT
 
     def request(self, method, url, **kwargs):
         if kwargs.get("timeout") is None:
@@ -103,16 +118,45 @@ def _is_transient(error) -> bool:
     return status is not None and (status >= 500 or status == 429)
 
 
+def retry_after_s(error) -> float | None:
+    """Seconds the server asked to wait (``Retry-After``: delay-seconds or an HTTP date)."""
+    # Not ``a or b``: a requests Response is falsy when its status is an error.
+    response = getattr(_cause(error), "response", None)
+    if response is None:
+        response = getattr(error, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
 def _translate(error, service: str, url: str, attempts: int, endpoints: Endpoints) -> Exception | None:
     """An `ArchiveError` for ``error``, or None for errors that are not about the archive."""
+    from astroquery.exceptions import RemoteServiceError
+    from pyvo.dal import DALQueryError, DALServiceError
+
     after = f"after {attempts} attempt{'s' if attempts > 1 else ''}"
     cause = _cause(error)
-    if isinstance(cause, requests.ConnectionError):
-        return ArchiveUnreachableError(f"cannot reach {service} at {url}; {OFFLINE_HINT} (no connection {after})")
-    if isinstance(cause, requests.Timeout):
+    if isinstance(cause, requests.ConnectTimeout):  # a subclass of both ConnectionError and Timeout
         return ArchiveUnreachableError(
-            f"cannot reach {service} at {url}; {OFFLINE_HINT} (no answer within {endpoints.timeout_s:g} s, {after}; "
-            "a slow archive may need a larger timeout_s in $MBPHOT_ENDPOINTS)"
+            f"cannot reach {service} at {url}; {OFFLINE_HINT} (no connection within {endpoints.timeout_s:g} s, {after})"
+        )
+    stalled = isinstance(cause, requests.ConnectionError) and "read timed out" in str(cause).lower()
+    if isinstance(cause, requests.ConnectionError) and not stalled:
+        return ArchiveUnreachableError(f"cannot reach {service} at {url}; {OFFLINE_HINT} (no connection {after})")
+    if isinstance(cause, requests.Timeout) or stalled:  # requests reports a stall mid-body as ConnectionError
+        return ArchiveSlowError(
+            f"{service} at {url} is slow: it accepted the connection but sent nothing for {endpoints.timeout_s:g} s "
+            f"({after}); the archive is up but busy: try again later or raise timeout_s in $MBPHOT_ENDPOINTS"
         )
     if isinstance(cause, (IncompleteDownloadError, requests.exceptions.ChunkedEncodingError)):
         return ArchiveError(f"{service} sent an incomplete file from {url} {after}: {cause}")
@@ -155,8 +199,11 @@ def call_with_retries(action, *, service: str, url: str, endpoints: Endpoints):
         try:
             return action()
         except Exception as error:
-            if _is_transient(error) and attempt < endpoints.retries:
-                time.sleep(endpoints.backoff_s * 2**attempt)
+            asked = retry_after_s(error)
+            if _is_transient(error) and attempt < endpoints.retries and (asked is None or asked <= MAX_RETRY_AFTER_S):
+                wait = asked if asked is not None else endpoints.backoff_s * 2**attempt
+                logger.info("%s at %s failed (%s); retrying in %.1f s", service, url, error, wait)
+                time.sleep(wait)
                 continue
             translated = _translate(error, service, url, attempt + 1, endpoints)
             if translated is None:

@@ -39,12 +39,19 @@ class Endpoints:
     mast : str
         MAST's server (portal API and downloads, as ``astroquery.mast.conf.server``).
     heasarc : str
-        HEASARC's Xamin VO base URL (``astroquery.heasarc.conf.VO_URL``); its TAP service is
-        ``<heasarc>/tap``.
+        HEASARC's Xamin VO base URL; its TAP service is ``<heasarc>/tap``.
     prf : dict
-        Band name to the URL of a real PRF/PSF FITS file to use for that band. No archive
-        serves the COSMOS IRAC PRFs or the GALEX PSFs through a query API, so by default every
-        band uses the model PRF of `mbphot.sample`; naming a file here makes the run use it.
+        Band name to the URL of a PRF/PSF FITS file that wins over the published files
+        `mbphot.archive.prf` downloads by default.
+    prf_base : dict
+        ``{"irac": url, "galex": url}``: folders holding the published PRFs
+        (``PRF_IRAC_ch<N>.fits``; ``PSFnuv_faint.fits``, ``PSFfuv.fits``); the defaults are in
+        `mbphot.archive.prf`.
+    whole_files : bool
+        Allow downloading a whole IRAC mosaic (about 480 MB each) where the server does not
+        honour HTTP range requests. Off by default: the run stops and says so instead.
+    async_radius_arcmin : float
+        Catalogue cones wider than this go through TAP's asynchronous (UWS) endpoint.
     timeout_s : float
         Seconds to wait for a connection or for the next bytes of a response.
     retries : int
@@ -58,6 +65,9 @@ class Endpoints:
     mast: str = "https://mast.stsci.edu"
     heasarc: str = "https://heasarc.gsfc.nasa.gov/xamin/vo"
     prf: dict = field(default_factory=dict)
+    prf_base: dict = field(default_factory=dict)
+    whole_files: bool = False
+    async_radius_arcmin: float = 10.0
     timeout_s: float = 60.0
     retries: int = 3
     backoff_s: float = 2.0
@@ -70,6 +80,12 @@ class Endpoints:
             object.__setattr__(self, name, value.rstrip("/"))
         if not isinstance(self.prf, dict):
             raise ValueError(f"endpoint prf must map band names to URLs, got {self.prf!r}")
+        if not isinstance(self.prf_base, dict) or set(self.prf_base) - {"irac", "galex"}:
+            raise ValueError(f"endpoint prf_base must map 'irac' and/or 'galex' to folder URLs, got {self.prf_base!r}")
+        if not isinstance(self.whole_files, bool):
+            raise ValueError(f"whole_files must be true or false, got {self.whole_files!r}")
+        if not (isinstance(self.async_radius_arcmin, (int, float)) and self.async_radius_arcmin >= 0):
+            raise ValueError(f"async_radius_arcmin must be a number >= 0, got {self.async_radius_arcmin!r}")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:

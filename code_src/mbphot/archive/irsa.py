@@ -1,18 +1,23 @@
 """IRSA: the COSMOS2015 catalogue (TAP) and the COSMOS IRAC mosaics (SIA found in the registry).
 
 The catalogue is a cone on IRSA's ``cosmos2015`` table with only the columns the pipeline
-uses, written with the same names, order, types and units as the simulated catalogue. The
-IRAC ``go2`` science and uncertainty mosaics come from IRSA's COSMOS image service, found in
-the IVOA registry the way a VO user finds it; only the field's box is fetched, through the
-image server's cutout parameters, and a whole mosaic is fetched (and cut here) only where the
-server refuses them.
+uses, written with the same names, order, types and units as the simulated catalogue, and
+COSMOS2015's sentinel values turned into missing values (`SENTINEL_RULE`). Cones wider than
+``async_radius_arcmin`` go through TAP's asynchronous endpoint (a 48' cone is about 1.2
+million rows, too long for one synchronous answer).
+
+The IRAC ``go2`` science and uncertainty mosaics are found through IRSA's COSMOS image (SIA
+1.0) service, itself found in the IVOA registry with a RegTAP query. IRSA serves these
+mosaics as plain files under ``/data/COSMOS/images/spitzer/irac/`` (about 480 MB each), where
+its ``center``/``size`` cutout parameters do not apply, so only the field's box is read, with
+HTTP range requests (`mbphot.archive.sections`); a whole mosaic is downloaded only where the
+server ignores ranges and ``whole_files`` is set.
 """
 
+import logging
 import re
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlencode
 
 import numpy as np
 import pyvo
@@ -20,7 +25,6 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import MaskedColumn, Table
 from pyvo.dal.exceptions import DALOverflowWarning
-from pyvo.registry import choose_RegTAP_service, get_RegTAP_service_url
 
 from ..io import atomic_path
 from .cache import (
@@ -33,8 +37,12 @@ from .cache import (
 )
 from .config import ENDPOINTS_ENV, Endpoints
 from .cutout import cut_to_box
+from .sections import RangeNotSupportedError, read_section
 
-__all__ = ["CATALOG_COLUMNS", "query_cosmos2015", "find_cosmos_image_service", "fetch_irac"]
+__all__ = ["CATALOG_COLUMNS", "SENTINEL_RULE", "query_cosmos2015", "find_cosmos_image_service", "fetch_irac",
+           "clean_sentinels"]
+
+logger = logging.getLogger("mbphot.archive.irsa")
 
 CATALOG_TABLE = "cosmos2015"
 CATALOG_COLUMNS = {
@@ -55,7 +63,58 @@ MAX_ROWS = 2_000_000
 
 IRAC_DATASET = "IRAC"
 IRAC_TILE = "COSMOS"
-REGISTRY_KEYWORD = "cosmos"
+ASYNC_WAIT_S = 3600.0
+"""How long an asynchronous TAP job may run before mbphot gives up on it."""
+DEFAULT_REGISTRY = "http://reg.g-vo.org/tap"
+"""pyvo's default RegTAP service (GAVO's), used when neither ``registry`` nor ``IVOA_REGISTRY`` names one."""
+REGTAP_QUERY = (
+    "SELECT ivoid, access_url, standard_id FROM rr.capability NATURAL JOIN rr.interface "
+    "WHERE standard_id LIKE 'ivo://ivoa.net/std/sia%' AND intf_role = 'std' AND ivoid LIKE '%irsa%cosmos%'"
+)
+"""RegTAP 1.1 (IVOA Recommendation, sections 8.5 and 8.6): SIA interfaces of IRSA's COSMOS
+resources (RegTAP keeps ivoids in lower case)."""
+
+SENTINEL_RULE = """\
+COSMOS2015 marks missing values with sentinels (Laigle et al. 2016, README of the catalogue:
+-99 or -99.9 for no measurement; TYPE -9 for a failed fit). mbphot turns them into missing
+values as follows:
+* every float column: a value <= -90 becomes NaN (no real COSMOS2015 flux, magnitude, error
+  or redshift is that negative);
+* magnitudes, magnitude errors and flux errors, which cannot be negative: any negative value
+  becomes NaN (this catches -9 and -1 flags);
+* fluxes keep values between -90 and 0: a faint source's measured flux can be negative;
+* integer columns: ``type`` -9 and a negative ``id_chandra09`` become masked (missing).
+The catalogue's header records how many values of each column were replaced (SENT_<n>)."""
+
+
+def _never_negative(name: str) -> bool:
+    return "mag" in name or "err" in name
+
+
+def clean_sentinels(catalog: Table) -> dict:
+    """Replace COSMOS2015's sentinel values in place (`SENTINEL_RULE`); return counts per column."""
+    replaced = {}
+    for name in catalog.colnames:
+        column = catalog[name]
+        if name in INTEGER_COLUMNS:
+            values = np.ma.getdata(column)
+            bad = (values == -9) if name == "type" else (values < 0) if name == "id_chandra09" else np.zeros(len(values), bool)
+            if bad.any():
+                mask = np.ma.getmaskarray(column) | bad
+                catalog[name] = MaskedColumn(values, mask=mask, unit=column.unit)
+        else:
+            values = np.asarray(column, dtype=np.float64)
+            bad = values <= -90.0
+            if _never_negative(name):
+                bad |= values < 0.0
+            if bad.any():
+                values = values.copy()
+                values[bad] = np.nan
+                catalog[name] = values
+                catalog[name].unit = column.unit
+        if bad.any():
+            replaced[name] = int(bad.sum())
+    return replaced
 
 
 def _as_sample_catalog(table: Table) -> Table:
@@ -81,7 +140,11 @@ def _as_sample_catalog(table: Table) -> Table:
         else:
             catalog[name] = np.where(mask, np.nan, np.ma.getdata(column).astype(np.float64))
         catalog[name].unit = unit
+    replaced = clean_sentinels(catalog)
     catalog.meta["ORIGIN"] = f"IRSA TAP, table {CATALOG_TABLE}"
+    catalog.meta["SENTINEL"] = "COSMOS2015 sentinels (-99, -9, ...) replaced by NaN/masked; see mbphot.archive.irsa"
+    for index, (name, count) in enumerate(replaced.items()):
+        catalog.meta[f"SENT_{index}"] = f"{name}: {count}"
     return catalog
 
 
@@ -105,11 +168,30 @@ def query_cosmos2015(ra_deg: float, dec_deg: float, radius_arcmin: float, path, 
         f"WHERE CONTAINS(POINT('ICRS', ra, dec), CIRCLE('ICRS', {ra_deg:.7f}, {dec_deg:.7f}, {radius_arcmin / 60.0:.7f})) = 1"
     )
     service = pyvo.dal.TAPService(endpoints.irsa_tap, session=TimeoutSession(endpoints.timeout_s))
+    asynchronous = radius_arcmin > endpoints.async_radius_arcmin
+
+    def run():
+        if not asynchronous:
+            return service.run_sync(adql, maxrec=MAX_ROWS)
+        # TAP 1.1 section 2.3.2 (UWS 1.1): create the job, run it, wait, fetch, delete.
+        job = service.submit_job(adql, maxrec=MAX_ROWS)
+        try:
+            job.run()
+            job.wait(timeout=ASYNC_WAIT_S)
+            job.raise_if_error()
+            return job.fetch_result()
+        finally:
+            try:
+                job.delete()
+            except Exception:  # a job the server already removed is no reason to fail
+                pass
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", DALOverflowWarning)
         try:
             result = call_with_retries(
-                lambda: service.run_sync(adql, maxrec=MAX_ROWS), service="IRSA TAP", url=endpoints.irsa_tap, endpoints=endpoints
+                run, service="IRSA TAP (asynchronous job)" if asynchronous else "IRSA TAP",
+                url=endpoints.irsa_tap, endpoints=endpoints,
             )
         except DALOverflowWarning:
             raise ArchiveError(
@@ -129,48 +211,49 @@ def query_cosmos2015(ra_deg: float, dec_deg: float, radius_arcmin: float, path, 
     return path
 
 
-@contextmanager
-def _registry(url: str | None):
-    """Point pyvo's registry searches at ``url`` for the block (None: pyvo's own choice)."""
-    if url is None:
-        yield get_RegTAP_service_url()
-        return
-    previous = get_RegTAP_service_url()
-    choose_RegTAP_service(url)
-    try:
-        yield url
-    finally:
-        choose_RegTAP_service(previous)
+def _registry_url(endpoints: Endpoints) -> str:
+    """The RegTAP service: ``registry``, else pyvo's choice (``IVOA_REGISTRY``, else GAVO's).
+
+    pyvo 1.9 added `pyvo.registry.get_RegTAP_service_url`; earlier versions keep the same
+    address in `pyvo.registry.regtap.REGISTRY_BASEURL`.
+    """
+    if endpoints.registry is not None:
+        return endpoints.registry
+    from pyvo.registry import regtap
+
+    getter = getattr(regtap, "get_RegTAP_service_url", None)
+    return getter() if getter is not None else getattr(regtap, "REGISTRY_BASEURL", DEFAULT_REGISTRY)
 
 
 def find_cosmos_image_service(endpoints: Endpoints, session=None):
-    """IRSA's COSMOS image (SIA) service, as the IVOA registry describes it.
+    """IRSA's COSMOS image (SIA 1.0) service, as the IVOA registry describes it.
+
+    The registry is asked with a RegTAP query over pyvo's TAP client and mbphot's session
+    (so with its time-out), rather than with `pyvo.regsearch`, which takes no session.
 
     Returns
     -------
     pyvo.dal.SIAService
     """
-    with _registry(endpoints.registry) as registry_url:
-        resources = call_with_retries(
-            lambda: pyvo.regsearch(servicetype="sia", keywords=[REGISTRY_KEYWORD]),
-            service="the IVOA registry",
-            url=registry_url,
-            endpoints=endpoints,
-        )
-    for resource in resources:
-        ivoid = resource.ivoid.lower()
-        if "irsa" in ivoid and "cosmos" in ivoid:
-            return resource.get_service("sia", lax=True, session=session)
-    raise ArchiveError(
-        f"the IVOA registry at {registry_url} lists no IRSA COSMOS image (SIA) service among "
-        f"{len(resources)} SIA services matching {REGISTRY_KEYWORD!r}; set 'registry' in ${ENDPOINTS_ENV} to another registry"
+    session = session or TimeoutSession(endpoints.timeout_s)
+    registry_url = _registry_url(endpoints)
+    registry = pyvo.dal.TAPService(registry_url, session=session)
+    rows = call_with_retries(
+        lambda: registry.run_sync(REGTAP_QUERY).to_table(), service="the IVOA registry", url=registry_url, endpoints=endpoints
     )
-
-
-def _cutout_url(url: str, ra_deg: float, dec_deg: float, side_arcmin: float) -> str:
-    """IRSA's image server cuts a file on the fly given ``center`` and ``size``."""
-    query = urlencode({"center": f"{ra_deg:.6f},{dec_deg:.6f}", "size": f"{side_arcmin:.4f}arcmin", "gzip": "false"})
-    return f"{url}{'&' if '?' in url else '?'}{query}"
+    candidates = [
+        (str(row["ivoid"]), str(row["access_url"]), str(row["standard_id"]))
+        for row in rows
+        if "irsa" in str(row["ivoid"]).lower() and "cosmos" in str(row["ivoid"]).lower()
+    ]
+    # SIA 1.0 first (the standard id without a 2.0 fragment): the fields read below are SIA 1.0's.
+    candidates.sort(key=lambda c: ("2.0" in c[2], c[0]))
+    if not candidates:
+        raise ArchiveError(
+            f"the IVOA registry at {registry_url} lists no IRSA COSMOS image (SIA) service; "
+            f"set 'registry' in ${ENDPOINTS_ENV} to another RegTAP service"
+        )
+    return pyvo.dal.SIAService(candidates[0][1], session=session)
 
 
 def _irac_records(results, channel: int, centre: SkyCoord) -> dict:
@@ -186,18 +269,24 @@ def _irac_records(results, channel: int, centre: SkyCoord) -> dict:
     return chosen
 
 
-def _fetch_region(url, path, ra_deg, dec_deg, side_arcmin, endpoints, session, progress, what):
-    """The box of one mosaic: a server-side cutout, or the whole file cut here if refused."""
-    def finish(temporary):
-        cut_to_box(temporary, ra_deg, dec_deg, side_arcmin, what)
-
-    common = dict(service="IRSA image server", endpoints=endpoints, session=session, progress=progress, finish=finish)
+def _fetch_region(url, path, ra_deg, dec_deg, side_arcmin, endpoints, progress, what) -> int:
+    """The box of one mosaic by range requests; the whole file only if allowed. Returns bytes received."""
     try:
-        return download(_cutout_url(url, ra_deg, dec_deg, side_arcmin), path, **common)
-    except ArchiveError as error:
-        if error.status is None or not 400 <= error.status < 500:
-            raise
-    return download(url, path, **common)
+        received = read_section(url, path, ra_deg, dec_deg, side_arcmin, service="IRSA's image server",
+                                endpoints=endpoints, what=what, progress=progress)
+        logger.info("%s: %.2f MB received for the field's box", what, received / 1e6)
+        return received
+    except RangeNotSupportedError:
+        if not endpoints.whole_files:
+            raise ArchiveError(
+                f"IRSA's image server does not honour HTTP range requests for {url}, so the field's box of {what} "
+                f"cannot be read alone; set whole_files: true in ${ENDPOINTS_ENV} to download whole mosaics "
+                "(about 480 MB each) and cut them here"
+            ) from None
+    logger.warning("%s: the server ignores range requests; downloading the whole file (whole_files is set)", what)
+    download(url, path, service="IRSA's image server", endpoints=endpoints, progress=progress,
+             finish=lambda temporary: cut_to_box(temporary, ra_deg, dec_deg, side_arcmin, what))
+    return path.stat().st_size
 
 
 def fetch_irac(bands, ra_deg, dec_deg, side_arcmin, directory, endpoints: Endpoints, progress: bool = False) -> dict:
@@ -230,7 +319,7 @@ def fetch_irac(bands, ra_deg, dec_deg, side_arcmin, directory, endpoints: Endpoi
             "exposure": None,
             "tile": IRAC_TILE,
         }]
-    needed = [b for b in bands if not all((directory / entries[b][0][k]).is_file() for k in ("image", "unc"))]
+    needed = [b for b in bands if not all(is_cached(directory / entries[b][0][k]) for k in ("image", "unc"))]
     if not needed:
         return entries  # every file is in the cache: no need to ask the registry or IRSA
     session = TimeoutSession(endpoints.timeout_s)
@@ -252,8 +341,10 @@ def fetch_irac(bands, ra_deg, dec_deg, side_arcmin, directory, endpoints: Endpoi
                 f"covering RA {ra_deg}, Dec {dec_deg}: the position is outside COSMOS's IRAC coverage"
             )
         for kind, key in (("sci", "image"), ("unc", "unc")):
+            if is_cached(directory / entries[band][0][key]):
+                continue
             _fetch_region(
                 records[kind].getdataurl(), directory / entries[band][0][key], ra_deg, dec_deg, side_arcmin,
-                endpoints, session, progress, f"the IRAC channel {channel} {kind} mosaic",
+                endpoints, progress, f"the IRAC channel {channel} {kind} mosaic",
             )
     return entries

@@ -1,10 +1,13 @@
 """MAST: the deep GALEX tiles over the field (intensity, sky background, effective exposure).
 
 `astroquery.mast.Observations` finds the GALEX image observations whose footprint reaches the
-catalogue circle; for each tile and band the deepest one is kept, and tiles much shallower
-than the deepest (all-sky or medium-depth visits beside the deep COSMOS tiles) are dropped.
-Of their products only the ``-int``, ``-skybg`` and ``-rrhr`` images are fetched (no
-catalogues), whole (MAST does not cut GALEX files), unpacked and cut to the field's box.
+catalogue circle; observations much shallower than the deepest (all-sky or medium-depth
+visits beside the deep COSMOS tiles) are dropped. A tile is identified by the name its
+products carry (``<tile>-nd-int.fits.gz``: the GALEX pipeline's file naming, GALEX GR6/7 data
+description), not by the observation's ``target_name``, which distinct sub-grid observations
+can share; for each tile and band the deepest observation is kept. Of its products only the
+``-int``, ``-skybg`` and ``-rrhr`` images are fetched (no catalogues), whole (MAST serves
+GALEX images gzipped, which cannot be read by section), unpacked and cut to the field's box.
 """
 
 import json
@@ -66,30 +69,36 @@ def _quietly(action, **retry):
         return call_with_retries(action, **retry)
 
 
-def _deepest_tiles(observations_table, band: str) -> list:
-    """Observation ids of the deepest observation of each tile in ``band``, shallow tiles dropped."""
+def _band_observations(observations_table, band: str):
+    """Rows of ``band``'s observations deep enough to use (see `DEPTH_FRACTION`)."""
     filters = np.array([str(f).upper() for f in observations_table["filters"]])
     rows = observations_table[np.char.find(filters, band.upper()) >= 0]
     if len(rows) == 0:
-        return []
+        return rows
     exposure = np.ma.filled(np.ma.asarray(rows["t_exptime"], dtype=float), 0.0)
-    best = {}
-    for index, tile in enumerate(str(t) for t in rows["target_name"]):
-        if tile not in best or exposure[index] > exposure[best[tile]]:
-            best[tile] = index
-    deepest = max(exposure[i] for i in best.values())
-    return [str(rows["obsid"][i]) for i in best.values() if exposure[i] >= DEPTH_FRACTION * deepest]
+    return rows[exposure >= DEPTH_FRACTION * exposure.max()]
 
 
-def _product_files(products, code: str) -> dict:
-    """Tile name to ``{"image"|"sky"|"exposure": dataURI}`` for band ``code`` (``nd``/``fd``)."""
+def _product_files(products, code: str, exposures: dict) -> dict:
+    """Tile name to ``{"image"|"sky"|"exposure": dataURI}`` for band ``code`` (``nd``/``fd``).
+
+    The tile name is parsed from the product file name; where several observations hold the
+    same tile, the deepest (``exposures``: obsid to seconds) wins.
+    """
     pattern = re.compile(rf"^(?P<tile>.+)-{code}-(?P<kind>int|skybg|rrhr)\.fits(\.gz)?$", re.IGNORECASE)
-    tiles = {}
-    for name, uri in zip(products["productFilename"], products["dataURI"]):
+    id_column = "obsID" if "obsID" in products.colnames else "parent_obsid"
+    by_tile = {}
+    for name, uri, obsid in zip(products["productFilename"], products["dataURI"], products[id_column]):
         match = pattern.match(str(name))
         if match:
-            tiles.setdefault(match["tile"], {})[PRODUCT_KINDS[match["kind"].lower()]] = str(uri)
-    return {tile: files for tile, files in tiles.items() if "image" in files}
+            by_tile.setdefault(match["tile"], {}).setdefault(str(obsid), {})[PRODUCT_KINDS[match["kind"].lower()]] = str(uri)
+    tiles = {}
+    for tile, observations in by_tile.items():
+        usable = {obsid: files for obsid, files in observations.items() if "image" in files}
+        if usable:
+            deepest = max(usable, key=lambda obsid: exposures.get(obsid, 0.0))
+            tiles[tile] = usable[deepest]
+    return tiles
 
 
 def fetch_galex(bands, ra_deg, dec_deg, catalog_radius_arcmin, side_arcmin, directory, endpoints: Endpoints,
@@ -150,13 +159,14 @@ def fetch_galex(bands, ra_deg, dec_deg, catalog_radius_arcmin, side_arcmin, dire
         pointing = SkyCoord(np.asarray(found["s_ra"], dtype=float) * u.deg, np.asarray(found["s_dec"], dtype=float) * u.deg)
         found = found[pointing.separation(centre).deg <= GALEX_FOV_RADIUS_DEG + catalog_radius_arcmin / 60.0]
     for band in needed:
-        obsids = _deepest_tiles(found, band) if len(found) else []
+        rows = _band_observations(found, band) if len(found) else []
         tiles = {}
-        if obsids:
+        if len(rows):
+            exposures = {str(o): float(t) for o, t in zip(rows["obsid"], np.ma.filled(np.ma.asarray(rows["t_exptime"], float), 0))}
             products = _quietly(
-                lambda: observations.get_product_list(obsids), service="MAST", url=endpoints.mast, endpoints=endpoints
+                lambda: observations.get_product_list(list(exposures)), service="MAST", url=endpoints.mast, endpoints=endpoints
             )
-            tiles = _product_files(products, BANDS[band].galex_code) if len(products) else {}
+            tiles = _product_files(products, BANDS[band].galex_code, exposures) if len(products) else {}
         if not tiles:
             raise ArchiveEmptyError(
                 f"MAST ({endpoints.mast}) has no deep GALEX {band.upper()} image within {catalog_radius_arcmin:g} arcmin "
