@@ -60,6 +60,13 @@ class Band:
         aperture (IRAC Instrument Handbook, 4.10), while the COSMOS PRF files keep 5.1" x
         5.1". The light between the file's box and this radius is measured from the image's
         stars and added to the PRF (`mbphot.engine.epsf.measure_prf`, ``extend_wings``).
+    prf_star_min_snr, prf_star_max_neighbour_fraction : float
+        The stars an image's PRF is measured from: at least this signal-to-noise, and at most
+        this fraction of their light within the fit radius from modelled neighbours (which are
+        subtracted). At GALEX resolution and COSMOS density few bright sources are isolated:
+        fainter, more crowded stars are taken, as PSF photometry of crowded fields does.
+    prf_min_stars : int
+        With fewer such stars the PRF file is used.
     resampled_noise : bool
         The mosaic is resampled from larger native pixels, so its noise is correlated between
         neighbouring pixels and each image's noise scale is measured (`mbphot.calibration`):
@@ -80,6 +87,9 @@ class Band:
     prf_enclosed_fraction: float = 0.999
     prf_core_radius_pixels: float | None = None
     calibration_radius_arcsec: float | None = None
+    prf_star_min_snr: float = 50.0
+    prf_star_max_neighbour_fraction: float = 0.1
+    prf_min_stars: int = 8
     resampled_noise: bool = False
 
     @property
@@ -119,8 +129,10 @@ BANDS: dict[str, Band] = {
         _irac(2, 4.5, 1.72),
         _irac(3, 5.8, 1.88),
         _irac(4, 8.0, 1.98),
-        Band("nuv", "GALEX", 0.2267, 1.5, "count/s", 33.73, 40.0, 5.3, "flux_galex_nuv", "nd", 0.999, 8.0),
-        Band("fuv", "GALEX", 0.1516, 1.5, "count/s", 107.6, 40.0, 4.2, "flux_galex_fuv", "fd", 0.999, 8.0),
+        Band("nuv", "GALEX", 0.2267, 1.5, "count/s", 33.73, 40.0, 5.3, "flux_galex_nuv", "nd", 0.999, 8.0,
+             prf_star_min_snr=20.0, prf_star_max_neighbour_fraction=0.5, prf_min_stars=6),
+        Band("fuv", "GALEX", 0.1516, 1.5, "count/s", 107.6, 40.0, 4.2, "flux_galex_fuv", "fd", 0.999, 8.0,
+             prf_star_min_snr=20.0, prf_star_max_neighbour_fraction=0.5, prf_min_stars=6),
     )
 }
 BAND_NAMES: tuple[str, ...] = tuple(BANDS)

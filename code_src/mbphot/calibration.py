@@ -147,7 +147,8 @@ def calibrate_section(
     wing_radius = None if band.calibration_radius_arcsec is None else band.calibration_radius_arcsec / band.pixel_scale_arcsec
     measured = measure_prf(
         image, sky, sigma, x, y, file_prf, file_oversampling, candidates=candidates, fluxes=first,
-        wing_radius_pix=wing_radius, extend_wings=wing_radius is not None,
+        wing_radius_pix=wing_radius, extend_wings=wing_radius is not None, min_snr=band.prf_star_min_snr,
+        max_neighbour_fraction=band.prf_star_max_neighbour_fraction, min_stars=band.prf_min_stars,
     )
     light_x, light_y = x + measured.offset_x_pix, y + measured.offset_y_pix
     second = fit(measured.prf, measured.oversampling, light_x, light_y)
