@@ -130,9 +130,9 @@ BANDS: dict[str, Band] = {
         _irac(3, 5.8, 1.88),
         _irac(4, 8.0, 1.98),
         Band("nuv", "GALEX", 0.2267, 1.5, "count/s", 33.73, 40.0, 5.3, "flux_galex_nuv", "nd", 0.999, 8.0,
-             prf_star_min_snr=20.0, prf_star_max_neighbour_fraction=0.5, prf_min_stars=6),
+             prf_star_min_snr=20.0, prf_star_max_neighbour_fraction=0.5),
         Band("fuv", "GALEX", 0.1516, 1.5, "count/s", 107.6, 40.0, 4.2, "flux_galex_fuv", "fd", 0.999, 8.0,
-             prf_star_min_snr=20.0, prf_star_max_neighbour_fraction=0.5, prf_min_stars=6),
+             prf_star_min_snr=20.0, prf_star_max_neighbour_fraction=0.5),
     )
 }
 BAND_NAMES: tuple[str, ...] = tuple(BANDS)

@@ -38,6 +38,9 @@ __all__ = ["Calibration", "DEFAULT_PRF_ERROR", "calibrate_section"]
 
 DEFAULT_PRF_ERROR = 0.01
 """The PRF-model error assumed where too few stars measure it: a PRF known to about 1 %."""
+PRF_ERROR_FLOOR = 0.005
+"""The least PRF-model error: a PRF measured from tens of stars is known to about half a per
+cent over its core (tests/test_epsf.py), however well its stars fit it."""
 NOISE_SCALE_RANGE = (0.5, 5.0)
 """Measured noise scales outside this range mean the measurement failed; they are clipped."""
 _CLEAN = FLAGS["off_image"] | FLAGS["no_data"] | FLAGS["fit_failed"]
@@ -169,7 +172,7 @@ def calibrate_section(
     if measured.star_indices.size >= _MIN_STARS:
         prf_error = prf_model_error(
             image, sky, sigma, light_x, light_y, measured.prf, measured.oversampling, measured.star_indices,
-            fluxes=second, noise_factor=noise_scale,
+            fluxes=second, noise_factor=noise_scale, floor=PRF_ERROR_FLOOR,
         )
     return Calibration(
         prf=measured.prf,
