@@ -155,15 +155,14 @@ def calibrate_section(
     )
     light_x, light_y = x + measured.offset_x_pix, y + measured.offset_y_pix
     second = fit(measured.prf, measured.oversampling, light_x, light_y)
+    whole = build_prf_table(measured.prf, measured.oversampling, enclosed_fraction=band.prf_enclosed_fraction)
     flux_fraction = 1.0
     if band.calibration_radius_arcsec is not None and measured.star_indices.size >= _MIN_STARS:
-        whole = build_prf_table(measured.prf, measured.oversampling, enclosed_fraction=band.prf_enclosed_fraction)
         fraction = _model_flux_fraction(
             np.asarray(image, dtype=np.float64) - sky, np.broadcast_to(sigma, np.shape(image)), light_x, light_y, second,
             measured.star_indices, whole, band.calibration_radius_arcsec / band.pixel_scale_arcsec,
         )
         flux_fraction = fraction if np.isfinite(fraction) else 1.0
-    whole = build_prf_table(measured.prf, measured.oversampling, enclosed_fraction=band.prf_enclosed_fraction)
     model = render_sources(image.shape, light_x, light_y, np.nan_to_num(second, nan=0.0), whole)
     residual = _inner(np.asarray(image, dtype=np.float64) - sky - model, whole, band)
     sky_offset = float(np.nanmedian(residual)) if np.isfinite(residual).any() else 0.0

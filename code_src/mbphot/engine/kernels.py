@@ -45,6 +45,14 @@ def pair_overlaps(stamps, col, row, first, second):
     return values
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _phase(offset, first_phase, phase_step, n_phase):
+    """The tabulated phase just below ``offset`` and the interpolation weight of the next."""
+    position = min(max((offset - first_phase) / phase_step, 0.0), n_phase - 1.0)
+    low = min(int(np.floor(position)), n_phase - 2)
+    return low, position - low
+
+
 @njit(cache=True, nogil=True)
 def weighted_stamps(table, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight, valid, reach):
     """Each source's PRF stamp, interpolated between tabulated phases and multiplied by the
@@ -84,12 +92,8 @@ def weighted_stamps(table, first_phase, phase_step, offset_x, offset_y, col, row
     diagonal = np.empty(n)
     covered = np.empty(n)
     for source in range(n):
-        position_x = min(max((offset_x[source] - first_phase) / phase_step, 0.0), n_phase - 1.0)
-        position_y = min(max((offset_y[source] - first_phase) / phase_step, 0.0), n_phase - 1.0)
-        low_x = min(int(np.floor(position_x)), n_phase - 2)
-        low_y = min(int(np.floor(position_y)), n_phase - 2)
-        weight_x = position_x - low_x
-        weight_y = position_y - low_y
+        low_x, weight_x = _phase(offset_x[source], first_phase, phase_step, n_phase)
+        low_y, weight_y = _phase(offset_y[source], first_phase, phase_step, n_phase)
         # The padding is size - 1, so a stamp centred on pixel (row, col) starts at row + half.
         first_row = row[source] + half
         first_col = col[source] + half
@@ -242,12 +246,8 @@ def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, 
     n = col.size
     sums = np.zeros((n, 7))
     for source in range(n):
-        position_x = min(max((offset_x[source] - first_phase) / phase_step, 0.0), n_phase - 1.0)
-        position_y = min(max((offset_y[source] - first_phase) / phase_step, 0.0), n_phase - 1.0)
-        low_x = min(int(np.floor(position_x)), n_phase - 2)
-        low_y = min(int(np.floor(position_y)), n_phase - 2)
-        weight_x = position_x - low_x
-        weight_y = position_y - low_y
+        low_x, weight_x = _phase(offset_x[source], first_phase, phase_step, n_phase)
+        low_y, weight_y = _phase(offset_y[source], first_phase, phase_step, n_phase)
         first_row = row[source] + half
         first_col = col[source] + half
         for a in range(size):
