@@ -216,3 +216,26 @@ def test_sky_and_sigma_maps_are_used_per_pixel(table):
 def test_even_cutout_size_is_rejected(table):
     with pytest.raises(ValueError, match="odd"):
         scene_photometry(np.zeros((20, 20)), [10.0], [10.0], [0], table, 16, sky=0.0, sigma=1.0)
+
+
+def test_bright_sources_move_onto_their_light_within_the_prior():
+    """Catalogue positions 0.2-0.35 px off the light: sources bright enough to measure their own
+    position are moved onto it (their residual becomes noise, their flux whole); a faint one
+    keeps its position; none moves further than the prior allows."""
+    rng = np.random.default_rng(21)
+    table = build_prf_table(gaussian_prf_file(), OVERSAMPLING)
+    x = np.array([20.0, 45.0, 30.0, 60.0])
+    y = np.array([20.0, 35.0, 50.0, 60.0])
+    flux = np.array([1000.0, 500.0, 30.0, 800.0])
+    off_x, off_y = np.array([0.3, -0.25, 0.2, 1.5]), np.array([-0.2, 0.1, 0.2, 0.0])
+    image = render((80, 80), x + off_x, y + off_y, flux) + rng.normal(0, 1.0, (80, 80))
+    targets = np.arange(4)
+    fixed = scene_photometry(image, x, y, targets, table, 15, 0.0, 1.0, fit_sky=True, correct_positions=False)
+    moved, fitted_x, fitted_y = scene_photometry(image, x, y, targets, table, 15, 0.0, 1.0, fit_sky=True,
+                                                 correct_positions=False, max_shift_pix=0.5, return_positions=True)
+    assert np.all(fixed.rchisq[:2] > 10)
+    assert np.all(moved.rchisq[:2] < 1.5)
+    np.testing.assert_allclose(moved.flux[:2], flux[:2], rtol=0.01)
+    np.testing.assert_allclose([fitted_x[:2] - x[:2], fitted_y[:2] - y[:2]], [off_x[:2], off_y[:2]], atol=0.05)
+    assert fitted_x[2] == x[2] and fitted_y[2] == y[2]
+    assert np.hypot(fitted_x[3] - x[3], fitted_y[3] - y[3]) <= 0.5 + 1e-9

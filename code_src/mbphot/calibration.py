@@ -9,12 +9,20 @@ image is therefore calibrated on a section around the field before the photometr
    registered, neighbours subtracted, normalised to total flux with the file's wings), with
    the common offset of the light from the catalogue; with too few stars the file's PRF is
    kept and the calibration says why;
-3. a second fit with that PRF, at the offset positions, leaves the residual image; for a
-   mosaic resampled from larger pixels (`Band.resampled_noise`: IRAC), its autocovariance
-   gives the factor ``noise_scale`` by which the true flux error exceeds the white-noise one
+3. for a band whose flux calibration counts light out to a wide aperture
+   (`Band.calibration_radius_arcsec`: IRAC), the PRF's radial profile out to that radius is
+   measured from every bright point source of the section at once (`_refine_profile`,
+   `mbphot.engine.wings`), with the sky map corrected for the diffuse light of the wings it
+   holds; then the stars' PRF is measured again against that sky, with the corrected PRF as
+   its prior, and the profile again. Stars alone cannot measure wings a few per cent of the
+   flux spread over a 12" radius; a PRF without them fits every flux several per cent low;
+4. a fit with that PRF, at the offset positions, bright sources moved onto their light
+   (`POSITION_PRIOR_ARCSEC`), leaves the residual image; for a mosaic resampled from larger
+   pixels (`Band.resampled_noise`: IRAC), its autocovariance gives the factor
+   ``noise_scale`` by which the true flux error exceeds the white-noise one
    (`mbphot.engine.calibrate.correlated_noise_scale`: correlated noise, unresolved faint
    sources); GALEX's Poisson noise is independent from pixel to pixel;
-4. the scatter of the stars' PRF-fit fluxes about their aperture fluxes gives ``prf_error``,
+5. the scatter of the stars' PRF-fit fluxes about their aperture fluxes gives ``prf_error``,
    the fractional error every PRF-fit flux carries (`mbphot.engine.calibrate.prf_model_error`).
 
 The engine then fits with the measured PRF at the offset positions and adds both terms to its
@@ -23,24 +31,31 @@ errors (`mbphot.engine.solve.total_variance`). Everything here is pure: arrays i
 """
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 from .bands import Band
+from .engine.background import sky_and_rms_maps
 from .engine.calibrate import correlated_noise_scale, prf_model_error
 from .engine.epsf import measure_prf, render_sources
 from .engine.prf import build_prf_table
 from .engine.scene import scene_photometry
 from .engine.solve import FLAGS
+from .engine.wings import fit_radial_correction, flux_image, wing_nodes, with_radial_correction
 
-__all__ = ["Calibration", "DEFAULT_PRF_ERROR", "calibrate_section"]
+__all__ = ["Calibration", "DEFAULT_PRF_ERROR", "POSITION_PRIOR_ARCSEC", "calibrate_section"]
 
 DEFAULT_PRF_ERROR = 0.01
 """The PRF-model error assumed where too few stars measure it: a PRF known to about 1 %."""
 PRF_ERROR_FLOOR = 0.005
 """The least PRF-model error: a PRF measured from tens of stars is known to about half a per
 cent over its core (tests/test_epsf.py), however well its stars fit it."""
+POSITION_PRIOR_ARCSEC = 0.4
+"""Sources bright enough to measure their own position (`mbphot.engine.scene`) move onto their
+light by at most this much: about three times the scatter of COSMOS2015 positions about IRAC
+and GALEX light (0.1-0.15"), so a source is not pulled onto a neighbour."""
 NOISE_SCALE_RANGE = (0.5, 5.0)
 """Measured noise scales outside this range mean the measurement failed; they are clipped."""
 _CLEAN = FLAGS["off_image"] | FLAGS["no_data"] | FLAGS["fit_failed"]
@@ -114,6 +129,7 @@ def calibrate_section(
     band: Band,
     *,
     stars=None,
+    resolved=None,
 ) -> Calibration:
     """Calibrate one image from a section of it (see the module docstring).
 
@@ -129,53 +145,92 @@ def calibrate_section(
         The band (cutout size, PRF radius and core).
     stars : array of int, optional
         Indices of the catalogue's stars, preferred as PRF stars.
+    resolved : array of int, optional
+        Indices of sources the catalogue says are resolved: they do not measure the PRF's
+        profile.
     """
     everything = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    max_shift_pix = POSITION_PRIOR_ARCSEC / band.pixel_scale_arcsec
+    original_sky = sky
 
-    def fit(prf, oversampling, fit_x, fit_y):
+    def fit(prf, oversampling, fit_x, fit_y, correct_positions, sky_level=0.0) -> _Fit:
         table = build_prf_table(
             prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=band.prf_core_radius_pixels
         )
-        result = scene_photometry(
-            image, fit_x, fit_y, everything, table, band.cutout_size_pixels, sky, sigma, fit_sky=True,
-            correct_positions=False,
+        result, fitted_x, fitted_y = scene_photometry(
+            image, fit_x, fit_y, everything, table, band.cutout_size_pixels, sky + sky_level, sigma, fit_sky=True,
+            correct_positions=correct_positions, max_shift_pix=max_shift_pix if correct_positions else 0.0,
+            return_positions=True,
         )
-        flux = np.full(x.size, np.nan)
-        flux[everything] = np.where(result.flag & _CLEAN == 0, result.flux, np.nan)
-        return flux
+        flux, snr = np.full(x.size, np.nan), np.full(x.size, np.nan)
+        clean = result.flag & _CLEAN == 0
+        flux[everything] = np.where(clean, result.flux, np.nan)
+        snr[everything] = np.where(clean, result.flux / result.flux_err, np.nan)
+        return _Fit(flux, snr, fitted_x, fitted_y)
 
-    first = fit(file_prf, file_oversampling, x, y)
+    first = fit(file_prf, file_oversampling, x, y, False)
     candidates = None if stars is None or len(stars) < 2 * _MIN_STARS else np.asarray(stars)
     wing_radius = None if band.calibration_radius_arcsec is None else band.calibration_radius_arcsec / band.pixel_scale_arcsec
-    measured = measure_prf(
-        image, sky, sigma, x, y, file_prf, file_oversampling, candidates=candidates, fluxes=first,
-        wing_radius_pix=wing_radius, extend_wings=wing_radius is not None, min_snr=band.prf_star_min_snr,
-        max_neighbour_fraction=band.prf_star_max_neighbour_fraction, min_stars=band.prf_min_stars,
-    )
+
+    def stars_prf(prior, prior_oversampling, sky_map, fluxes, extend_wings):
+        return measure_prf(
+            image, sky_map, sigma, x, y, prior, prior_oversampling, candidates=candidates, fluxes=fluxes,
+            wing_radius_pix=wing_radius, extend_wings=extend_wings, min_snr=band.prf_star_min_snr,
+            max_neighbour_fraction=band.prf_star_max_neighbour_fraction, min_stars=band.prf_min_stars,
+        )
+
+    measured = stars_prf(file_prf, file_oversampling, sky, first.flux, wing_radius is not None)
+    oversampling = measured.oversampling
     light_x, light_y = x + measured.offset_x_pix, y + measured.offset_y_pix
-    second = fit(measured.prf, measured.oversampling, light_x, light_y)
-    whole = build_prf_table(measured.prf, measured.oversampling, enclosed_fraction=band.prf_enclosed_fraction)
+
+    def refit(prf, sky_level=0.0):
+        return fit(prf, oversampling, light_x, light_y, True, sky_level)
+
+    current = refit(measured.prf)
+    prf = measured.prf
+    if band.calibration_radius_arcsec is not None:
+        # The stars' PRF, the profile from every source, then the stars' PRF again (against
+        # the corrected sky, its neighbours modelled with the corrected profile, which is
+        # now its prior) and the profile again.
+        nodes = np.r_[0.0, wing_nodes(0.25 * measured.fit_radius_pix, wing_radius)]
+        data = np.asarray(image, dtype=np.float64) - sky
+        point_like = np.ones(x.size, dtype=bool)
+        if resolved is not None:
+            point_like[np.asarray(resolved, dtype=np.intp)] = False
+        prf, current, sky_level = _refine_profile(data, sigma, prf, oversampling, current, point_like, nodes, band, refit)
+        again = stars_prf(prf, oversampling, sky + sky_level, current.flux, False)
+        if not again.used_file:
+            prf, current, more = _refine_profile(
+                data - sky_level, sigma, again.prf, oversampling, current, point_like, nodes, band,
+                lambda wider, level: refit(wider, sky_level + level),
+            )
+            sky_level = sky_level + more
+        sky = sky + sky_level
+    whole = build_prf_table(prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction)
     flux_fraction = 1.0
     if band.calibration_radius_arcsec is not None and measured.star_indices.size >= _MIN_STARS:
         fraction = _model_flux_fraction(
-            np.asarray(image, dtype=np.float64) - sky, np.broadcast_to(sigma, np.shape(image)), light_x, light_y, second,
-            measured.star_indices, whole, band.calibration_radius_arcsec / band.pixel_scale_arcsec,
+            np.asarray(image, dtype=np.float64), np.broadcast_to(sigma, np.shape(image)), current.x, current.y,
+            current.flux, measured.star_indices, whole, wing_radius,
         )
         flux_fraction = fraction if np.isfinite(fraction) else 1.0
-    model = render_sources(image.shape, light_x, light_y, np.nan_to_num(second, nan=0.0), whole)
+    model = render_sources(image.shape, current.x, current.y, np.nan_to_num(current.flux, nan=0.0), whole)
     residual = _inner(np.asarray(image, dtype=np.float64) - sky - model, whole, band)
-    sky_offset = float(np.nanmedian(residual)) if np.isfinite(residual).any() else 0.0
+    # The engine's sky is the map plus one number: the calibration's correction to the map, at
+    # its median, and what the residual still holds.
+    sky_offset = float(np.median(sky - np.broadcast_to(original_sky, np.shape(image))))
+    sky_offset += float(np.nanmedian(residual)) if np.isfinite(residual).any() else 0.0
     noise_scale = _noise_scale(residual, sigma, model, whole, band) if band.resampled_noise else 1.0
     prf_error = float("nan")
     if measured.star_indices.size >= _MIN_STARS:
         prf_error = prf_model_error(
-            image, sky, sigma, light_x, light_y, measured.prf, measured.oversampling, measured.star_indices,
-            fluxes=second, noise_factor=noise_scale, floor=PRF_ERROR_FLOOR,
+            image, sky, sigma, current.x, current.y, prf, oversampling, measured.star_indices,
+            fluxes=current.flux, noise_factor=noise_scale, floor=PRF_ERROR_FLOOR,
         )
     return Calibration(
-        prf=measured.prf,
-        oversampling=int(measured.oversampling),
+        prf=prf,
+        oversampling=int(oversampling),
         offset_x_pix=float(measured.offset_x_pix),
         offset_y_pix=float(measured.offset_y_pix),
         noise_scale=noise_scale,
@@ -188,6 +243,55 @@ def calibrate_section(
         sky_offset=sky_offset,
     )
 
+
+
+def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like, nodes, band: Band, refit):
+    """The PRF with its radial profile measured from the section's bright sources
+    (`mbphot.engine.wings`), the correction to the sky map, and the fit with both, after
+    `_PROFILE_ITERATIONS` rounds of ``refit(prf, sky_correction)``.
+
+    Only ``point_like`` sources bright enough to have been moved onto their light
+    (`_PROFILE_MIN_SNR`) measure the profile: around fainter ones, the residual of a
+    catalogue position off the light would read as a broader PRF, and around a resolved
+    galaxy fitted as a point its light would. A sky map measured between the sources holds the
+    diffuse light of their wings, most where sources are bright: the sky is measured again on
+    the residual once the wings are modelled (`mbphot.engine.background.sky_and_rms_maps`),
+    or the wings would be measured too weak against it.
+    """
+    level = np.zeros(data.shape)
+    margin = int(np.ceil(nodes[-1]))
+    for _ in range(_PROFILE_ITERATIONS):
+        table = build_prf_table(prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction)
+        known = np.nan_to_num(current.flux, nan=0.0)
+        residual = data - level - render_sources(data.shape, current.x, current.y, known, table)
+        correction, _ = sky_and_rms_maps(residual, box_size=2 * band.cutout_size_pixels)
+        if np.isfinite(correction).all():
+            level = level + correction
+            residual = residual - correction
+        bright = np.where(point_like & (np.abs(np.nan_to_num(current.snr)) > _PROFILE_MIN_SNR), known, 0.0)
+        values, _ = fit_radial_correction(
+            residual, sigma, flux_image(data.shape, current.x, current.y, bright), nodes, 2 * band.cutout_size_pixels,
+            margin=margin,
+        )
+        if not np.isfinite(values).all():
+            break
+        prf = with_radial_correction(prf, oversampling, nodes, values)
+        current = refit(prf, level)
+    return prf, current, level
+
+
+class _Fit(NamedTuple):
+    """A calibration fit: fluxes and signal-to-noise (NaN where not measured) and the
+    positions fitted, of every source of the section."""
+
+    flux: np.ndarray
+    snr: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+_PROFILE_MIN_SNR = 20.0
+_PROFILE_ITERATIONS = 4
 
 
 def _inner(residual, table, band: Band):

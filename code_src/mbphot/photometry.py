@@ -37,7 +37,7 @@ from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm
 
 from .bands import BANDS, Band, measured_columns, quality_columns
-from .calibration import Calibration, calibrate_section
+from .calibration import POSITION_PRIOR_ARCSEC, Calibration, calibrate_section
 from .engine import PRFTable, build_prf_table, forced_photometry
 from .engine.background import box_statistics, grid_to_pixels, smooth_grid, source_mask
 from .engine.scene import extended_profiles
@@ -56,7 +56,7 @@ PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
 RESULTS_VERSION = 4
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
-CALIBRATION_VERSION = 7
+CALIBRATION_VERSION = 8
 """Bumped when the calibration changes, so that images are calibrated afresh."""
 SIZE_COLUMN = "flux_radius_arcsec"
 """Catalogue column of each source's half-light radius in a high-resolution image (arcsec);
@@ -419,6 +419,7 @@ class _CalibrationTask:
     x: np.ndarray
     y: np.ndarray
     stars: np.ndarray
+    resolved: np.ndarray
     prf_path: Path
     path: Path
 
@@ -437,10 +438,9 @@ def _calibrate_image(task: _CalibrationTask):
         (task.x > task.cols.start - 2 * plan.band.cutout_size_pixels) & (task.x < task.cols.stop + 2 * plan.band.cutout_size_pixels)
         & (task.y > task.rows.start - 2 * plan.band.cutout_size_pixels) & (task.y < task.rows.stop + 2 * plan.band.cutout_size_pixels)
     )
-    stars = np.flatnonzero(np.isin(near, task.stars))
     calibration = calibrate_section(
         maps["image"], sky, sigma, task.x[near] - task.cols.start, task.y[near] - task.rows.start, prf, oversampling,
-        plan.band, stars=stars,
+        plan.band, stars=np.flatnonzero(np.isin(near, task.stars)), resolved=np.flatnonzero(np.isin(near, task.resolved)),
     )
     with atomic_path(task.path) as temporary:
         with open(temporary, "wb") as handle:
@@ -457,6 +457,7 @@ def _calibration_tasks(manifest: Manifest, plans, catalog: pd.DataFrame, reuse: 
     """
     ra, dec = catalog["ra"].to_numpy(dtype=np.float64), catalog["dec"].to_numpy(dtype=np.float64)
     stars = np.flatnonzero(catalog["type"].to_numpy() == 1) if "type" in catalog else np.empty(0, dtype=np.intp)
+    resolved = np.flatnonzero(size_bins(catalog) >= 0)
     field = manifest.field
     key = f"{field['ra']!r}|{field['dec']!r}|{field['radius_arcmin']!r}|{len(catalog)}|v{CALIBRATION_VERSION}"
     paths, tasks = {}, []
@@ -478,7 +479,7 @@ def _calibration_tasks(manifest: Manifest, plans, catalog: pd.DataFrame, reuse: 
         y0, y1 = int(np.clip(centre_y - half, 0, ny)), int(np.clip(centre_y + half + 1, 0, ny))
         if x1 - x0 < band.cutout_size_pixels or y1 - y0 < band.cutout_size_pixels:
             x0, x1, y0, y1 = 0, nx, 0, ny
-        tasks.append(_CalibrationTask(plan, slice(y0, y1), slice(x0, x1), x, y, stars, prf_path, path))
+        tasks.append(_CalibrationTask(plan, slice(y0, y1), slice(x0, x1), x, y, stars, resolved, prf_path, path))
     return paths, tasks
 
 
@@ -574,8 +575,10 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
     local_x[targets[~on_image]] = np.nan
     started = time.process_time()
     options = {}
-    if task.mode == "scene" and task.engine == "mbphot" and (task.size_bin >= 0).any():
-        options["extended"] = (_extended_tables(calibration_path, job_split, band.name), task.size_bin)
+    if task.mode == "scene" and task.engine == "mbphot":
+        options["max_shift_pix"] = POSITION_PRIOR_ARCSEC / band.pixel_scale_arcsec
+        if (task.size_bin >= 0).any():
+            options["extended"] = (_extended_tables(calibration_path, job_split, band.name), task.size_bin)
     result = _engine_function(task.engine, task.mode)(
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner] + calibration.sky_offset, sigma=sigma[inner], fit_sky=fit_sky,

@@ -50,6 +50,9 @@ _MAX_POSITION_LOSS = 0.2
 # Below this signal-to-noise the correction's own noise (about 1 / (S/N)^2) outweighs the
 # loss it corrects (a few per cent for IRAC's 0.15" catalogue errors).
 _POSITION_MIN_SNR = 5.0
+# A source this bright measures its own position to about FWHM / (2 S/N): a few hundredths of
+# an arcsecond, well inside the catalogue's errors.
+_SHIFT_MIN_SNR = 20.0
 
 
 def _pixel_arrays(image, sky, sigma, margin):
@@ -554,6 +557,40 @@ def _position_corrections(sums, flux, diagonal, noise_scale):
     return 1.0 - loss, offset_x, offset_y
 
 
+def _position_shifts(scene: _Scene, solution, wings, tables, profile, x, y, prf_error, max_shift_pix):
+    """Per source of ``x``, the shift (pixels) onto its light, from the residual's projection on
+    its PRF's gradient (`_position_corrections`); zero below `_SHIFT_MIN_SNR`, at most
+    ``max_shift_pix`` long."""
+    model = _whitened_model(scene, solution, wings)
+    chi = np.where(scene.padded[2], scene.padded[0] - model, 0.0)
+    modelled = scene.modelled
+    # In the unit-diagonal equations a source's solution is its flux in units of its error.
+    bright = modelled[np.abs(solution[: scene.n_source]) > _SHIFT_MIN_SNR]
+    shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
+    if bright.size == 0:
+        return shift_x, shift_y
+    col, row = np.rint(x[bright]), np.rint(y[bright])
+
+    def kernel(table, offset_x, offset_y, source_col, source_row):
+        return residual_sums(
+            table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
+            offset_x, offset_y, source_col, source_row, chi, model, prf_error, scene.padded[1], scene.padded[2],
+        )
+
+    sums = _by_profile(tables, profile[bright], kernel, x[bright] - col, y[bright] - row,
+                       col.astype(np.intp), row.astype(np.intp))
+    unknowns = scene.unknown_of_source[bright]
+    scale = scene.scale[unknowns]
+    _, dx, dy = _position_corrections(sums, solution[unknowns] * scale, 1.0 / scale**2, 1.0)
+    finite = np.isfinite(dx) & np.isfinite(dy)
+    dx, dy = np.where(finite, dx, 0.0), np.where(finite, dy, 0.0)
+    length = np.hypot(dx, dy)
+    shrink = np.minimum(1.0, max_shift_pix / np.where(length > 0, length, 1.0))
+    shift_x[bright] = dx * shrink
+    shift_y[bright] = dy * shrink
+    return shift_x, shift_y
+
+
 def scene_photometry(
     image: np.ndarray,
     x: np.ndarray,
@@ -568,8 +605,10 @@ def scene_photometry(
     noise_scale: float = 1.0,
     prf_error: float = 0.0,
     correct_positions: bool = True,
+    max_shift_pix: float = 0.0,
     extended=None,
-) -> Measurement:
+    return_positions: bool = False,
+):
     """Forced PRF photometry of ``targets``, fitting every source on the image at once.
 
     Same inputs, outputs and flags as `forced_photometry`, but a single fit: every source
@@ -610,21 +649,31 @@ def scene_photometry(
         counts each pixel's residual against its noise and ``prf_error`` times its model.
     correct_positions : bool
         Correct each target's flux for the offset of its catalogue position from its light,
-        measured from the residuals (`_position_corrections`); positions themselves stay.
+        measured from the residuals (`_position_corrections`).
+    max_shift_pix : float
+        When positive, sources bright enough to measure their own position (S/N above
+        `_SHIFT_MIN_SNR`) are moved onto their light, by at most this many pixels (the prior:
+        the catalogue's position error), and the scene is fitted again. Fainter sources keep
+        their catalogue positions and the flux correction above.
     extended : (list of PRFTable, ndarray of int), optional
         Resolved sources: tables of the PRF convolved with each galaxy profile (same
         ``half_size``, phases and wings as ``prf_table``; `extended_profiles`), and for each
         source of ``x`` the index of its table, -1 for a point source.
+    return_positions : bool
+        Also return the positions of every source of ``x`` as fitted (moved by
+        ``max_shift_pix``).
 
     Returns
     -------
     Measurement
         Fluxes (image unit times pixels, since the PRF sums to one), uncertainties (see
         `_local_variances` for their accuracy), flags and quality metrics of the targets.
+    x, y : ndarray
+        With ``return_positions``: the fitted positions.
     """
     x, y, targets, result, measured = start_measurement(image.shape, x, y, targets, cutout_size)
     if measured.size == 0:
-        return result
+        return (result, x, y) if return_positions else result
     ny, nx = image.shape
     half = prf_table.half_size
     half_cutout = cutout_size // 2
@@ -632,10 +681,20 @@ def scene_photometry(
     row = np.rint(y)
 
     tables, profile = _profiles(prf_table, extended, x.size)
-    scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile)
-    subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
-    solver = _Solver(scene.normal, subdomains)
-    solution, wings = _solve_with_wings(scene, solver, prf_table, x, y, image.shape)
+
+    def solve(x, y):
+        scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile)
+        subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
+        solver = _Solver(scene.normal, subdomains)
+        return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape))
+
+    scene, solution, wings = solve(x, y)
+    if max_shift_pix > 0:
+        shift_x, shift_y = _position_shifts(scene, solution, wings, tables, profile, x, y, prf_error, max_shift_pix)
+        if np.any(shift_x != 0) or np.any(shift_y != 0):
+            x, y = x + shift_x, y + shift_y
+            col, row = np.rint(x), np.rint(y)
+            scene, solution, wings = solve(x, y)
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
     fitted = solution[target_unknowns] * scale
@@ -688,7 +747,8 @@ def scene_photometry(
         (target_col >= half_cutout) & (target_col < nx - half_cutout)
         & (target_row >= half_cutout) & (target_row < ny - half_cutout)
     )
-    return finish_measurement(
+    result = finish_measurement(
         result, measured, fitted, variance,
         scene.covered[target_unknowns], cutout_inside, scene.unconstrained[target_unknowns], rchisq, fracflux, blended,
     )
+    return (result, x, y) if return_positions else result
