@@ -41,7 +41,7 @@ from .engine.background import sky_and_rms_maps
 from .engine.calibrate import correlated_noise_scale, prf_model_error
 from .engine.epsf import measure_prf, render_sources
 from .engine.prf import build_prf_table
-from .engine.scene import scene_photometry
+from .engine.scene import disc_images, disc_tables, scene_photometry
 from .engine.solve import FLAGS
 from .engine.wings import fit_radial_correction, flux_image, wing_nodes, with_radial_correction
 
@@ -129,7 +129,7 @@ def calibrate_section(
     band: Band,
     *,
     stars=None,
-    resolved=None,
+    galaxies=None,
 ) -> Calibration:
     """Calibrate one image from a section of it (see the module docstring).
 
@@ -145,29 +145,59 @@ def calibrate_section(
         The band (cutout size, PRF radius and core).
     stars : array of int, optional
         Indices of the catalogue's stars, preferred as PRF stars.
-    resolved : array of int, optional
-        Indices of sources the catalogue says are resolved: they do not measure the PRF's
-        profile.
+    galaxies : (ndarray of int, ndarray), optional
+        Resolved sources: per source of ``x``, the index of its disc size (-1 for a point
+        source), and the discs' half-light radii in pixels. Every fit models them as the PRF
+        convolved with their disc (`mbphot.engine.scene.extended_profiles`), as the
+        photometry does; they do not measure the PRF's profile.
     """
     everything = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     max_shift_pix = POSITION_PRIOR_ARCSEC / band.pixel_scale_arcsec
     original_sky = sky
 
+    size_bin, radii_pix = (None, None) if galaxies is None else (np.asarray(galaxies[0], dtype=np.intp), galaxies[1])
+    if size_bin is not None and not (size_bin >= 0).any():
+        size_bin = None
+
+    drawn = {}
+
+    def discs(prf, oversampling, table, core_radius=None):
+        # A fit and the render of its residual convolve the same PRF: draw its discs once.
+        if drawn.get("prf") is not prf:
+            drawn.update(prf=prf, images=disc_images(prf, oversampling, radii_pix))
+        return disc_tables(drawn["images"], oversampling, table, core_radius)
+
     def fit(prf, oversampling, fit_x, fit_y, correct_positions, sky_level=0.0) -> _Fit:
         table = build_prf_table(
-            prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=band.prf_core_radius_pixels
+            prf, oversampling, n_phase=_PHASES, enclosed_fraction=band.prf_enclosed_fraction,
+            core_radius=band.prf_core_radius_pixels,
         )
+        options = {}
+        if size_bin is not None:
+            options["extended"] = (discs(prf, oversampling, table, band.prf_core_radius_pixels), size_bin)
         result, fitted_x, fitted_y = scene_photometry(
             image, fit_x, fit_y, everything, table, band.cutout_size_pixels, sky + sky_level, sigma, fit_sky=True,
             correct_positions=correct_positions, max_shift_pix=max_shift_pix if correct_positions else 0.0,
-            return_positions=True,
+            return_positions=True, **options,
         )
         flux, snr = np.full(x.size, np.nan), np.full(x.size, np.nan)
         clean = result.flag & _CLEAN == 0
         flux[everything] = np.where(clean, result.flux, np.nan)
         snr[everything] = np.where(clean, result.flux / result.flux_err, np.nan)
         return _Fit(flux, snr, fitted_x, fitted_y)
+
+    def render(fitted: _Fit, prf, oversampling):
+        """The image of a fit's sources: points with the PRF, galaxies with their discs."""
+        whole = build_prf_table(prf, oversampling, n_phase=_PHASES, enclosed_fraction=band.prf_enclosed_fraction)
+        known = np.nan_to_num(fitted.flux, nan=0.0)
+        if size_bin is None:
+            return render_sources(image.shape, fitted.x, fitted.y, known, whole)
+        model = render_sources(image.shape, fitted.x, fitted.y, np.where(size_bin < 0, known, 0.0), whole)
+        for index, disc in enumerate(discs(prf, oversampling, whole)):
+            if (size_bin == index).any():
+                model += render_sources(image.shape, fitted.x, fitted.y, np.where(size_bin == index, known, 0.0), disc)
+        return model
 
     first = fit(file_prf, file_oversampling, x, y, False)
     candidates = None if stars is None or len(stars) < 2 * _MIN_STARS else np.asarray(stars)
@@ -195,15 +225,15 @@ def calibrate_section(
         # now its prior) and the profile again.
         nodes = np.r_[0.0, wing_nodes(0.25 * measured.fit_radius_pix, wing_radius)]
         data = np.asarray(image, dtype=np.float64) - sky
-        point_like = np.ones(x.size, dtype=bool)
-        if resolved is not None:
-            point_like[np.asarray(resolved, dtype=np.intp)] = False
-        prf, current, sky_level = _refine_profile(data, sigma, prf, oversampling, current, point_like, nodes, band, refit)
+        point_like = np.ones(x.size, dtype=bool) if size_bin is None else size_bin < 0
+        prf, current, sky_level = _refine_profile(
+            data, sigma, prf, oversampling, current, point_like, nodes, band, refit, render
+        )
         again = stars_prf(prf, oversampling, sky + sky_level, current.flux, False)
         if not again.used_file:
             prf, current, more = _refine_profile(
                 data - sky_level, sigma, again.prf, oversampling, current, point_like, nodes, band,
-                lambda wider, level: refit(wider, sky_level + level),
+                lambda wider, level: refit(wider, sky_level + level), render,
             )
             sky_level = sky_level + more
         sky = sky + sky_level
@@ -215,7 +245,7 @@ def calibrate_section(
             current.flux, measured.star_indices, whole, wing_radius,
         )
         flux_fraction = fraction if np.isfinite(fraction) else 1.0
-    model = render_sources(image.shape, current.x, current.y, np.nan_to_num(current.flux, nan=0.0), whole)
+    model = render(current, prf, oversampling)
     residual = _inner(np.asarray(image, dtype=np.float64) - sky - model, whole, band)
     # The engine's sky is the map plus one number: the calibration's correction to the map, at
     # its median, and what the residual still holds.
@@ -245,10 +275,11 @@ def calibrate_section(
 
 
 
-def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like, nodes, band: Band, refit):
+def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like, nodes, band: Band, refit, render):
     """The PRF with its radial profile measured from the section's bright sources
     (`mbphot.engine.wings`), the correction to the sky map, and the fit with both, after
-    `_PROFILE_ITERATIONS` rounds of ``refit(prf, sky_correction)``.
+    `_PROFILE_ITERATIONS` rounds of ``refit(prf, sky_correction)``; ``render(fit, prf,
+    oversampling)`` is the image of a fit's sources.
 
     Only ``point_like`` sources bright enough to have been moved onto their light
     (`_PROFILE_MIN_SNR`) measure the profile: around fainter ones, the residual of a
@@ -261,9 +292,8 @@ def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like,
     level = np.zeros(data.shape)
     margin = int(np.ceil(nodes[-1]))
     for _ in range(_PROFILE_ITERATIONS):
-        table = build_prf_table(prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction)
         known = np.nan_to_num(current.flux, nan=0.0)
-        residual = data - level - render_sources(data.shape, current.x, current.y, known, table)
+        residual = data - level - render(current, prf, oversampling)
         correction, _ = sky_and_rms_maps(residual, box_size=2 * band.cutout_size_pixels)
         if np.isfinite(correction).all():
             level = level + correction
@@ -291,6 +321,9 @@ class _Fit(NamedTuple):
 
 
 _PROFILE_MIN_SNR = 20.0
+# The calibration's fits tabulate stamps at 1/16-pixel phases (the photometry at 1/32): the
+# tables of a PRF and its discs are built at every round.
+_PHASES = 17
 _PROFILE_ITERATIONS = 4
 
 

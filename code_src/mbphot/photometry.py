@@ -148,11 +148,16 @@ def _extended_tables(path, split_wings: bool, band_name: str) -> list:
     """The image's PRF convolved with exponential discs of the `SIZE_BINS_ARCSEC` radii."""
     table, calibration = _calibrated(path, split_wings)
     band = BANDS[band_name]
-    radii_pix = np.sqrt(SIZE_BINS_ARCSEC[:-1] * SIZE_BINS_ARCSEC[1:]) / band.pixel_scale_arcsec
     core_radius = band.prf_core_radius_pixels if split_wings else None
-    tables = extended_profiles(calibration.prf, calibration.oversampling, radii_pix, table, core_radius)
+    tables = extended_profiles(calibration.prf, calibration.oversampling, size_radii_pix(band), table, core_radius)
     scale = calibration.flux_fraction
     return [PRFTable(t.stamps * scale, t.phases, t.half_size, None if t.wings is None else t.wings * scale) for t in tables]
+
+
+def size_radii_pix(band: Band) -> np.ndarray:
+    """The disc half-light radius each bin of `SIZE_BINS_ARCSEC` is fitted with, in ``band``'s
+    pixels: the bin's geometric centre."""
+    return np.sqrt(SIZE_BINS_ARCSEC[:-1] * SIZE_BINS_ARCSEC[1:]) / band.pixel_scale_arcsec
 
 
 def size_bins(catalog: pd.DataFrame) -> np.ndarray:
@@ -419,7 +424,7 @@ class _CalibrationTask:
     x: np.ndarray
     y: np.ndarray
     stars: np.ndarray
-    resolved: np.ndarray
+    size_bin: np.ndarray
     prf_path: Path
     path: Path
 
@@ -440,7 +445,8 @@ def _calibrate_image(task: _CalibrationTask):
     )
     calibration = calibrate_section(
         maps["image"], sky, sigma, task.x[near] - task.cols.start, task.y[near] - task.rows.start, prf, oversampling,
-        plan.band, stars=np.flatnonzero(np.isin(near, task.stars)), resolved=np.flatnonzero(np.isin(near, task.resolved)),
+        plan.band, stars=np.flatnonzero(np.isin(near, task.stars)),
+        galaxies=(task.size_bin[near], size_radii_pix(plan.band)),
     )
     with atomic_path(task.path) as temporary:
         with open(temporary, "wb") as handle:
@@ -457,7 +463,7 @@ def _calibration_tasks(manifest: Manifest, plans, catalog: pd.DataFrame, reuse: 
     """
     ra, dec = catalog["ra"].to_numpy(dtype=np.float64), catalog["dec"].to_numpy(dtype=np.float64)
     stars = np.flatnonzero(catalog["type"].to_numpy() == 1) if "type" in catalog else np.empty(0, dtype=np.intp)
-    resolved = np.flatnonzero(size_bins(catalog) >= 0)
+    size_bin = size_bins(catalog)
     field = manifest.field
     key = f"{field['ra']!r}|{field['dec']!r}|{field['radius_arcmin']!r}|{len(catalog)}|v{CALIBRATION_VERSION}"
     paths, tasks = {}, []
@@ -479,7 +485,7 @@ def _calibration_tasks(manifest: Manifest, plans, catalog: pd.DataFrame, reuse: 
         y0, y1 = int(np.clip(centre_y - half, 0, ny)), int(np.clip(centre_y + half + 1, 0, ny))
         if x1 - x0 < band.cutout_size_pixels or y1 - y0 < band.cutout_size_pixels:
             x0, x1, y0, y1 = 0, nx, 0, ny
-        tasks.append(_CalibrationTask(plan, slice(y0, y1), slice(x0, x1), x, y, stars, resolved, prf_path, path))
+        tasks.append(_CalibrationTask(plan, slice(y0, y1), slice(x0, x1), x, y, stars, size_bin, prf_path, path))
     return paths, tasks
 
 

@@ -61,6 +61,7 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.linalg import splu
 
+from .kernels import add_interpolated_stamps
 from .prf import PRFTable, build_prf_table, normalise_prf, prf_centre
 from .scene import scene_photometry
 from .solve import FLAGS
@@ -318,7 +319,7 @@ def render_sources(shape, x, y, flux, table: PRFTable, skip=None) -> np.ndarray:
     """
     image_rows, image_cols = shape
     half = table.half_size
-    pad = 2 * half + 1
+    pad = 2 * half
     model = np.zeros((image_rows + 2 * pad, image_cols + 2 * pad))
     use = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux)
     if skip is not None:
@@ -326,14 +327,12 @@ def render_sources(shape, x, y, flux, table: PRFTable, skip=None) -> np.ndarray:
     col, row = np.rint(x), np.rint(y)
     use &= (col >= -half) & (col < image_cols + half) & (row >= -half) & (row < image_rows + half)
     chosen = np.flatnonzero(use)
-    size = 2 * half + 1
-    for start in range(0, chosen.size, 2000):
-        batch = chosen[start : start + 2000]
-        stamps = table.stamps_for(x[batch] - col[batch], y[batch] - row[batch]) * flux[batch, None, None]
-        rows = (row[batch].astype(np.intp) + pad - half)[:, None, None] + np.arange(size)[None, :, None]
-        cols = (col[batch].astype(np.intp) + pad - half)[:, None, None] + np.arange(size)[None, None, :]
-        np.add.at(model, (np.broadcast_to(rows, stamps.shape), np.broadcast_to(cols, stamps.shape)), stamps)
-    return model[pad:-pad, pad:-pad]
+    add_interpolated_stamps(
+        table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]), x[chosen] - col[chosen],
+        y[chosen] - row[chosen], col[chosen].astype(np.intp), row[chosen].astype(np.intp),
+        np.asarray(flux, dtype=np.float64)[chosen], model,
+    )
+    return model[pad : pad + image_rows, pad : pad + image_cols]
 
 
 def _first_pass(image, sky, sigma, x, y, table, radius):

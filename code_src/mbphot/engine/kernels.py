@@ -7,7 +7,7 @@ the machine code beside this file, so worker processes start without compiling a
 import numpy as np
 from numba import njit
 
-__all__ = ["add_stamps", "pair_overlaps", "residual_sums", "stamp_dots", "tile_sums", "weighted_stamps"]
+__all__ = ["add_interpolated_stamps", "add_stamps", "pair_overlaps", "residual_sums", "stamp_dots", "tile_sums", "weighted_stamps"]
 
 
 @njit(cache=True, nogil=True)
@@ -213,6 +213,32 @@ def add_stamps(weighted, col, row, amplitude, image):
         for a in range(size):
             for b in range(size):
                 image[first_row + a, first_col + b] += value * weighted[source, a, b]
+
+
+@njit(cache=True, nogil=True)
+def add_interpolated_stamps(table, first_phase, phase_step, offset_x, offset_y, col, row, flux, image):
+    """Add ``flux[i]`` times source i's stamp, interpolated between the tabulated phases as
+    in `weighted_stamps`, to ``image`` (in place), padded by twice the stamp's half size."""
+    n_phase = table.shape[0]
+    size = table.shape[2]
+    for source in range(col.size):
+        value = flux[source]
+        if value == 0.0:
+            continue
+        low_x, weight_x = _phase(offset_x[source], first_phase, phase_step, n_phase)
+        low_y, weight_y = _phase(offset_y[source], first_phase, phase_step, n_phase)
+        w00 = (1.0 - weight_y) * (1.0 - weight_x) * value
+        w01 = (1.0 - weight_y) * weight_x * value
+        w10 = weight_y * (1.0 - weight_x) * value
+        w11 = weight_y * weight_x * value
+        first_row = row[source] + size // 2
+        first_col = col[source] + size // 2
+        for a in range(size):
+            for b in range(size):
+                image[first_row + a, first_col + b] += (
+                    w00 * table[low_y, low_x, a, b] + w01 * table[low_y, low_x + 1, a, b]
+                    + w10 * table[low_y + 1, low_x, a, b] + w11 * table[low_y + 1, low_x + 1, a, b]
+                )
 
 
 @njit(cache=True, nogil=True)

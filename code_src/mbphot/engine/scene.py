@@ -29,7 +29,7 @@ from .kernels import add_stamps, pair_overlaps, residual_sums, stamp_dots, tile_
 from .prf import PRFTable, build_prf_table
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
-__all__ = ["extended_profiles", "scene_photometry"]
+__all__ = ["disc_images", "disc_tables", "extended_profiles", "scene_photometry"]
 
 _SUBDOMAIN_SOURCES = 1000
 # Conjugate gradients stop when sqrt(r^T M^-1 r), which approximates the A-norm of the error
@@ -514,25 +514,38 @@ def _profiles(prf_table, extended, n_source):
 
 def extended_profiles(prf, oversampling, radii_pix, prf_table: PRFTable, core_radius=None) -> list:
     """Tables of the PRF convolved with exponential discs of half-light radii ``radii_pix``
-    (image pixels), for `scene_photometry`'s ``extended``.
+    (image pixels), for `scene_photometry`'s ``extended``: `disc_tables` of `disc_images`."""
+    return disc_tables(disc_images(prf, oversampling, radii_pix), oversampling, prf_table, core_radius)
+
+
+def disc_images(prf, oversampling, radii_pix) -> list:
+    """The PRF convolved with exponential discs of half-light radii ``radii_pix`` (image
+    pixels), on the PRF's own grid.
 
     The convolution is GalSim's (the PRF as an interpolated image, drawn without a further
-    pixel since it holds the pixel already), on the PRF's own grid; each table keeps the
-    point table's stamp size, phases and split, and puts the disc's whole flux on the image.
+    pixel since it holds the pixel already).
     """
     import galsim
 
     fine = 1.0 / oversampling
     image = galsim.InterpolatedImage(galsim.Image(np.asarray(prf, dtype=np.float64) / oversampling**2, scale=fine))
-    tables = []
-    for radius in radii_pix:
-        disc = galsim.Convolve(galsim.Exponential(half_light_radius=float(radius)), image)
-        drawn = disc.drawImage(nx=prf.shape[1], ny=prf.shape[0], scale=fine, method="no_pixel").array
-        tables.append(build_prf_table(
+    return [
+        galsim.Convolve(galsim.Exponential(half_light_radius=float(radius)), image)
+        .drawImage(nx=prf.shape[1], ny=prf.shape[0], scale=fine, method="no_pixel").array
+        for radius in radii_pix
+    ]
+
+
+def disc_tables(images, oversampling, prf_table: PRFTable, core_radius=None) -> list:
+    """Stamp tables of `disc_images` with the point table's stamp size, phases and split; each
+    puts its disc's whole flux on the image."""
+    return [
+        build_prf_table(
             drawn, oversampling, n_phase=prf_table.phases.size, enclosed_fraction=1.0,
             max_half_size=prf_table.half_size, core_radius=core_radius,
-        ))
-    return tables
+        )
+        for drawn in images
+    ]
 
 
 def _position_corrections(sums, flux, diagonal, noise_scale):
