@@ -168,7 +168,7 @@ def calibrate_section(
             drawn.update(prf=prf, images=disc_images(prf, oversampling, radii_pix))
         return disc_tables(drawn["images"], oversampling, table, core_radius)
 
-    def fit(prf, oversampling, fit_x, fit_y, correct_positions, sky_level=0.0) -> _Fit:
+    def fit(prf, oversampling, fit_x, fit_y, correct_positions, sky_level=0.0, move=True) -> _Fit:
         table = build_prf_table(
             prf, oversampling, n_phase=_PHASES, enclosed_fraction=band.prf_enclosed_fraction,
             core_radius=band.prf_core_radius_pixels,
@@ -178,7 +178,7 @@ def calibrate_section(
             options["extended"] = (discs(prf, oversampling, table, band.prf_core_radius_pixels), size_bin)
         result, fitted_x, fitted_y = scene_photometry(
             image, fit_x, fit_y, everything, table, band.cutout_size_pixels, sky + sky_level, sigma, fit_sky=True,
-            correct_positions=correct_positions, max_shift_pix=max_shift_pix if correct_positions else 0.0,
+            correct_positions=correct_positions, max_shift_pix=max_shift_pix if correct_positions and move else 0.0,
             return_positions=True, **options,
         )
         flux, snr = np.full(x.size, np.nan), np.full(x.size, np.nan)
@@ -214,8 +214,11 @@ def calibrate_section(
     oversampling = measured.oversampling
     light_x, light_y = x + measured.offset_x_pix, y + measured.offset_y_pix
 
-    def refit(prf, sky_level=0.0):
-        return fit(prf, oversampling, light_x, light_y, True, sky_level)
+    def refit(prf, sky_level=0.0, at=None):
+        # From the positions a fit moved the bright sources to, they are not moved again.
+        if at is None:
+            return fit(prf, oversampling, light_x, light_y, True, sky_level)
+        return fit(prf, oversampling, at.x, at.y, True, sky_level, move=False)
 
     current = refit(measured.prf)
     prf = measured.prf
@@ -227,13 +230,13 @@ def calibrate_section(
         data = np.asarray(image, dtype=np.float64) - sky
         point_like = np.ones(x.size, dtype=bool) if size_bin is None else size_bin < 0
         prf, current, sky_level = _refine_profile(
-            data, sigma, prf, oversampling, current, point_like, nodes, band, refit, render
+            data, sigma, prf, oversampling, current, point_like, nodes, band, refit, render, _PROFILE_ROUNDS[0]
         )
         again = stars_prf(prf, oversampling, sky + sky_level, current.flux, False)
         if not again.used_file:
             prf, current, more = _refine_profile(
                 data - sky_level, sigma, again.prf, oversampling, current, point_like, nodes, band,
-                lambda wider, level: refit(wider, sky_level + level), render,
+                lambda wider, level, at: refit(wider, sky_level + level, at), render, _PROFILE_ROUNDS[1],
             )
             sky_level = sky_level + more
         sky = sky + sky_level
@@ -275,11 +278,12 @@ def calibrate_section(
 
 
 
-def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like, nodes, band: Band, refit, render):
+def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like, nodes, band: Band, refit, render, rounds):
     """The PRF with its radial profile measured from the section's bright sources
     (`mbphot.engine.wings`), the correction to the sky map, and the fit with both, after
-    `_PROFILE_ITERATIONS` rounds of ``refit(prf, sky_correction)``; ``render(fit, prf,
-    oversampling)`` is the image of a fit's sources.
+    ``rounds`` rounds of ``refit(prf, sky_correction, current)`` (a fit at the
+    current fit's positions); ``render(fit, prf, oversampling)`` is the image of a fit's
+    sources.
 
     Only ``point_like`` sources bright enough to have been moved onto their light
     (`_PROFILE_MIN_SNR`) measure the profile: around fainter ones, the residual of a
@@ -291,7 +295,7 @@ def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like,
     """
     level = np.zeros(data.shape)
     margin = int(np.ceil(nodes[-1]))
-    for _ in range(_PROFILE_ITERATIONS):
+    for _ in range(rounds):
         known = np.nan_to_num(current.flux, nan=0.0)
         residual = data - level - render(current, prf, oversampling)
         correction, _ = sky_and_rms_maps(residual, box_size=2 * band.cutout_size_pixels)
@@ -306,7 +310,7 @@ def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like,
         if not np.isfinite(values).all():
             break
         prf = with_radial_correction(prf, oversampling, nodes, values)
-        current = refit(prf, level)
+        current = refit(prf, level, current)
     return prf, current, level
 
 
@@ -324,7 +328,8 @@ _PROFILE_MIN_SNR = 20.0
 # The calibration's fits tabulate stamps at 1/16-pixel phases (the photometry at 1/32): the
 # tables of a PRF and its discs are built at every round.
 _PHASES = 17
-_PROFILE_ITERATIONS = 4
+_PROFILE_ROUNDS = (3, 2)
+"""Rounds of `_refine_profile` before and after the stars' PRF is measured again."""
 
 
 def _inner(residual, table, band: Band):
