@@ -92,6 +92,16 @@ class Calibration:
         PRF-fit flux over their flux in the instrument's calibration aperture
         (`Band.calibration_radius_arcsec`, sky from the ring outside it). The engine's PRF is
         scaled by it, so that fits return total fluxes. 1 where the band has no such aperture.
+    pixel_error : float
+        How far the PRF model is from point sources pixel by pixel, as a fraction of the
+        model: with it the engine's ``rchisq`` of the section's bright point sources is 1 at
+        the median, so that ``poor_fit`` flags sources fitted worse than they are, not the
+        PRF's own variation across the image.
+    neighbour_error : float
+        Fractional error of the light a neighbour's model puts into a source's profile: the
+        PRF's pixel error and, added in quadrature, that of a neighbour's position, whose
+        catalogue error (a third of `POSITION_PRIOR_ARCSEC`) over the PRF's Gaussian-equivalent
+        sigma is how much of the neighbour's light in the profile it moves.
     sky_offset : float
         Median of the section's residual (data - sky - model), in image units: what the sky
         estimate left or took of the sky, with the diffuse light of the sources' far wings.
@@ -110,6 +120,8 @@ class Calibration:
     aperture_correction: float
     flux_fraction: float = 1.0
     sky_offset: float = 0.0
+    pixel_error: float = DEFAULT_PRF_ERROR
+    neighbour_error: float = DEFAULT_PRF_ERROR
 
     def summary(self) -> dict:
         """The scalars, for the catalogue's provenance."""
@@ -222,13 +234,13 @@ def calibrate_section(
 
     current = refit(measured.prf)
     prf = measured.prf
+    point_like = np.ones(x.size, dtype=bool) if size_bin is None else size_bin < 0
     if band.calibration_radius_arcsec is not None:
         # The stars' PRF, the profile from every source, then the stars' PRF again (against
         # the corrected sky, its neighbours modelled with the corrected profile, which is
         # now its prior) and the profile again.
         nodes = np.r_[0.0, wing_nodes(0.25 * measured.fit_radius_pix, wing_radius)]
         data = np.asarray(image, dtype=np.float64) - sky
-        point_like = np.ones(x.size, dtype=bool) if size_bin is None else size_bin < 0
         prf, current, sky_level = _refine_profile(
             data, sigma, prf, oversampling, current, point_like, nodes, band, refit, render, _PROFILE_ROUNDS[0]
         )
@@ -255,6 +267,10 @@ def calibrate_section(
     sky_offset = float(np.median(sky - np.broadcast_to(original_sky, np.shape(image))))
     sky_offset += float(np.nanmedian(residual)) if np.isfinite(residual).any() else 0.0
     noise_scale = _noise_scale(residual, sigma, model, whole, band) if band.resampled_noise else 1.0
+    bright_points = np.flatnonzero(point_like & (np.nan_to_num(current.snr) > _PIXEL_ERROR_MIN_SNR))
+    pixel_error = _pixel_error(
+        residual, model, np.broadcast_to(sigma, np.shape(image)), current, bright_points, whole, measured.fit_radius_pix,
+    )
     prf_error = float("nan")
     if measured.star_indices.size >= _MIN_STARS:
         prf_error = prf_model_error(
@@ -274,6 +290,8 @@ def calibrate_section(
         aperture_correction=float(measured.aperture_correction),
         flux_fraction=float(flux_fraction),
         sky_offset=sky_offset,
+        pixel_error=pixel_error,
+        neighbour_error=float(np.hypot(pixel_error, POSITION_PRIOR_ARCSEC / 3.0 / (band.fwhm_arcsec / _FWHM_PER_SIGMA))),
     )
 
 
@@ -314,6 +332,44 @@ def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like,
     return prf, current, level
 
 
+def _pixel_error(residual, model, sigma, fitted, sources, table, radius_pix) -> float:
+    """`Calibration.pixel_error`: the fraction epsilon of the model that, counted as noise
+    with the pixel noise, makes the median over ``sources`` of the profile-weighted reduced
+    chi^2 (within ``radius_pix``, as the engine's ``rchisq``) equal to 1; at least
+    `PRF_ERROR_FLOOR`, `DEFAULT_PRF_ERROR` with fewer than `_MIN_STARS` sources."""
+    half = int(np.ceil(radius_pix))
+    offsets = np.arange(-half, half + 1)
+    inside = np.hypot(offsets[:, None], offsets[None, :]) <= radius_pix
+    terms = []
+    for source in sources:
+        col, row = int(np.rint(fitted.x[source])), int(np.rint(fitted.y[source]))
+        if not (half <= row < residual.shape[0] - half and half <= col < residual.shape[1] - half):
+            continue
+        window = (slice(row - half, row + half + 1), slice(col - half, col + half + 1))
+        profile = table.stamp_at(fitted.x[source], fitted.y[source])
+        centre = table.half_size
+        profile = profile[centre - half : centre + half + 1, centre - half : centre + half + 1] * inside
+        r, m, s = residual[window], model[window], sigma[window]
+        if not (np.isfinite(r[inside]).all() and np.isfinite(s[inside]).all()):
+            continue
+        terms.append((profile[inside] / profile.sum(), r[inside] ** 2, s[inside] ** 2, m[inside] ** 2))
+    if len(terms) < _MIN_STARS:
+        return DEFAULT_PRF_ERROR
+
+    def median_rchisq(epsilon):
+        return np.median([np.sum(p * r2 / (s2 + epsilon**2 * m2)) for p, r2, s2, m2 in terms])
+
+    low, high = 0.0, 1.0
+    if median_rchisq(PRF_ERROR_FLOOR) <= 1.0:
+        return PRF_ERROR_FLOOR
+    if median_rchisq(high) > 1.0:
+        return high
+    for _ in range(30):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if median_rchisq(middle) > 1.0 else (low, middle)
+    return max(high, PRF_ERROR_FLOOR)
+
+
 class _Fit(NamedTuple):
     """A calibration fit: fluxes and signal-to-noise (NaN where not measured) and the
     positions fitted, of every source of the section."""
@@ -325,6 +381,8 @@ class _Fit(NamedTuple):
 
 
 _PROFILE_MIN_SNR = 20.0
+_PIXEL_ERROR_MIN_SNR = 100.0
+_FWHM_PER_SIGMA = 2.3548
 # The calibration's fits tabulate stamps at 1/16-pixel phases (the photometry at 1/32): the
 # tables of a PRF and its discs are built at every round.
 _PHASES = 17

@@ -40,7 +40,7 @@ from .bands import BANDS, Band, measured_columns, quality_columns
 from .calibration import POSITION_PRIOR_ARCSEC, Calibration, calibrate_section
 from .engine import PRFTable, build_prf_table, forced_photometry
 from .engine.background import box_statistics, grid_to_pixels, smooth_grid, source_mask
-from .engine.scene import extended_profiles
+from .engine.scene import extended_profiles, size_sensitivity
 from .engine.solve import FLAGS, Measurement
 from .io import atomic_path, read_header, read_wcs
 from .manifest import ImageEntry, Manifest
@@ -56,16 +56,19 @@ PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
 RESULTS_VERSION = 4
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
-CALIBRATION_VERSION = 8
+CALIBRATION_VERSION = 9
 """Bumped when the calibration changes, so that images are calibrated afresh."""
 SIZE_COLUMN = "flux_radius_arcsec"
 """Catalogue column of each source's half-light radius in a high-resolution image (arcsec);
 where present, scene mode fits resolved sources with their PRF-convolved disc."""
 HIGH_RESOLUTION_PSF_ARCSEC = 0.06
 """Half-light radius of the PSF of the image the sizes come from (HST/ACS F814W)."""
-SIZE_BINS_ARCSEC = np.geomspace(0.1, 1.6, 9)
+SIZE_BINS_ARCSEC = np.geomspace(0.1, 1.6, 17)
 """Edges of the bins of intrinsic half-light radius fitted with one disc each (at the bin's
-geometric centre); smaller sources are points."""
+geometric centre, within 9 % of any radius in the bin); smaller sources are points."""
+CATALOGUE_SIZE_ERROR_DEX = 0.05
+"""Assumed error of a catalogue half-light radius (12 %, as for HST/ACS sizes of galaxies a
+few magnitudes above the limit): it enters the flux errors of resolved sources."""
 CALIBRATION_ARCMIN = 10.0
 """Side of the largest section of an image its calibration is measured on (about 15,000
 sources at COSMOS density: several hundred bright enough to measure the PRF's profile). On a
@@ -146,14 +149,16 @@ def _calibrated(path, split_wings: bool) -> tuple[PRFTable, Calibration]:
 
 
 @functools.lru_cache(maxsize=16)
-def _extended_tables(path, split_wings: bool, band_name: str) -> list:
-    """The image's PRF convolved with exponential discs of the `SIZE_BINS_ARCSEC` radii."""
+def _extended_tables(path, split_wings: bool, band_name: str) -> tuple[list, np.ndarray]:
+    """The image's PRF convolved with exponential discs of the `SIZE_BINS_ARCSEC` radii, and
+    how much a fitted flux depends on each disc's size (`size_sensitivity`)."""
     table, calibration = _calibrated(path, split_wings)
     band = BANDS[band_name]
     core_radius = band.prf_core_radius_pixels if split_wings else None
     tables = extended_profiles(calibration.prf, calibration.oversampling, size_radii_pix(band), table, core_radius)
     scale = calibration.flux_fraction
-    return [PRFTable(t.stamps * scale, t.phases, t.half_size, None if t.wings is None else t.wings * scale) for t in tables]
+    tables = [PRFTable(t.stamps * scale, t.phases, t.half_size, None if t.wings is None else t.wings * scale) for t in tables]
+    return tables, size_sensitivity(tables, size_radii_pix(band))
 
 
 def size_radii_pix(band: Band) -> np.ndarray:
@@ -583,18 +588,31 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
     local_x[targets[~on_image]] = np.nan
     started = time.process_time()
     options = {}
+    if task.engine == "mbphot":
+        options["pixel_error"] = calibration.pixel_error
+        options["neighbour_error"] = calibration.neighbour_error
     if task.mode == "scene" and task.engine == "mbphot":
         options["max_shift_pix"] = POSITION_PRIOR_ARCSEC / band.pixel_scale_arcsec
         if (task.size_bin >= 0).any():
-            options["extended"] = (_extended_tables(calibration_path, job_split, band.name), task.size_bin)
+            tables, sensitivity = _extended_tables(calibration_path, job_split, band.name)
+            options["extended"] = (tables, task.size_bin)
     result = _engine_function(task.engine, task.mode)(
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner] + calibration.sky_offset, sigma=sigma[inner], fit_sky=fit_sky,
         noise_scale=calibration.noise_scale, prf_error=calibration.prf_error, **options,
     )
+    if "extended" in options:
+        result = result._replace(flux_err=_with_size_error(result, sensitivity, task.size_bin[targets]))
     engine_cpu_s = time.process_time() - started
     in_ujy = result._replace(flux=result.flux * band.ujy_per_pixel_unit, flux_err=result.flux_err * band.ujy_per_pixel_unit)
     return in_ujy, engine_cpu_s, read_s
+
+
+def _with_size_error(result, sensitivity, size_bin) -> np.ndarray:
+    """Flux errors of resolved targets with the error their catalogue size gives the fitted
+    flux (`CATALOGUE_SIZE_ERROR_DEX`; ``sensitivity`` from `_extended_tables`)."""
+    fractional = np.where(size_bin >= 0, CATALOGUE_SIZE_ERROR_DEX * np.log(10.0) * sensitivity[np.maximum(size_bin, 0)], 0.0)
+    return np.sqrt(result.flux_err**2 + (fractional * result.flux) ** 2)
 
 
 @functools.cache

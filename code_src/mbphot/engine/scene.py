@@ -29,7 +29,7 @@ from .kernels import add_stamps, pair_overlaps, residual_sums, stamp_dots, tile_
 from .prf import PRFTable, build_prf_table
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
-__all__ = ["disc_images", "disc_tables", "extended_profiles", "scene_photometry"]
+__all__ = ["disc_images", "disc_tables", "extended_profiles", "scene_photometry", "size_sensitivity"]
 
 _SUBDOMAIN_SOURCES = 1000
 # Conjugate gradients stop when sqrt(r^T M^-1 r), which approximates the A-norm of the error
@@ -548,6 +548,26 @@ def disc_tables(images, oversampling, prf_table: PRFTable, core_radius=None) -> 
     ]
 
 
+def size_sensitivity(tables, radii) -> np.ndarray:
+    """Per disc table (of increasing half-light ``radii``), how a flux depends on the size:
+    |d ln F / d ln r|, from fitting each table's profile with its neighbour's (white noise, at
+    the central phase), per unit of log radius between them.
+
+    A catalogue size with fractional error s gives a fitted flux the fractional error
+    s |d ln F / d ln r|: negligible for discs much smaller than the PRF, several per cent for
+    the largest.
+    """
+    stamps = [t.stamp_at(0.0, 0.0) for t in tables]
+    sensitivity = np.zeros(len(tables))
+    if len(tables) < 2:
+        return sensitivity
+    for k in range(len(tables)):
+        a, b = (k, k + 1) if k + 1 < len(tables) else (k - 1, k)
+        ratio = np.sum(stamps[a] * stamps[b]) / np.sum(stamps[b] ** 2)
+        sensitivity[k] = abs(1.0 - ratio) / np.log(radii[b] / radii[a])
+    return sensitivity
+
+
 def _position_corrections(sums, flux, diagonal, noise_scale):
     """Flux corrections for catalogue positions off the light, from the residual's gradient.
 
@@ -617,6 +637,8 @@ def scene_photometry(
     *,
     noise_scale: float = 1.0,
     prf_error: float = 0.0,
+    pixel_error: float | None = None,
+    neighbour_error: float | None = None,
     correct_positions: bool = True,
     max_shift_pix: float = 0.0,
     extended=None,
@@ -658,8 +680,15 @@ def scene_photometry(
         aligned on pixel 0), on top of ``sky``; its covariance with the fluxes enters the
         uncertainties.
     noise_scale, prf_error : float
-        Added to the uncertainties, see `mbphot.engine.solve.total_variance`; ``rchisq``
-        counts each pixel's residual against its noise and ``prf_error`` times its model.
+        Added to the uncertainties, see `mbphot.engine.solve.total_variance`.
+    pixel_error : float, optional
+        ``rchisq`` counts each pixel's residual against its noise and ``pixel_error`` times
+        its model: how well the PRF model fits a point source pixel by pixel
+        (`mbphot.calibration.Calibration.pixel_error`). Default ``prf_error``.
+    neighbour_error : float, optional
+        Fractional error of the light the neighbours' models put into a target's profile
+        (`mbphot.engine.solve.total_variance`; `mbphot.calibration.Calibration.neighbour_error`).
+        Default ``pixel_error``.
     correct_positions : bool
         Correct each target's flux for the offset of its catalogue position from its light,
         measured from the residuals (`_position_corrections`).
@@ -684,6 +713,8 @@ def scene_photometry(
     x, y : ndarray
         With ``return_positions``: the fitted positions.
     """
+    pixel_error = prf_error if pixel_error is None else pixel_error
+    neighbour_error = pixel_error if neighbour_error is None else neighbour_error
     x, y, targets, result, measured = start_measurement(image.shape, x, y, targets, cutout_size)
     if measured.size == 0:
         return (result, x, y) if return_positions else result
@@ -703,7 +734,7 @@ def scene_photometry(
 
     scene, solution, wings = solve(x, y)
     if max_shift_pix > 0:
-        shift_x, shift_y = _position_shifts(scene, solution, wings, tables, profile, x, y, prf_error, max_shift_pix)
+        shift_x, shift_y = _position_shifts(scene, solution, wings, tables, profile, x, y, pixel_error, max_shift_pix)
         if np.any(shift_x != 0) or np.any(shift_y != 0):
             x, y = x + shift_x, y + shift_y
             col, row = np.rint(x), np.rint(y)
@@ -735,7 +766,7 @@ def scene_photometry(
     def kernel(table, offset_x, offset_y, source_col, source_row):
         return residual_sums(
             table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
-            offset_x, offset_y, source_col, source_row, chi, model, prf_error, scene.padded[1], scene.padded[2],
+            offset_x, offset_y, source_col, source_row, chi, model, pixel_error, scene.padded[1], scene.padded[2],
         )
 
     sums = _by_profile(
@@ -752,7 +783,7 @@ def scene_photometry(
         variance = variance / kept**2
     with np.errstate(invalid="ignore"):
         blended = is_blended(neighbour_flux, fitted, noise_scale * np.sqrt(variance))
-    variance = total_variance(variance, fitted, neighbour_light, noise_scale, prf_error)
+    variance = total_variance(variance, fitted, neighbour_light, noise_scale, prf_error, neighbour_error)
 
     target_col = col[target_sources]
     target_row = row[target_sources]

@@ -239,16 +239,19 @@ def _solve_batch(design, data, weight):
     return solution[:, :, 0], solution[:, 0, 1], unconstrained[:, 0], diagonal
 
 
-def total_variance(variance, flux, neighbour_light, noise_scale, prf_error):
+def total_variance(variance, flux, neighbour_light, noise_scale, prf_error, neighbour_error=None):
     """The flux variance with the noise's correlation and the PRF model's error added.
 
     ``noise_scale`` (>= 1) is how much the real noise of a PRF-weighted sum exceeds the
     white-noise prediction (correlated noise of a resampled mosaic, confusion);
     ``prf_error`` is the fractional error of a flux fitted with a PRF that is not exactly
-    the source's, for the source's own flux and for the light its neighbours' models put
-    into its profile (``neighbour_light``, in flux units).
+    the source's. The light its neighbours' models put into its profile
+    (``neighbour_light``, in flux units) carries ``neighbour_error`` (default
+    ``prf_error``): the model's error pixel by pixel, which, off a neighbour's centre, does
+    not average out over the target's profile as it does over the neighbour's own.
     """
-    return noise_scale**2 * variance + (prf_error * flux) ** 2 + (prf_error * neighbour_light) ** 2
+    neighbour_error = prf_error if neighbour_error is None else neighbour_error
+    return noise_scale**2 * variance + (prf_error * flux) ** 2 + (neighbour_error * neighbour_light) ** 2
 
 
 def forced_photometry(
@@ -264,6 +267,8 @@ def forced_photometry(
     *,
     noise_scale: float = 1.0,
     prf_error: float = 0.0,
+    pixel_error: float | None = None,
+    neighbour_error: float | None = None,
 ) -> Measurement:
     """Forced PRF photometry of ``targets`` on one image.
 
@@ -289,8 +294,15 @@ def forced_photometry(
         Also fit a constant sky offset in each cutout (on top of ``sky``), with the sources;
         its covariance with the fluxes enters the uncertainties.
     noise_scale, prf_error : float
-        Added to the uncertainties, see `total_variance`; ``rchisq`` counts each pixel's
-        residual against its noise and ``prf_error`` times its model.
+        Added to the uncertainties, see `total_variance`.
+    pixel_error : float, optional
+        ``rchisq`` counts each pixel's residual against its noise and ``pixel_error`` times
+        its model: how well the PRF model fits a point source pixel by pixel
+        (`mbphot.calibration.Calibration.pixel_error`). Default ``prf_error``.
+    neighbour_error : float, optional
+        Fractional error of the light the neighbours' models put into a target's profile
+        (`mbphot.engine.solve.total_variance`; `mbphot.calibration.Calibration.neighbour_error`).
+        Default ``pixel_error``.
 
     Returns
     -------
@@ -299,6 +311,8 @@ def forced_photometry(
         and quality metrics of the targets. The PRF's wings (`PRFTable.wings`) are not
         modelled: give this engine a table of the whole PRF.
     """
+    pixel_error = prf_error if pixel_error is None else pixel_error
+    neighbour_error = pixel_error if neighbour_error is None else neighbour_error
     if prf_table.wings is not None:
         raise ValueError("the per-source engine needs a PRF table without a core/wing split (core_radius=None)")
     x, y, targets, result, measured = start_measurement(image.shape, x, y, targets, cutout_size)
@@ -347,7 +361,7 @@ def forced_photometry(
         prf_in_cutout = target_prf.sum(axis=1)
         covered = np.where(weight > 0, target_prf, 0.0).sum(axis=1) / np.where(prf_in_cutout > 0, prf_in_cutout, 1.0)
         model = np.einsum("bk,bkp->bp", solution, design)
-        chi_squared = (data - model) ** 2 * weight / (1.0 + prf_error**2 * model**2 * weight)
+        chi_squared = (data - model) ** 2 * weight / (1.0 + pixel_error**2 * model**2 * weight)
         on_data = np.where(weight > 0, target_prf, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             rchisq = (on_data * chi_squared).sum(axis=1) / on_data.sum(axis=1)
@@ -357,7 +371,7 @@ def forced_photometry(
             fracflux = neighbour_flux / np.abs(fitted)
             neighbour_light = np.abs(coupling * solution[:, 1:n_unknown]).sum(axis=1) / diagonal[:, 0]
         blended = is_blended(neighbour_flux, fitted, noise_scale * np.sqrt(variance))
-        variance = total_variance(variance, fitted, neighbour_light, noise_scale, prf_error)
+        variance = total_variance(variance, fitted, neighbour_light, noise_scale, prf_error, neighbour_error)
         finish_measurement(
             result, measured[batch], fitted, variance, covered, inside.all(axis=1), unconstrained,
             rchisq, fracflux, blended,
