@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from .bands import Band
 from .engine.background import sky_and_rms_maps
@@ -172,22 +172,25 @@ def calibrate_section(
     if size_bin is not None and not (size_bin >= 0).any():
         size_bin = None
 
-    drawn = {}
+    tabulated = {}
 
-    def discs(prf, oversampling, table, core_radius=None):
-        # A fit and the render of its residual convolve the same PRF: draw its discs once.
-        if drawn.get("prf") is not prf:
-            drawn.update(prf=prf, images=disc_images(prf, oversampling, radii_pix))
-        return disc_tables(drawn["images"], oversampling, table, core_radius)
+    def tables(prf, oversampling):
+        """The PRF's table (cores and wings) and its discs' tables, built once per PRF: a fit
+        and the render of its residual use the same."""
+        if tabulated.get("prf") is not prf:
+            table = build_prf_table(
+                prf, oversampling, n_phase=_PHASES, enclosed_fraction=band.prf_enclosed_fraction,
+                core_radius=band.prf_core_radius_pixels,
+            )
+            discs = None
+            if size_bin is not None:
+                discs = disc_tables(disc_images(prf, oversampling, radii_pix), oversampling, table, band.prf_core_radius_pixels)
+            tabulated.update(prf=prf, table=table, discs=discs)
+        return tabulated["table"], tabulated["discs"]
 
     def fit(prf, oversampling, fit_x, fit_y, correct_positions, sky_level=0.0, move=True) -> _Fit:
-        table = build_prf_table(
-            prf, oversampling, n_phase=_PHASES, enclosed_fraction=band.prf_enclosed_fraction,
-            core_radius=band.prf_core_radius_pixels,
-        )
-        options = {}
-        if size_bin is not None:
-            options["extended"] = (discs(prf, oversampling, table, band.prf_core_radius_pixels), size_bin)
+        table, discs = tables(prf, oversampling)
+        options = {} if discs is None else {"extended": (discs, size_bin)}
         result, fitted_x, fitted_y = scene_photometry(
             image, fit_x, fit_y, everything, table, band.cutout_size_pixels, sky + sky_level, sigma, fit_sky=True,
             correct_positions=correct_positions, max_shift_pix=max_shift_pix if correct_positions and move else 0.0,
@@ -200,15 +203,17 @@ def calibrate_section(
         return _Fit(flux, snr, fitted_x, fitted_y)
 
     def render(fitted: _Fit, prf, oversampling):
-        """The image of a fit's sources: points with the PRF, galaxies with their discs."""
-        whole = build_prf_table(prf, oversampling, n_phase=_PHASES, enclosed_fraction=band.prf_enclosed_fraction)
+        """The image of a fit's sources as the engine models them: each source's core (a point's
+        or its disc's) and the PRF's wings of every source."""
+        table, discs = tables(prf, oversampling)
         known = np.nan_to_num(fitted.flux, nan=0.0)
-        if size_bin is None:
-            return render_sources(image.shape, fitted.x, fitted.y, known, whole)
-        model = render_sources(image.shape, fitted.x, fitted.y, np.where(size_bin < 0, known, 0.0), whole)
-        for index, disc in enumerate(discs(prf, oversampling, whole)):
-            if (size_bin == index).any():
-                model += render_sources(image.shape, fitted.x, fitted.y, np.where(size_bin == index, known, 0.0), disc)
+        profile = np.full(x.size, -1) if size_bin is None else size_bin
+        model = render_sources(image.shape, fitted.x, fitted.y, np.where(profile < 0, known, 0.0), table)
+        for index, disc in enumerate(discs or []):
+            if (profile == index).any():
+                model += render_sources(image.shape, fitted.x, fitted.y, np.where(profile == index, known, 0.0), disc)
+        if table.wings is not None:
+            model += signal.fftconvolve(flux_image(image.shape, fitted.x, fitted.y, known), table.wings, mode="same")
         return model
 
     first = fit(file_prf, file_oversampling, x, y, False)
@@ -235,23 +240,25 @@ def calibrate_section(
     current = refit(measured.prf)
     prf = measured.prf
     point_like = np.ones(x.size, dtype=bool) if size_bin is None else size_bin < 0
-    if band.calibration_radius_arcsec is not None:
-        # The stars' PRF, the profile from every source, then the stars' PRF again (against
-        # the corrected sky, its neighbours modelled with the corrected profile, which is
-        # now its prior) and the profile again.
-        nodes = np.r_[0.0, wing_nodes(0.25 * measured.fit_radius_pix, wing_radius)]
-        data = np.asarray(image, dtype=np.float64) - sky
-        prf, current, sky_level = _refine_profile(
-            data, sigma, prf, oversampling, current, point_like, nodes, band, refit, render, _PROFILE_ROUNDS[0]
+    # The stars' PRF, the profile from every source, then the stars' PRF again (against the
+    # corrected sky, its neighbours modelled with the corrected profile, which is now its
+    # prior) and the profile again. IRAC's profile is measured out to its calibration
+    # aperture; a band whose PRF file has the right wings (GALEX's are the instrument's
+    # measured PSFs) has its core measured, the correction falling to zero at the core's edge.
+    outer_zero = wing_radius is None
+    nodes = np.r_[0.0, wing_nodes(0.25 * measured.fit_radius_pix, band.prf_core_radius_pixels if outer_zero else wing_radius)]
+    data = np.asarray(image, dtype=np.float64) - sky
+    prf, current, sky_level = _refine_profile(
+        data, sigma, prf, oversampling, current, point_like, (nodes, outer_zero), band, refit, render, _PROFILE_ROUNDS[0]
+    )
+    again = stars_prf(prf, oversampling, sky + sky_level, current.flux, False)
+    if not again.used_file:
+        prf, current, more = _refine_profile(
+            data - sky_level, sigma, again.prf, oversampling, current, point_like, (nodes, outer_zero), band,
+            lambda wider, level, at: refit(wider, sky_level + level, at), render, _PROFILE_ROUNDS[1],
         )
-        again = stars_prf(prf, oversampling, sky + sky_level, current.flux, False)
-        if not again.used_file:
-            prf, current, more = _refine_profile(
-                data - sky_level, sigma, again.prf, oversampling, current, point_like, nodes, band,
-                lambda wider, level, at: refit(wider, sky_level + level, at), render, _PROFILE_ROUNDS[1],
-            )
-            sky_level = sky_level + more
-        sky = sky + sky_level
+        sky_level = sky_level + more
+    sky = sky + sky_level
     whole = build_prf_table(prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction)
     flux_fraction = 1.0
     if band.calibration_radius_arcsec is not None and measured.star_indices.size >= _MIN_STARS:
@@ -296,7 +303,7 @@ def calibrate_section(
 
 
 
-def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like, nodes, band: Band, refit, render, rounds):
+def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like, profile, band: Band, refit, render, rounds):
     """The PRF with its radial profile measured from the section's bright sources
     (`mbphot.engine.wings`), the correction to the sky map, and the fit with both, after
     ``rounds`` rounds of ``refit(prf, sky_correction, current)`` (a fit at the
@@ -311,6 +318,7 @@ def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like,
     the residual once the wings are modelled (`mbphot.engine.background.sky_and_rms_maps`),
     or the wings would be measured too weak against it.
     """
+    nodes, outer_zero = profile
     level = np.zeros(data.shape)
     margin = int(np.ceil(nodes[-1]))
     for _ in range(rounds):
@@ -323,11 +331,11 @@ def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like,
         bright = np.where(point_like & (np.abs(np.nan_to_num(current.snr)) > _PROFILE_MIN_SNR), known, 0.0)
         values, _ = fit_radial_correction(
             residual, sigma, flux_image(data.shape, current.x, current.y, bright), nodes, 2 * band.cutout_size_pixels,
-            margin=margin,
+            margin=margin, outer_zero=outer_zero,
         )
         if not np.isfinite(values).all():
             break
-        prf = with_radial_correction(prf, oversampling, nodes, values)
+        prf = with_radial_correction(prf, oversampling, nodes, values, outer_zero)
         current = refit(prf, level, current)
     return prf, current, level
 

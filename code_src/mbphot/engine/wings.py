@@ -56,9 +56,10 @@ def _hat(radius, nodes, k):
     return rising + falling
 
 
-def _free(nodes):
-    """The nodes whose value is fitted: all but the first, unless the first is the centre."""
-    return range(0 if nodes[0] == 0 else 1, nodes.size)
+def _free(nodes, outer_zero=False):
+    """The nodes whose value is fitted: all but the first, unless the first is the centre, and
+    but the last with ``outer_zero``."""
+    return range(0 if nodes[0] == 0 else 1, nodes.size - (1 if outer_zero else 0))
 
 
 def flux_image(shape, x, y, flux) -> np.ndarray:
@@ -89,7 +90,7 @@ def _without_tile_means(image, weight, tile_size):
     return image - expanded
 
 
-def fit_radial_correction(residual, sigma, points, nodes, tile_size, margin=0):
+def fit_radial_correction(residual, sigma, points, nodes, tile_size, margin=0, outer_zero=False):
     """Node values of the radial profile that, added to the PRF, best explain ``residual``.
 
     Parameters
@@ -107,11 +108,16 @@ def fit_radial_correction(residual, sigma, points, nodes, tile_size, margin=0):
         Side of the sky tiles whose constants are fitted too.
     margin : int
         Pixels along the edges left out (their sources' light is partly off the section).
+    outer_zero : bool
+        Keep the last node at zero, so the correction falls continuously to zero there (a
+        PRF whose outer wings are right), instead of ending at the last node (the edge of a
+        calibration aperture).
 
     Returns
     -------
     values, errors : ndarray
-        Per node after the first: the PRF's pixel value per unit flux to add there, and its
+        Per free node (all but a first one off the centre, and but the last with
+        ``outer_zero``): the PRF's pixel value per unit flux to add there, and its
         statistical error (white noise).
     """
     residual = np.asarray(residual, dtype=np.float64)
@@ -126,20 +132,22 @@ def fit_radial_correction(residual, sigma, points, nodes, tile_size, margin=0):
     target = _without_tile_means(np.where(usable, residual, 0.0), weight, tile_size)
     basis = [
         _without_tile_means(signal.fftconvolve(points, _hat(radius, nodes, k), mode="same"), weight, tile_size)
-        for k in _free(nodes)
+        for k in _free(nodes, outer_zero)
     ]
     normal = np.array([[np.sum(weight * a * b) for b in basis] for a in basis])
+    n_free = len(basis)
     right = np.array([np.sum(weight * a * target) for a in basis])
     try:
         covariance = np.linalg.inv(normal)
     except np.linalg.LinAlgError:
-        return np.full(nodes.size - 1, np.nan), np.full(nodes.size - 1, np.nan)
+        return np.full(n_free, np.nan), np.full(n_free, np.nan)
     return covariance @ right, np.sqrt(np.clip(np.diag(covariance), 0.0, None))
 
 
-def with_radial_correction(prf, oversampling, nodes, values) -> np.ndarray:
+def with_radial_correction(prf, oversampling, nodes, values, outer_zero=False) -> np.ndarray:
     """The PRF (samples ``oversampling`` per pixel) plus the radial profile given by ``values``
-    at ``nodes[1:]``, on a grid large enough to hold it, normalised to unit flux.
+    at the free nodes (see `fit_radial_correction`), on a grid large enough to hold it,
+    normalised to unit flux.
 
     Samples the correction would make negative are set to zero.
     """
@@ -150,5 +158,5 @@ def with_radial_correction(prf, oversampling, nodes, values) -> np.ndarray:
     grown = np.pad(prf, pad) if pad > 0 else prf.copy()
     offsets = (np.arange(grown.shape[0]) - grown.shape[0] // 2) / oversampling
     radius = np.hypot(offsets[:, None], offsets[None, :])
-    correction = sum(value * _hat(radius, nodes, k) for k, value in zip(_free(nodes), values))
+    correction = sum(value * _hat(radius, nodes, k) for k, value in zip(_free(nodes, outer_zero), values))
     return normalise_prf(np.clip(grown + correction, 0.0, None), oversampling)
