@@ -246,19 +246,22 @@ def calibrate_section(
     # aperture; a band whose PRF file has the right wings (GALEX's are the instrument's
     # measured PSFs) has its core measured, the correction falling to zero at the core's edge.
     outer_zero = wing_radius is None
-    nodes = np.r_[0.0, wing_nodes(0.25 * measured.fit_radius_pix, band.prf_core_radius_pixels if outer_zero else wing_radius)]
-    data = np.asarray(image, dtype=np.float64) - sky
-    prf, current, sky_level = _refine_profile(
-        data, sigma, prf, oversampling, current, point_like, (nodes, outer_zero), band, refit, render, _PROFILE_ROUNDS[0]
-    )
-    again = stars_prf(prf, oversampling, sky + sky_level, current.flux, False)
-    if not again.used_file:
-        prf, current, more = _refine_profile(
-            data - sky_level, sigma, again.prf, oversampling, current, point_like, (nodes, outer_zero), band,
-            lambda wider, level, at: refit(wider, sky_level + level, at), render, _PROFILE_ROUNDS[1],
+    outer = band.prf_core_radius_pixels if outer_zero else wing_radius
+    if outer is not None and outer > _PROFILE_START * measured.fit_radius_pix:
+        nodes = np.r_[0.0, wing_nodes(_PROFILE_START * measured.fit_radius_pix, outer)]
+        data = np.asarray(image, dtype=np.float64) - sky
+        prf, current, sky_level = _refine_profile(
+            data, sigma, prf, oversampling, current, point_like, (nodes, outer_zero), band, refit, render,
+            _PROFILE_ROUNDS[0],
         )
-        sky_level = sky_level + more
-    sky = sky + sky_level
+        again = stars_prf(prf, oversampling, sky + sky_level, current.flux, False)
+        if not again.used_file:
+            prf, current, more = _refine_profile(
+                data - sky_level, sigma, again.prf, oversampling, current, point_like, (nodes, outer_zero), band,
+                lambda wider, level, at: refit(wider, sky_level + level, at), render, _PROFILE_ROUNDS[1],
+            )
+            sky_level = sky_level + more
+        sky = sky + sky_level
     whole = build_prf_table(prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction)
     flux_fraction = 1.0
     if band.calibration_radius_arcsec is not None and measured.star_indices.size >= _MIN_STARS:
@@ -390,6 +393,8 @@ class _Fit(NamedTuple):
 
 _PROFILE_MIN_SNR = 20.0
 _PIXEL_ERROR_MIN_SNR = 100.0
+# The profile's first node off the centre, in units of the stars' fit radius.
+_PROFILE_START = 0.25
 _FWHM_PER_SIGMA = 2.3548
 # The calibration's fits tabulate stamps at 1/16-pixel phases (the photometry at 1/32): the
 # tables of a PRF and its discs are built at every round.
