@@ -239,3 +239,16 @@ def test_bright_sources_move_onto_their_light_within_the_prior():
     np.testing.assert_allclose([fitted_x[:2] - x[:2], fitted_y[:2] - y[:2]], [off_x[:2], off_y[:2]], atol=0.05)
     assert fitted_x[2] == x[2] and fitted_y[2] == y[2]
     assert np.hypot(fitted_x[3] - x[3], fitted_y[3] - y[3]) <= 0.5 + 1e-9
+
+
+def test_a_fitted_flux_depends_more_on_the_size_of_a_larger_disc():
+    """`size_sensitivity`: a disc much smaller than the PRF's FWHM hardly changes the fitted flux
+    with its size; one as large as the PRF changes it about half as much as its size."""
+    from mbphot.engine.scene import extended_profiles, size_sensitivity
+
+    prf = gaussian_prf_file()
+    radii = np.geomspace(0.2, 3.0, 6)
+    sensitivity = size_sensitivity(extended_profiles(prf, OVERSAMPLING, radii, build_prf_table(prf, OVERSAMPLING)), radii)
+    assert sensitivity[0] < 0.1
+    assert np.all(np.diff(sensitivity) >= 0)
+    assert sensitivity[-1] > 0.4

@@ -97,11 +97,14 @@ class Calibration:
         model: with it the engine's ``rchisq`` of the section's bright point sources is 1 at
         the median, so that ``poor_fit`` flags sources fitted worse than they are, not the
         PRF's own variation across the image.
+    position_scatter_arcsec : float
+        Scatter (per axis) of the catalogue's positions about the light: measured from how
+        far the fits moved the bright point sources.
     neighbour_error : float
         Fractional error of the light a neighbour's model puts into a source's profile: the
         PRF's pixel error and, added in quadrature, that of a neighbour's position, whose
-        catalogue error (a third of `POSITION_PRIOR_ARCSEC`) over the PRF's Gaussian-equivalent
-        sigma is how much of the neighbour's light in the profile it moves.
+        scatter over the PRF's Gaussian-equivalent sigma is about how much of the neighbour's
+        light in the profile it moves.
     sky_offset : float
         Median of the section's residual (data - sky - model), in image units: what the sky
         estimate left or took of the sky, with the diffuse light of the sources' far wings.
@@ -122,6 +125,7 @@ class Calibration:
     sky_offset: float = 0.0
     pixel_error: float = DEFAULT_PRF_ERROR
     neighbour_error: float = DEFAULT_PRF_ERROR
+    position_scatter_arcsec: float = 0.0
 
     def summary(self) -> dict:
         """The scalars, for the catalogue's provenance."""
@@ -278,6 +282,7 @@ def calibrate_section(
     sky_offset += float(np.nanmedian(residual)) if np.isfinite(residual).any() else 0.0
     noise_scale = _noise_scale(residual, sigma, model, whole, band) if band.resampled_noise else 1.0
     bright_points = np.flatnonzero(point_like & (np.nan_to_num(current.snr) > _PIXEL_ERROR_MIN_SNR))
+    position_scatter_arcsec = _position_scatter(current.x - light_x, current.y - light_y, bright_points) * band.pixel_scale_arcsec
     pixel_error = _pixel_error(
         residual, model, np.broadcast_to(sigma, np.shape(image)), current, bright_points, whole, measured.fit_radius_pix,
     )
@@ -301,7 +306,8 @@ def calibrate_section(
         flux_fraction=float(flux_fraction),
         sky_offset=sky_offset,
         pixel_error=pixel_error,
-        neighbour_error=float(np.hypot(pixel_error, POSITION_PRIOR_ARCSEC / 3.0 / (band.fwhm_arcsec / _FWHM_PER_SIGMA))),
+        neighbour_error=float(np.hypot(pixel_error, position_scatter_arcsec / (band.fwhm_arcsec / _FWHM_PER_SIGMA))),
+        position_scatter_arcsec=position_scatter_arcsec,
     )
 
 
@@ -341,6 +347,17 @@ def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like,
         prf = with_radial_correction(prf, oversampling, nodes, values, outer_zero)
         current = refit(prf, level, current)
     return prf, current, level
+
+
+def _position_scatter(shift_x, shift_y, sources) -> float:
+    """Per-axis scatter (pixels) of the shifts that moved ``sources`` onto their light: the
+    median squared shift is 2 ln 2 sigma^2 for Gaussian errors; 0 with fewer than
+    `_MIN_STARS` sources."""
+    squared = (shift_x**2 + shift_y**2)[sources]
+    squared = squared[np.isfinite(squared)]
+    if squared.size < _MIN_STARS:
+        return 0.0
+    return float(np.sqrt(np.median(squared) / (2.0 * np.log(2.0))))
 
 
 def _pixel_error(residual, model, sigma, fitted, sources, table, radius_pix) -> float:

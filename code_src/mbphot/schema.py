@@ -139,7 +139,7 @@ FLAG_DESCRIPTIONS = {
     "partial_coverage": "the cutout is partly off the image or on masked pixels",
     "fit_failed": "the fit did not give a finite flux and a positive variance; flux NaN",
     "blended": "blended or contaminated: much of the flux in the target's profile comes from neighbours",
-    "poor_fit": "poor fit or likely resolved: the residuals are large for a point source",
+    "poor_fit": "poor fit or likely resolved: `rchisq` above 3, residuals larger than the image's bright point sources' (`rchisq` counts the PRF's calibrated pixel error)",
 }
 """What each bit of ``<band>_flag`` means, by the name the engine gives it."""
 
