@@ -241,6 +241,34 @@ def test_bright_sources_move_onto_their_light_within_the_prior():
     assert np.hypot(fitted_x[3] - x[3], fitted_y[3] - y[3]) <= 0.5 + 1e-9
 
 
+def test_blended_bright_sources_move_their_whole_offset():
+    """Pairs of bright sources one FWHM apart, each catalogue position 0.1-0.3 px off its light:
+    with the offsets fitted jointly with every flux, a neighbour cannot take up the light an
+    offset leaves, so the fitted shifts recover the offsets. (A residual's projection on one
+    source's gradient, the neighbours' fluxes held, gave shifts 0.07 px rms off here, and
+    fluxes up to 18 sigma off.)"""
+    rng = np.random.default_rng(5)
+    side = 120
+    centres = np.stack(np.meshgrid(np.arange(12.0, side - 12, 16), np.arange(12.0, side - 12, 16)), -1).reshape(-1, 2)
+    angle = rng.uniform(0, np.pi, len(centres))
+    half = 0.5 * FWHM * np.stack([np.cos(angle), np.sin(angle)], -1)
+    light = np.concatenate([centres - half, centres + half])
+    flux = rng.uniform(500.0, 2000.0, len(light))
+    offset = rng.uniform(0.1, 0.3, len(light))[:, None] * np.stack(
+        [np.cos(a := rng.uniform(0, 2 * np.pi, len(light))), np.sin(a)], -1
+    )
+    image = render((side, side), light[:, 0], light[:, 1], flux) + rng.normal(0, 1.0, (side, side))
+    x, y = light[:, 0] - offset[:, 0], light[:, 1] - offset[:, 1]
+    table = build_prf_table(gaussian_prf_file(), OVERSAMPLING)
+    result, fitted_x, fitted_y = scene_photometry(image, x, y, np.arange(len(x)), table, 15, 0.0, 1.0, fit_sky=True,
+                                                  correct_positions=False, max_shift_pix=0.5, return_positions=True)
+    shift = np.stack([fitted_x - x, fitted_y - y], -1)
+    slope = np.sum(shift * offset) / np.sum(offset**2)
+    assert 0.95 < slope < 1.05
+    assert np.sqrt(np.mean((shift - offset) ** 2)) < 0.02
+    assert np.all(np.abs(result.flux - flux) < 4 * result.flux_err)
+
+
 def test_a_fitted_flux_depends_more_on_the_size_of_a_larger_disc():
     """`size_sensitivity`: a disc much smaller than the PRF's FWHM hardly changes the fitted flux
     with its size; one as large as the PRF changes it about half as much as its size."""

@@ -17,7 +17,8 @@ image is therefore calibrated on a section around the field before the photometr
    its prior, and the profile again. Stars alone cannot measure wings a few per cent of the
    flux spread over a 12" radius; a PRF without them fits every flux several per cent low;
 4. a fit with that PRF, at the offset positions, bright sources moved onto their light
-   (`POSITION_PRIOR_ARCSEC`), leaves the residual image; for a mosaic resampled from larger
+   (at most `POSITION_PRIOR_ARCSEC`; how far the brightest move gives the catalogue's
+   position error, the prior of every later move), leaves the residual image; for a mosaic resampled from larger
    pixels (`Band.resampled_noise`: IRAC), its autocovariance gives the factor
    ``noise_scale`` by which the true flux error exceeds the white-noise one
    (`mbphot.engine.calibrate.correlated_noise_scale`: correlated noise, unresolved faint
@@ -94,12 +95,15 @@ class Calibration:
         scaled by it, so that fits return total fluxes. 1 where the band has no such aperture.
     pixel_error : float
         How far the PRF model is from point sources pixel by pixel, as a fraction of the
-        model: with it the engine's ``rchisq`` of the section's bright point sources is 1 at
-        the median, so that ``poor_fit`` flags sources fitted worse than they are, not the
-        PRF's own variation across the image.
+        model: with it the engine's ``rchisq`` of the brighter half of the section's bright
+        point sources (S/N > 100), where the model's error outweighs the noise, is 1 at the
+        median, so that ``poor_fit`` flags sources fitted worse than they are, not the PRF's
+        own variation across the image.
     position_scatter_arcsec : float
         Scatter (per axis) of the catalogue's positions about the light: measured from how
-        far the fits moved the bright point sources.
+        far the best fit moves the bright point sources (S/N > 100; their positions fitted
+        jointly with every flux, `mbphot.engine.scene.scene_photometry`). Every later fit, and
+        the photometry, takes it as the prior of the positions it moves.
     neighbour_error : float
         Fractional error of the light a neighbour's model puts into a source's profile: the
         PRF's pixel error and, added in quadrature, that of a neighbour's position, whose
@@ -192,13 +196,13 @@ def calibrate_section(
             tabulated.update(prf=prf, table=table, discs=discs)
         return tabulated["table"], tabulated["discs"]
 
-    def fit(prf, oversampling, fit_x, fit_y, correct_positions, sky_level=0.0, move=True) -> _Fit:
+    def fit(prf, oversampling, fit_x, fit_y, correct_positions, sky_level=0.0, move=True, position_error_pix=None) -> _Fit:
         table, discs = tables(prf, oversampling)
         options = {} if discs is None else {"extended": (discs, size_bin)}
         result, fitted_x, fitted_y = scene_photometry(
             image, fit_x, fit_y, everything, table, band.cutout_size_pixels, sky + sky_level, sigma, fit_sky=True,
             correct_positions=correct_positions, max_shift_pix=max_shift_pix if correct_positions and move else 0.0,
-            return_positions=True, **options,
+            position_error_pix=position_error_pix, return_positions=True, **options,
         )
         flux, snr = np.full(x.size, np.nan), np.full(x.size, np.nan)
         clean = result.flag & _CLEAN == 0
@@ -241,9 +245,15 @@ def calibrate_section(
             return fit(prf, oversampling, light_x, light_y, True, sky_level)
         return fit(prf, oversampling, at.x, at.y, True, sky_level, move=False)
 
-    current = refit(measured.prf)
-    prf = measured.prf
     point_like = np.ones(x.size, dtype=bool) if size_bin is None else size_bin < 0
+    # The catalogue's position error, from how far the best fit moves the bright point sources
+    # (their own S/N makes its noise small); then every fit moves sources by what their light
+    # tells against that error, as the photometry does.
+    first_moved = refit(measured.prf)
+    bright_points = np.flatnonzero(point_like & (np.nan_to_num(first_moved.snr) > _PIXEL_ERROR_MIN_SNR))
+    position_scatter_pix = _position_scatter(first_moved.x - light_x, first_moved.y - light_y, bright_points)
+    current = fit(measured.prf, oversampling, light_x, light_y, True, position_error_pix=position_scatter_pix)
+    prf = measured.prf
     # The stars' PRF, the profile from every source, then the stars' PRF again (against the
     # corrected sky, its neighbours modelled with the corrected profile, which is now its
     # prior) and the profile again. IRAC's profile is measured out to its calibration
@@ -282,9 +292,13 @@ def calibrate_section(
     sky_offset += float(np.nanmedian(residual)) if np.isfinite(residual).any() else 0.0
     noise_scale = _noise_scale(residual, sigma, model, whole, band) if band.resampled_noise else 1.0
     bright_points = np.flatnonzero(point_like & (np.nan_to_num(current.snr) > _PIXEL_ERROR_MIN_SNR))
-    position_scatter_arcsec = _position_scatter(current.x - light_x, current.y - light_y, bright_points) * band.pixel_scale_arcsec
+    position_scatter_arcsec = position_scatter_pix * band.pixel_scale_arcsec
+    # The PRF's share of a residual grows with brightness until it outweighs the noise: its
+    # size is read where it does, on the brighter half of the bright points.
+    snr = np.nan_to_num(current.snr)[bright_points]
+    brightest = bright_points[snr >= np.median(snr)] if bright_points.size >= 2 * _MIN_STARS else bright_points
     pixel_error = _pixel_error(
-        residual, model, np.broadcast_to(sigma, np.shape(image)), current, bright_points, whole, measured.fit_radius_pix,
+        residual, model, np.broadcast_to(sigma, np.shape(image)), current, brightest, whole, measured.fit_radius_pix,
     )
     prf_error = float("nan")
     if measured.star_indices.size >= _MIN_STARS:

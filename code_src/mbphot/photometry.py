@@ -54,9 +54,9 @@ SCENE_ARCMIN = 6.0
 density)."""
 PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
-RESULTS_VERSION = 5
+RESULTS_VERSION = 6
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
-CALIBRATION_VERSION = 9
+CALIBRATION_VERSION = 10
 """Bumped when the calibration changes, so that images are calibrated afresh."""
 SIZE_COLUMN = "flux_radius_arcsec"
 """Catalogue column of each source's half-light radius in a high-resolution image (arcsec);
@@ -593,6 +593,7 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
         options["neighbour_error"] = calibration.neighbour_error
     if task.mode == "scene" and task.engine == "mbphot":
         options["max_shift_pix"] = POSITION_PRIOR_ARCSEC / band.pixel_scale_arcsec
+        options["position_error_pix"] = calibration.position_scatter_arcsec / band.pixel_scale_arcsec
         if (task.size_bin >= 0).any():
             tables, sensitivity = _extended_tables(calibration_path, job_split, band.name)
             options["extended"] = (tables, task.size_bin)

@@ -603,37 +603,63 @@ def _position_corrections(sums, flux, diagonal, noise_scale):
     return 1.0 - loss, offset_x, offset_y
 
 
-def _position_shifts(scene: _Scene, solution, wings, tables, profile, x, y, prf_error, max_shift_pix):
-    """Per source of ``x``, the shift (pixels) onto its light, from the residual's projection on
-    its PRF's gradient (`_position_corrections`); zero below `_SHIFT_MIN_SNR`, at most
-    ``max_shift_pix`` long."""
-    model = _whitened_model(scene, solution, wings)
-    chi = np.where(scene.padded[2], scene.padded[0] - model, 0.0)
-    modelled = scene.modelled
-    # In the unit-diagonal equations a source's solution is its flux in units of its error.
-    bright = modelled[np.abs(solution[: scene.n_source]) > _SHIFT_MIN_SNR]
+def _gradient_tables(table: PRFTable) -> tuple[PRFTable, PRFTable]:
+    """How a unit source's stamps change as it moves by one pixel in x and in y: central
+    differences between the table's phases (one-sided at the +-0.5 ends), cores only."""
+    step = float(table.phases[1] - table.phases[0])
+    stamps = np.asarray(table.stamps)
+    return tuple(
+        PRFTable(np.gradient(stamps, step, axis=axis).astype(stamps.dtype), table.phases, table.half_size)
+        for axis in (1, 0)
+    )
+
+
+def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior=None):
+    """Per source of ``x``, the shift (pixels) onto its light: for the ``candidates`` whose
+    fitted S/N is above `_SHIFT_MIN_SNR`, at most ``max_shift_pix`` long; zero for the others.
+
+    Each candidate gets two more unknowns, the coefficients of its profile's x and y
+    derivatives, and the scene's cores are solved with them:
+    F P(x + d) ~ F P(x) + F d . grad P, so d = coefficient / F. Fitted with every flux at once, a neighbour cannot take up the light
+    a bright source's offset leaves: at GALEX crowding, the residual's projection on one
+    source's gradient with its neighbours' fluxes held recovers about half of the offset.
+
+    ``prior`` (per candidate: its flux times the catalogue's position error in pixels, the
+    prior sigma of its coefficients) makes the offsets the most probable ones rather than the
+    best fitting: a source whose light cannot tell its position from its neighbours' is moved
+    little, and none is moved where the catalogue is exact.
+    """
     shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
-    if bright.size == 0:
+    if candidates.size == 0:
         return shift_x, shift_y
-    col, row = np.rint(x[bright]), np.rint(y[bright])
-
-    def kernel(table, offset_x, offset_y, source_col, source_row):
-        return residual_sums(
-            table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
-            offset_x, offset_y, source_col, source_row, chi, model, prf_error, scene.padded[1], scene.padded[2],
-        )
-
-    sums = _by_profile(tables, profile[bright], kernel, x[bright] - col, y[bright] - row,
-                       col.astype(np.intp), row.astype(np.intp))
-    unknowns = scene.unknown_of_source[bright]
-    scale = scene.scale[unknowns]
-    _, dx, dy = _position_corrections(sums, solution[unknowns] * scale, 1.0 / scale**2, 1.0)
-    finite = np.isfinite(dx) & np.isfinite(dy)
+    n_table = len(tables)
+    gradients = [_gradient_tables(t) if (profile[candidates] == k).any() else (t, t) for k, t in enumerate(tables)]
+    augmented_tables = [*tables, *(g[0] for g in gradients), *(g[1] for g in gradients)]
+    augmented_profile = np.concatenate([profile, profile[candidates] + n_table, profile[candidates] + 2 * n_table])
+    prior_sigma = None
+    if prior is not None:
+        prior_sigma = np.concatenate([np.full(x.size, np.inf), prior, prior])
+    augmented, solution, _ = solve(
+        np.concatenate([x, x[candidates], x[candidates]]), np.concatenate([y, y[candidates], y[candidates]]),
+        augmented_tables, augmented_profile, cores_only=True, prior_sigma=prior_sigma,
+    )
+    unknowns = augmented.unknown_of_source
+    own = unknowns[candidates]
+    along_x = unknowns[x.size + np.arange(candidates.size)]
+    along_y = unknowns[x.size + candidates.size + np.arange(candidates.size)]
+    fluxes = solution * augmented.scale
+    # In the unit-diagonal equations a source's solution is its flux in units of its error.
+    bright = (own >= 0) & (along_x >= 0) & (along_y >= 0)
+    bright[bright] = np.abs(solution[own[bright]]) > _SHIFT_MIN_SNR
+    flux = fluxes[own[bright]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dx, dy = fluxes[along_x[bright]] / flux, fluxes[along_y[bright]] / flux
+    finite = np.isfinite(dx) & np.isfinite(dy) & (flux > 0)
     dx, dy = np.where(finite, dx, 0.0), np.where(finite, dy, 0.0)
     length = np.hypot(dx, dy)
     shrink = np.minimum(1.0, max_shift_pix / np.where(length > 0, length, 1.0))
-    shift_x[bright] = dx * shrink
-    shift_y[bright] = dy * shrink
+    shift_x[candidates[bright]] = dx * shrink
+    shift_y[candidates[bright]] = dy * shrink
     return shift_x, shift_y
 
 
@@ -654,6 +680,7 @@ def scene_photometry(
     neighbour_error: float | None = None,
     correct_positions: bool = True,
     max_shift_pix: float = 0.0,
+    position_error_pix: float | None = None,
     extended=None,
     return_positions: bool = False,
 ):
@@ -707,9 +734,16 @@ def scene_photometry(
         measured from the residuals (`_position_corrections`).
     max_shift_pix : float
         When positive, sources bright enough to measure their own position (S/N above
-        `_SHIFT_MIN_SNR`) are moved onto their light, by at most this many pixels (the prior:
-        the catalogue's position error), and the scene is fitted again. Fainter sources keep
-        their catalogue positions and the flux correction above.
+        `_SHIFT_MIN_SNR` in a fit of the PRFs' cores) are moved onto their light, by at most
+        this many pixels (the prior: the catalogue's position error), their offsets fitted
+        with every flux at once (`_position_shifts`), and the scene is fitted at the new
+        positions. Fainter sources keep their catalogue positions and the flux correction
+        above.
+    position_error_pix : float, optional
+        The catalogue positions' error per axis (pixels), e.g.
+        `mbphot.calibration.Calibration.position_scatter_arcsec`: a Gaussian prior on the
+        offsets, so that a source is moved by what its light tells against that error (see
+        `_position_shifts`). None: no prior, the offsets that fit best.
     extended : (list of PRFTable, ndarray of int), optional
         Resolved sources: tables of the PRF convolved with each galaxy profile (same
         ``half_size``, phases and wings as ``prf_table``; `extended_profiles`), and for each
@@ -739,19 +773,35 @@ def scene_photometry(
 
     tables, profile = _profiles(prf_table, extended, x.size)
 
-    def solve(x, y):
+    def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None):
         scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile)
+        if prior_sigma is not None:
+            # A Gaussian prior of sigma s on an unknown adds 1 / s^2 to its diagonal: in the
+            # scaled unknowns, scale^2 / s^2.
+            extra = np.zeros(scene.normal.shape[0])
+            extra[: scene.n_source] = (scene.scale[: scene.n_source] / prior_sigma[scene.modelled]) ** 2
+            scene.normal = (scene.normal + sparse.diags(extra)).tocsr()
         subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
         solver = _Solver(scene.normal, subdomains)
+        if cores_only:
+            return scene, solver.solve(scene.rhs), None
         return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape))
 
-    scene, solution, wings = solve(x, y)
     if max_shift_pix > 0:
-        shift_x, shift_y = _position_shifts(scene, solution, wings, tables, profile, x, y, pixel_error, max_shift_pix)
-        if np.any(shift_x != 0) or np.any(shift_y != 0):
-            x, y = x + shift_x, y + shift_y
-            col, row = np.rint(x), np.rint(y)
-            scene, solution, wings = solve(x, y)
+        # Which sources are bright enough to move, and where to, the PRFs' cores tell: their
+        # wings (broad and smooth) are left for the final fit.
+        first, first_solution = solve(x, y, cores_only=True)[:2]
+        bright = np.abs(first_solution[: first.n_source]) > _SHIFT_MIN_SNR
+        if position_error_pix is not None and not position_error_pix > 0:
+            bright[:] = False  # an exact catalogue: nothing to move
+        candidates = first.modelled[bright]
+        prior = None
+        if position_error_pix is not None:
+            prior = np.abs(first_solution[: first.n_source][bright] * first.scale[: first.n_source][bright]) * position_error_pix
+        shift_x, shift_y = _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior)
+        x, y = x + shift_x, y + shift_y
+        col, row = np.rint(x), np.rint(y)
+    scene, solution, wings = solve(x, y)
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
     fitted = solution[target_unknowns] * scale
