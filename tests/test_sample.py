@@ -291,7 +291,11 @@ def test_sky_prf_differs_from_the_file_and_its_wings_reach_past_the_box(tmp_path
     inside_box = (_box_sum(sky_image, x, y, 8) - _box_sum(file_image, x, y, 8)) / flux
     assert -0.12 < inside_box < -0.03, "the sky puts 5-7 % of the light outside the file's 17 x 17 box"
     whole = (_box_sum(sky_image, x, y, 20) - _box_sum(file_image, x, y, 20)) / flux
-    assert abs(whole) < 0.005, "within 41 x 41 pixels the sky's PRF holds the true flux"
+    # The true flux is the IRAC-calibrated one (12.2" aperture less the ring's background);
+    # the box's corners beyond 12.2" hold a little more.
+    extra = 1.0 / sample._prfs.irac_calibration_fraction("irac1") - 1.0
+    assert 0.003 < extra < 0.008
+    assert abs(whole - extra) < 0.003, "within 41 x 41 pixels the sky's PRF holds the true flux and its corners"
     # The sky's PRF is broader: a larger second moment within 5 pixels.
     col, row = int(round(x)), int(round(y))
     yy, xx = np.mgrid[-5:6, -5:6]

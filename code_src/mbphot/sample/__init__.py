@@ -83,7 +83,7 @@ __all__ = ["SampleSpec", "Realism", "REALISM_LEVELS", "make_sample_field", "samp
 
 SAMPLE_VERSION = 2
 """Bumped whenever the simulator changes, so that fields made by an older one are rebuilt."""
-REALISTIC_VERSION = 1
+REALISTIC_VERSION = 2
 """Bumped whenever the realistic effects change: only non-ideal fields are then rebuilt."""
 SOURCES_PER_ARCMIN2 = 150.0
 HALO_ARCMIN = 1.0
@@ -489,7 +489,8 @@ class _ImagePlan:
     x, y : ndarray
         0-based pixel positions of all sources.
     flux : ndarray
-        True fluxes of all sources in the band (microJy).
+        Fluxes (microJy) the sources put on the image: the true ones, over the calibration
+        fraction of the sky's PRF for realistic IRAC (`_prfs.irac_calibration_fraction`).
     useful : ndarray of bool or None
         Sources that can change the image (None: all); the others are not rendered.
     centre : tuple of float or None
@@ -603,8 +604,10 @@ def _plan_realistic(spec, sources, faint, models) -> list:
     for name in IRAC_BANDS:
         x, y = positions(sources, wcs, name)
         fx, fy = positions(faint, wcs, name)
-        faint_flux = np.asarray(faint[f"true_{name}_flux_ujy"]) if len(faint) else np.zeros(0)
-        plans.append(_ImagePlan(name, None, wcs, (size, size), x, y, np.asarray(sources[f"true_{name}_flux_ujy"]),
+        # True fluxes are IRAC-calibrated ones: the sky's PRF holds a little light beyond them.
+        light = 1.0 / _prfs.irac_calibration_fraction(name) if realism.prf_mismatch else 1.0
+        faint_flux = light * np.asarray(faint[f"true_{name}_flux_ujy"]) if len(faint) else np.zeros(0)
+        plans.append(_ImagePlan(name, None, wcs, (size, size), x, y, light * np.asarray(sources[f"true_{name}_flux_ujy"]),
                                 weight=roll_weight(x, y), size_bin=size_bin,
                                 faint=(fx, fy, faint_flux, roll_weight(fx, fy), None),
                                 offset_arcsec=offsets.get(name, (0.0, 0.0))))

@@ -190,6 +190,28 @@ def irac_sky_prf(name: str, roll_deg: float, oversampling: int = OVERSAMPLING) -
     return prf * (oversampling**2 / prf.sum())
 
 
+@functools.cache
+def irac_calibration_fraction(name: str, oversampling: int = OVERSAMPLING) -> float:
+    """The fraction of the sky's IRAC PRF (`irac_sky_prf`, mean of the rolls) that the IRAC
+    calibration calls a point source's flux: its light within 12.2" less the background the
+    ring from 12.2" to 24.4" gives it (IRAC Instrument Handbook, 10 and 10-20 native pixels).
+    The light beyond 12.2" (the PRF box's corners) counts as sky, so a source of calibrated
+    flux F puts F over this fraction on the image, a few tenths of a per cent more."""
+    radius_pix = BANDS[name].calibration_radius_arcsec / BANDS[name].pixel_scale_arcsec
+    fractions = []
+    for roll in IRAC_ROLL_DEG:
+        prf = irac_sky_prf(name, roll, oversampling)
+        offsets = (np.arange(prf.shape[0]) - prf.shape[0] // 2) / oversampling
+        radius = np.hypot(*np.meshgrid(offsets, offsets, indexing="ij"))
+        aperture = radius <= radius_pix
+        # Samples are per-pixel fluxes on a grid ``oversampling`` finer; the ring reaches beyond
+        # the box, where the PRF is zero.
+        ring_area = np.pi * 3.0 * (radius_pix * oversampling) ** 2
+        ring_mean = prf[(radius > radius_pix) & (radius <= 2 * radius_pix)].sum() / ring_area
+        fractions.append((prf[aperture].sum() - ring_mean * aperture.sum()) / prf.sum())
+    return float(np.mean(fractions))
+
+
 def _pixel_integrated_gaussians(offsets, sigmas, weights):
     """Sum of unit-flux Gaussians integrated over 1-pixel boxes centred at ``offsets`` (pixels)."""
     image = np.zeros((offsets.size, offsets.size))
