@@ -69,7 +69,7 @@ def notebook_root(tmp_path_factory):
     notebook 01 would have retrieved (retrieved here directly)."""
     work = tmp_path_factory.mktemp("browser")
     params = RunParameters(
-        radius_arcmin=1.0, bands="irac1,irac2", n_workers=1,
+        radius_arcmin=1.0, bands="irac1,irac2", n_workers=1, realism="ideal",
         data_dir=str(work / "data"), output_dir=str(work / "output"),
     )
     retrieve(params)
@@ -80,7 +80,7 @@ def notebook_root(tmp_path_factory):
     notebook = parameterize_notebook(
         load_notebook_node(str(path)),
         {"radius_arcmin": params.radius_arcmin, "bands": params.bands, "n_workers": params.n_workers,
-         "data_dir": params.data_dir, "output_dir": params.output_dir},
+         "realism": params.realism, "data_dir": params.data_dir, "output_dir": params.output_dir},
     )
     nbformat.write(notebook, path)
     return root

@@ -49,7 +49,7 @@ def merged_frame() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("catalog")
-    params = RunParameters(data_dir=str(out / "data"), output_dir=str(out / "output"))
+    params = RunParameters(realism="ideal", data_dir=str(out / "data"), output_dir=str(out / "output"))
     table = science_catalog(merged_frame(), params.as_dict())
     return table, write_catalog(table, params.output_dir)
 
@@ -107,7 +107,7 @@ def test_provenance_in_both_formats(written):
 def test_prf_source_per_band_comes_from_the_manifest(tmp_path):
     from mbphot.retrieve import retrieve
 
-    params = RunParameters(radius_arcmin=0.3, bands="irac1,nuv", data_dir=str(tmp_path / "d"),
+    params = RunParameters(radius_arcmin=0.3, bands="irac1,nuv", realism="ideal", data_dir=str(tmp_path / "d"),
                            output_dir=str(tmp_path / "o"))
     retrieve(params)
     frame = merged_frame().drop(columns=[c for c in merged_frame() if c.startswith(("irac2", "irac3", "irac4", "fuv"))])

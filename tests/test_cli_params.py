@@ -73,8 +73,8 @@ def failing_notebooks(tmp_path):
 
 
 def run(tmp_path, notebooks, *arguments):
-    return main(["run", "--no-progress", "--notebooks", str(notebooks), "--data-dir", str(tmp_path / "data"),
-                 "--output-dir", str(tmp_path / "output"), *arguments])
+    return main(["run", "--no-progress", "--realism", "ideal", "--notebooks", str(notebooks),
+                 "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "output"), *arguments])
 
 
 # ---- the parameter file --------------------------------------------------------------------

@@ -29,7 +29,7 @@ def figure_outputs(notebook_path):
 def executed(tmp_path_factory):
     work = tmp_path_factory.mktemp("figures")
     result = subprocess.run(
-        [sys.executable, "-m", "mbphot", "run", "--no-progress", "--radius", "0.75", "--seed", "3",
+        [sys.executable, "-m", "mbphot", "run", "--no-progress", "--radius", "0.75", "--seed", "3", "--realism", "ideal",
          "--data-dir", "data", "--output-dir", "output"],
         cwd=work, capture_output=True, text=True, timeout=900,
     )

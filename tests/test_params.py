@@ -147,18 +147,20 @@ def test_from_namespace_takes_the_parameters_and_ignores_other_names():
 
 def test_run_tag_names_every_parameter_that_changes_the_results():
     tag = RunParameters(ra=150.1, dec=2.3, radius_arcmin=1.5, bands="nuv,irac2", seed=9, mode="source").run_tag
-    assert tag == "ra150.1000_dec+2.3000_r1.5_irac2-nuv_sample-s9_mbphot-source"
-    assert RunParameters().run_tag == "ra150.0100_dec+2.2000_r3_all_sample-s42_mbphot-scene"
+    assert tag == "ra150.1000_dec+2.3000_r1.5_irac2-nuv_sample-s9-realistic_mbphot-source"
+    assert RunParameters().run_tag == "ra150.0100_dec+2.2000_r3_all_sample-s42-realistic_mbphot-scene"
     assert RunParameters(n_workers=1).run_tag == RunParameters().run_tag
     assert RunParameters(data_source="archive", seed=1).run_tag == RunParameters(data_source="archive", seed=2).run_tag
 
 
-def test_realism_defaults_to_ideal_and_names_its_own_field_and_run():
-    assert RunParameters().realism == "ideal"
-    realistic = RunParameters(realism="realistic")
+def test_realism_defaults_to_realistic_and_names_its_own_field_and_run():
+    assert RunParameters().realism == "realistic"
+    realistic = RunParameters()
     assert realistic.field_tag == "ra150.0100_dec+2.2000_r3_s42_realistic"
     assert realistic.run_tag == "ra150.0100_dec+2.2000_r3_all_sample-s42-realistic_mbphot-scene"
-    assert RunParameters().field_tag == "ra150.0100_dec+2.2000_r3_s42"  # ideal fields keep their folder
+    ideal = RunParameters(realism="ideal")
+    assert ideal.field_tag == "ra150.0100_dec+2.2000_r3_s42"  # ideal fields keep their folder
+    assert ideal.run_tag == "ra150.0100_dec+2.2000_r3_all_sample-s42_mbphot-scene"
     assert RunParameters(data_source="archive", realism="realistic").run_tag == RunParameters(data_source="archive").run_tag
 
 

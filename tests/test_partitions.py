@@ -21,7 +21,8 @@ SMALL_GRID = {"scene_arcmin": 1.0}
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    params = RunParameters(ra=150.05, dec=2.25, radius_arcmin=2.0, seed=11, data_dir=str(tmp_path_factory.mktemp("d")))
+    params = RunParameters(ra=150.05, dec=2.25, radius_arcmin=2.0, seed=11, realism="ideal",
+                           data_dir=str(tmp_path_factory.mktemp("d")))
     return retrieve(params)
 
 

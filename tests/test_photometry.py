@@ -12,7 +12,8 @@ from mbphot.retrieve import load_truth, retrieve
 
 @pytest.fixture(scope="module")
 def field(tmp_path_factory):
-    params = RunParameters(ra=150.10, dec=2.30, radius_arcmin=1.2, seed=3, data_dir=str(tmp_path_factory.mktemp("d")))
+    params = RunParameters(ra=150.10, dec=2.30, radius_arcmin=1.2, seed=3, realism="ideal",
+                           data_dir=str(tmp_path_factory.mktemp("d")))
     manifest = retrieve(params)
     photometry = measure_field(manifest, list(BAND_NAMES), n_workers=2, progress=False, mode="source")
     return manifest, photometry.merge(load_truth(manifest), on="id")

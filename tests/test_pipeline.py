@@ -19,7 +19,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def run_cli(*arguments, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "mbphot", "run", "--no-progress", *arguments],
+        [sys.executable, "-m", "mbphot", "run", "--no-progress", "--realism", "ideal", *arguments],
         cwd=cwd, capture_output=True, text=True, timeout=900,
     )
 

@@ -13,7 +13,8 @@ from mbphot.crossmatch import sky_area_deg2
 
 @pytest.fixture(scope="module")
 def params(tmp_path_factory):
-    return RunParameters(ra=150.2, dec=2.4, radius_arcmin=1.0, seed=11, data_dir=str(tmp_path_factory.mktemp("d")))
+    return RunParameters(ra=150.2, dec=2.4, radius_arcmin=1.0, seed=11, realism="ideal",
+                         data_dir=str(tmp_path_factory.mktemp("d")))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_a_failed_generation_leaves_nothing_behind(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(sample, "_make_galex", broken)
-    params = RunParameters(radius_arcmin=0.5, data_dir=str(tmp_path))
+    params = RunParameters(radius_arcmin=0.5, realism="ideal", data_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="disk full"):
         retrieve(params)
     assert not params.field_dir.exists()

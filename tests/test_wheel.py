@@ -94,7 +94,7 @@ def test_installed_package_copies_its_notebooks_and_runs_a_field(installed):
     assert copied.returncode == 0, copied.stderr
     assert sorted(p.stem for p in (work / "my_notebooks").glob("*.md")) == list(NOTEBOOKS)
 
-    run = _run([mbphot, "run", "--no-progress", "--radius", "0.5", "--data-dir", "data", "--output-dir", "output"],
+    run = _run([mbphot, "run", "--no-progress", "--radius", "0.5", "--realism", "ideal", "--data-dir", "data", "--output-dir", "output"],
                cwd=work, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (work / "output" / "catalog" / "multiband_catalog.fits").is_file()

@@ -20,7 +20,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def params(tmp_path_factory):
     """A small field in a folder shared by this module's tests, so each field is made once."""
     return RunParameters(
-        radius_arcmin=1.0, bands="irac1,irac2", n_workers=1, data_dir=str(tmp_path_factory.mktemp("data"))
+        radius_arcmin=1.0, bands="irac1,irac2", n_workers=1, realism="ideal", data_dir=str(tmp_path_factory.mktemp("data"))
     )
 
 

@@ -145,10 +145,10 @@ class RunParameters:
     seed : int
         Seed of the simulated field, >= 0.
     realism : str
-        The simulated field's realism, ``"ideal"`` (default for now: the sky drawn exactly as
-        the engine models it) or ``"realistic"`` (PRF mismatch, real-size GALEX PSFs,
-        astrometric errors, resolved galaxies, confusion, correlated noise, GALEX depth and
-        sky-map errors; see ``docs/simulator.md``). Only used with ``data_source="sample"``.
+        The simulated field's realism: ``"realistic"`` (default: PRF mismatch, real-size
+        GALEX PSFs, astrometric errors, resolved galaxies, confusion, correlated noise, GALEX
+        depth and sky-map errors; see ``docs/simulator.md``) or ``"ideal"`` (the sky drawn
+        exactly as the engine models it, for tests). Only used with ``data_source="sample"``.
     engine : str
         Photometry engine: ``"mbphot"`` or ``"tractor"`` (The Tractor, where installed).
     mode : str
@@ -178,7 +178,7 @@ class RunParameters:
     bands: list | str = "all"
     data_source: str = "sample"
     seed: int = 42
-    realism: str = "ideal"
+    realism: str = "realistic"
     engine: str = "mbphot"
     mode: str = "scene"
     n_workers: int = 0
