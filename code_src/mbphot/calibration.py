@@ -18,8 +18,8 @@ image is therefore calibrated on a section around the field before the photometr
    flux spread over a 12" radius; a PRF without them fits every flux several per cent low;
 4. a fit with that PRF, at the offset positions, bright sources moved onto their light
    (at most `POSITION_PRIOR_ARCSEC`; how far the brightest move gives the catalogue's
-   position error, the prior of every later move), leaves the residual image; for a mosaic resampled from larger
-   pixels (`Band.resampled_noise`: IRAC), its autocovariance gives the factor
+   position error, the prior of every later move), leaves the residual image; for a mosaic
+   resampled from larger pixels (`Band.resampled_noise`: IRAC), its autocovariance gives the factor
    ``noise_scale`` by which the true flux error exceeds the white-noise one
    (`mbphot.engine.calibrate.correlated_noise_scale`: correlated noise, unresolved faint
    sources); GALEX's Poisson noise is independent from pixel to pixel;

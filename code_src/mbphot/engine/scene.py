@@ -620,9 +620,10 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
 
     Each candidate gets two more unknowns, the coefficients of its profile's x and y
     derivatives, and the scene's cores are solved with them:
-    F P(x + d) ~ F P(x) + F d . grad P, so d = coefficient / F. Fitted with every flux at once, a neighbour cannot take up the light
-    a bright source's offset leaves: at GALEX crowding, the residual's projection on one
-    source's gradient with its neighbours' fluxes held recovers about half of the offset.
+    F P(x + d) ~ F P(x) + F d . grad P, so d = coefficient / F. Fitted with every flux at
+    once, a neighbour cannot take up the light a bright source's offset leaves: at GALEX
+    crowding, the residual's projection on one source's gradient with its neighbours' fluxes
+    held recovers about half of the offset.
 
     ``prior`` (per candidate: its flux times the catalogue's position error in pixels, the
     prior sigma of its coefficients) makes the offsets the most probable ones rather than the
