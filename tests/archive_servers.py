@@ -31,7 +31,8 @@ from the documentation or public example named here:
   ``status``, ``fields`` (name, type), ``data``, ``paging``, as in the MAST API documentation,
   mast.stsci.edu/api/v0) and ``Download/file?uri=mast:GALEX/...``. GALEX product names follow
   the pipeline's ``<tile>-<nd|fd>-<int|skybg|rrhr>.fits.gz`` (GALEX GR6/7 data description).
-  With ``shared_target_name`` every deep observation has the same ``target_name``.
+  With ``shared_target_name`` every deep observation has the same ``target_name``; with
+  ``unsafe_product_name`` the deep tiles' products are named ``../../escaped-...``.
 * ``/heasarc/tap/sync`` -- HEASARC's Xamin TAP (``SELECT * FROM clscat|ccosmoscat WHERE
   CONTAINS(...)``, the ADQL astroquery.heasarc 0.4.8 sends): ``ccosmoscat`` with its documented
   columns (HEASARC's ccosmoscat page: ``name, ra, dec, error_radius, flux, sb_flux, hb_flux,
@@ -40,6 +41,23 @@ from the documentation or public example named here:
   hard_flux, hardness_ratio`` -- its column names are not checked against the live service
   from here (``pytest -m live`` does).
 * ``/prf/irac/PRF_IRAC_ch<N>.fits``, ``/prf/galex/PSF<band>[_faint].fits`` -- plain files.
+* ``/mast/api/v0.1/path_lookup/?uri=...&uri=...`` -- MAST's path lookup, the call
+  astroquery's ``Observations.get_cloud_uris`` makes (astroquery ``mast/utils.py``,
+  ``mast_relative_path``): JSON ``{uri: {"path": "/mast/galex/..."}}``.
+
+A second server on 127.0.0.1 (`ArchiveServer.s3_url`) plays the public S3 buckets, path-style
+(``/<bucket>/<key>``), speaking the part of the S3 REST API that s3fs uses to read an object
+anonymously: ``HEAD`` (HeadObject: ``Content-Length``, ``ETag``, ``Last-Modified``), ``GET``
+with or without a single ``Range`` (GetObject: ``206 Partial Content``, ``Content-Range``),
+``GET /<bucket>?list-type=2`` (ListObjectsV2, asked when a HEAD finds nothing) and the XML
+``NoSuchKey`` error (Amazon S3 API Reference: HeadObject, GetObject, ListObjectsV2, Error
+responses). It holds MAST's ``stpubdata`` GALEX files at the keys the path lookup gives, and
+the IRAC mosaics in ``nasa-irsa-spitzer`` (IRSA's Spitzer bucket, named in IRSA's "IRSA Cloud
+Access Introduction" tutorial) at `IRSA_COSMOS_KEY`, a key of the stand-in's own: where IRSA
+keeps the COSMOS mosaics in S3, if it does, is not known from here. With ``cloud_copies`` the
+SIA answer names them in a ``cloud_access`` column, the JSON IRSA's SIA v2 service returns
+(``{"aws": {"bucket_name", "key", "region"}}``, the same tutorial). Every S3 request is
+counted in ``hits["s3"]`` and its body bytes in ``bytes_sent["s3"]``.
 
 Faults are injected per route, consumed one per request: ``"500"`` (HTTP 500), ``"503_retry"``
 (HTTP 503 with ``Retry-After: 1``), ``"truncate"`` (Content-Length larger than the body),
@@ -82,6 +100,11 @@ NAN_FRAME = 80
 IRSA_IRAC_PATH = "/data/COSMOS/images/spitzer/irac/"
 TAP_ERROR_MESSAGE = "Query error: table cosmos2015 is being reloaded, retry in 10 minutes (code 7731)"
 GALEX_FOV_RADIUS_DEG = 0.6
+IRSA_BUCKET = "nasa-irsa-spitzer"
+IRSA_COSMOS_KEY = "spitzer/cosmos/images/irac/"
+MAST_BUCKET = "stpubdata"
+GALEX_PATH = "GR6/pipe/01-vsn/50031-{tile}/d/01-main/0001-img/07-try/{name}"
+UNSAFE_TILE = "../../escaped"
 IRSA_SIA_IVOID = "ivo://irsa.ipac/cosmos/images"
 REGTAP_SEPARATOR = ":::py VO sep:::"
 MAST_COLUMNS_CONFIG = {
@@ -149,12 +172,16 @@ class ArchiveServer:
         self.bytes_sent = Counter()
         self.faults = defaultdict(list)
         self.shared_target_name = False
+        self.unsafe_product_name = False
+        self.cloud_copies = False
         self._current_fault = None
         self.jobs = {}
         self.mosaic_dir = self.field_dir.parent / f"{self.field_dir.name}_served_mosaics"
         self._lock = threading.Lock()
         self._server = None
         self._thread = None
+        self._s3_server = None
+        self._s3_thread = None
         self.catalog = read_table(self.field_dir / "catalog/cosmos2015.fits")
         chandra = read_table(self.field_dir / "chandra/ccosmoscat.fits")
         chandra.rename_columns(chandra.colnames, [name.lower() for name in chandra.colnames])
@@ -176,20 +203,32 @@ class ArchiveServer:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+        s3_handler = type("S3Handler", (_S3Handler,), {"archive": self})
+        self._s3_server = ThreadingHTTPServer(("127.0.0.1", 0), s3_handler)
+        self._s3_server.daemon_threads = True
+        self._s3_thread = threading.Thread(target=self._s3_server.serve_forever, daemon=True)
+        self._s3_thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        for server, thread in ((self._server, self._thread), (self._s3_server, self._s3_thread)):
+            server.shutdown()
+            server.server_close()
+            thread.join()
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
+    @property
+    def s3_url(self) -> str:
+        host, port = self._s3_server.server_address[:2]
+        return f"http://{host}:{port}"
+
     def endpoints(self, **overrides) -> dict:
-        """The endpoint settings that point mbphot at this server (fast retries)."""
+        """The endpoint settings that point mbphot at this server (fast retries; the cloud off
+        unless ``cloud`` is overridden, and then this server's S3 stand-in)."""
         settings = {
             "irsa_tap": f"{self.url}/irsa/TAP",
             "registry": f"{self.url}/registry/tap",
@@ -199,6 +238,8 @@ class ArchiveServer:
             "timeout_s": 10.0,
             "retries": 2,
             "backoff_s": 0.01,
+            "cloud": "http",
+            "s3_endpoint": self.s3_url,
         }
         settings.update(overrides)
         return settings
@@ -210,6 +251,8 @@ class ArchiveServer:
             self.bytes_sent.clear()
             self.faults.clear()
             self.shared_target_name = False
+            self.unsafe_product_name = False
+            self.cloud_copies = False
 
     def inject(self, route: str, *faults: str) -> None:
         """Answer the next requests on ``route`` with ``faults``, in order."""
@@ -282,6 +325,11 @@ class ArchiveServer:
             dtype=(str, float, float, str, str, str, str),
         )
         table.add_column(["image/fits"] * len(table), name="sia_fmt")
+        if self.cloud_copies:
+            table.add_column([
+                json.dumps({"aws": {"bucket_name": IRSA_BUCKET, "key": IRSA_COSMOS_KEY + name, "region": "us-west-2"}})
+                if name.startswith("irac_") else "" for name in table["fname"]
+            ], name="cloud_access")
         ucds = {
             "sia_title": "VOX:Image_Title", "ra": "POS_EQ_RA_MAIN", "dec": "POS_EQ_DEC_MAIN",
             "sia_url": "VOX:Image_AccessReference", "sia_fmt": "VOX:Image_Format",
@@ -361,13 +409,14 @@ class ArchiveServer:
             if observation["obsid"] not in obsids:
                 continue
             tile = observation["target_name"] if observation["project"] != "DIS" else self._tile_of(observation)
+            named = UNSAFE_TILE if self.unsafe_product_name and observation["project"] == "DIS" else tile
             for code in ("nd", "fd"):
                 for kind in ("int", "skybg", "rrhr", "cat"):
-                    name = f"{tile}-{code}-{kind}.fits.gz"
+                    name = f"{named}-{code}-{kind}.fits.gz"
                     rows.append({
                         "obsID": observation["obsid"], "obs_collection": "GALEX", "dataproduct_type": "image",
                         "productFilename": name,
-                        "dataURI": f"mast:GALEX/url/data/GR6/pipe/01-vsn/50031-{tile}/d/01-main/0001-img/07-try/{name}",
+                        "dataURI": f"mast:GALEX/url/data/{GALEX_PATH.format(tile=tile, name=name)}",
                         "productType": "SCIENCE" if kind == "int" else "AUXILIARY", "size": 1000,
                     })
             rows.append({
@@ -406,6 +455,22 @@ class ArchiveServer:
                        "rowsFiltered": len(rows), "rowsTotal": len(rows)},
         }
         return json.dumps(payload).encode()
+
+    def path_lookup(self, uris) -> bytes:
+        """MAST's path lookup: each GALEX ``dataURI`` to its path, which names its key in ``stpubdata``."""
+        answer = {}
+        for uri in uris:
+            prefix = "mast:GALEX/url/data/"
+            answer[uri] = {"path": f"/mast/galex/{uri[len(prefix):]}" if uri.startswith(prefix) else None}
+        return json.dumps(answer).encode()
+
+    def s3_object(self, bucket: str, key: str) -> bytes | Path | None:
+        """The object at ``bucket``/``key`` of the S3 stand-in (a served mosaic's path, or bytes)."""
+        if bucket == IRSA_BUCKET and key.startswith(IRSA_COSMOS_KEY):
+            return self.mosaic(key[len(IRSA_COSMOS_KEY):])
+        if bucket == MAST_BUCKET and key.startswith("galex/"):
+            return self.galex_file(key)
+        return None
 
     def galex_file(self, uri: str) -> bytes | None:
         name = uri.rsplit("/", 1)[-1]
@@ -513,6 +578,7 @@ class _Handler(BaseHTTPRequestHandler):
             "/irsa/TAP/sync": "irsa_tap", "/registry/tap/sync": "registry", "/heasarc/tap/sync": "heasarc_tap",
             "/irsa/sia": "sia", "/mast/portal/Mashup/Mashup.asmx/columnsconfig": "mast_columnsconfig",
             "/mast/api/v0/invoke": "mast_invoke", "/mast/api/v0.1/Download/file": "mast_download",
+            "/mast/api/v0.1/path_lookup/": "mast_path_lookup",
         }
         route = (routes.get(path) or ("irac_download" if path.startswith(IRSA_IRAC_PATH) else None)
                  or ("prf_download" if path.startswith("/prf/") else None)
@@ -574,6 +640,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, json.dumps(MAST_COLUMNS_CONFIG).encode(), "application/json")
         if route == "mast_invoke":
             return self._send(200, archive.mast_invoke(json.loads(form["REQUEST"]), empty), "application/json")
+        if route == "mast_path_lookup":
+            return self._send(200, archive.path_lookup(parse_qs(parsed.query).get("uri", [])), "application/json")
 
         if route == "irac_download":
             mosaic = archive.mosaic(unquote(path.rsplit("/", 1)[-1]))
@@ -607,3 +675,72 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self._route("DELETE")
+
+
+class _S3Handler(BaseHTTPRequestHandler):
+    """The S3 REST calls s3fs makes to read a public object (path-style addressing)."""
+
+    archive: ArchiveServer
+
+    def log_message(self, *args):
+        pass
+
+    def _headers(self, status: int, headers: dict):
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _error(self, status: int, code: str, message: str, head: bool):
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+                f"<Resource>{self.path}</Resource><RequestId>mbphot-test</RequestId></Error>").encode()
+        self._headers(status, {"Content-Type": "application/xml", "Content-Length": str(0 if head else len(body))})
+        if not head:
+            self.wfile.write(body)
+
+    def _answer(self, head: bool):
+        archive = self.archive
+        archive._next_fault("s3")
+        parsed = urlparse(self.path)
+        bucket, _, key = unquote(parsed.path).lstrip("/").partition("/")
+        if not key:  # ListObjectsV2 of a prefix: nothing but the objects served is there
+            prefix = parse_qs(parsed.query).get("prefix", [""])[0]
+            body = ('<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                    f"<Name>{bucket}</Name><Prefix>{prefix}</Prefix><KeyCount>0</KeyCount><MaxKeys>1</MaxKeys>"
+                    "<IsTruncated>false</IsTruncated></ListBucketResult>").encode()
+            self._headers(200, {"Content-Type": "application/xml", "Content-Length": str(0 if head else len(body))})
+            if not head:
+                self.wfile.write(body)
+            return
+        found = archive.s3_object(bucket, key)
+        if found is None:
+            return self._error(404, "NoSuchKey", "The specified key does not exist.", head)
+        total = found.stat().st_size if isinstance(found, Path) else len(found)
+        headers = {"Content-Type": "binary/octet-stream", "Accept-Ranges": "bytes", "ETag": f'"{total:032x}"',
+                   "Last-Modified": "Thu, 01 Jan 2026 00:00:00 GMT"}
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "").strip())
+        start, stop, status = 0, total - 1, 200
+        if wanted and not head:
+            start, stop, status = int(wanted[1]), min(int(wanted[2]) if wanted[2] else total - 1, total - 1), 206
+            if start >= total:
+                return self._error(416, "InvalidRange", "The requested range is not satisfiable", head)
+            headers["Content-Range"] = f"bytes {start}-{stop}/{total}"
+        headers["Content-Length"] = str(stop - start + 1)
+        self._headers(status, headers)
+        if head:
+            return
+        if isinstance(found, Path):
+            with open(found, "rb") as handle:
+                handle.seek(start)
+                body = handle.read(stop - start + 1)
+        else:
+            body = found[start : stop + 1]
+        self.wfile.write(body)
+        with archive._lock:
+            archive.bytes_sent["s3"] += len(body)
+
+    def do_HEAD(self):
+        self._answer(head=True)
+
+    def do_GET(self):
+        self._answer(head=False)

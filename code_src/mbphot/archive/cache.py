@@ -18,6 +18,7 @@ import email.utils
 import gzip
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -36,11 +37,14 @@ __all__ = [
     "ArchiveUnreachableError",
     "ArchiveEmptyError",
     "ArchiveSlowError",
+    "UnsafeNameError",
     "TimeoutSession",
     "call_with_retries",
     "download",
     "check_fits",
     "is_cached",
+    "record_source",
+    "safe_name",
 ]
 
 OFFLINE_HINT = "use data_source='sample' to run offline"
@@ -73,6 +77,10 @@ class ArchiveEmptyError(ArchiveError):
 
 class ArchiveSlowError(ArchiveError):
     """A service accepted the connection but did not answer within ``timeout_s``."""
+
+
+class UnsafeNameError(ArchiveError):
+    """An archive-supplied name that is not a plain file name (a path separator, ``..``, ...)."""
 
 
 class IncompleteDownloadError(OSError):
@@ -237,6 +245,38 @@ def check_fits(path) -> int:
     return n_hdu
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+"""A plain file name: no separator, no leading dot (no ``..``, no hidden file that could be
+taken for the cache's temporary files), no space or control character."""
+
+
+def safe_name(name: str, *, service: str, what: str) -> str:
+    """``name`` unchanged if an archive-supplied name is a plain file name; else `UnsafeNameError`.
+
+    Archives name the files mbphot writes (a GALEX tile from MAST's ``productFilename``); a
+    name with ``/``, ``\\`` or ``..`` would put a file outside the field folder.
+    """
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise UnsafeNameError(
+            f"{service} named {what} {name!r}, which is not a plain file name (only letters, digits and . _ + -, "
+            "no path separator, no '..', no leading dot); refusing to write it into the data folder"
+        )
+    return name
+
+
+def record_source(path, url: str, access: str) -> None:
+    """Note in the primary header where the file came from (``MBACCESS``: http or cloud; HISTORY: the URL).
+
+    A ``CHECKSUM`` the file carries is recomputed, so the cache's check still holds.
+    """
+    with fits.open(path, mode="update") as hdul:
+        header = hdul[0].header
+        header["MBACCESS"] = (access, "mbphot: read over http or from the cloud")
+        header["HISTORY"] = f"mbphot: from {url}"
+        if "CHECKSUM" in header:
+            hdul[0].add_checksum()
+
+
 def is_cached(path) -> bool:
     """Whether a complete file is already at ``path``; a damaged one (disk, manual edit) is
     removed so that it is fetched again."""
@@ -283,7 +323,8 @@ def _unpack(raw: Path, destination: Path) -> None:
         raise IncompleteDownloadError(f"the gzip stream is cut ({error})") from None
 
 
-def download(url: str, path, *, service: str, endpoints: Endpoints, session=None, progress: bool = False, finish=None) -> Path:
+def download(url: str, path, *, service: str, endpoints: Endpoints, session=None, progress: bool = False, finish=None,
+             fetch=None) -> Path:
     """Fetch a FITS file into the cache, or reuse it.
 
     Parameters
@@ -303,6 +344,9 @@ def download(url: str, path, *, service: str, endpoints: Endpoints, session=None
     finish : callable, optional
         ``finish(temporary_path)`` may rewrite the downloaded file (for example cut it to the
         field) before it is checked and moved into place.
+    fetch : callable, optional
+        ``fetch(raw_path)`` writes the file's bytes to ``raw_path`` (a cloud copy); by default
+        ``url`` is fetched over HTTP.
 
     Returns
     -------
@@ -318,7 +362,10 @@ def download(url: str, path, *, service: str, endpoints: Endpoints, session=None
         with atomic_path(path) as temporary:
             raw = temporary.with_name(temporary.name + ".raw")
             try:
-                _stream(session, url, raw, progress, path.name)
+                if fetch is None:
+                    _stream(session, url, raw, progress, path.name)
+                else:
+                    fetch(raw)
                 _unpack(raw, temporary)
             finally:
                 raw.unlink(missing_ok=True)

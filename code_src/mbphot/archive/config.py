@@ -23,6 +23,7 @@ import yaml
 __all__ = ["Endpoints", "ENDPOINTS_ENV", "load_endpoints"]
 
 ENDPOINTS_ENV = "MBPHOT_ENDPOINTS"
+CLOUD_CHOICES = ("auto", "cloud", "http")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,14 @@ class Endpoints:
         ``{"irac": url, "galex": url}``: folders holding the published PRFs
         (``PRF_IRAC_ch<N>.fits``; ``PSFnuv_faint.fits``, ``PSFfuv.fits``); the defaults are in
         `mbphot.archive.prf`.
+    cloud : str
+        Where images come from: ``"auto"`` reads the archives' public cloud copies (S3) where
+        they can be read and falls back to HTTP with a log message; ``"cloud"`` uses only the
+        cloud copies (a clear error where one cannot be read); ``"http"`` never uses the cloud
+        (see `mbphot.archive.cloud`).
+    s3_endpoint : str or None
+        An S3-compatible service to read the cloud copies from instead of AWS (a mirror, a
+        test server); None is AWS.
     whole_files : bool
         Allow downloading a whole IRAC mosaic (about 480 MB each) where the server does not
         honour HTTP range requests. Off by default: the run stops and says so instead.
@@ -66,6 +75,8 @@ class Endpoints:
     heasarc: str = "https://heasarc.gsfc.nasa.gov/xamin/vo"
     prf: dict = field(default_factory=dict)
     prf_base: dict = field(default_factory=dict)
+    cloud: str = "auto"
+    s3_endpoint: str | None = None
     whole_files: bool = False
     async_radius_arcmin: float = 10.0
     timeout_s: float = 60.0
@@ -73,7 +84,8 @@ class Endpoints:
     backoff_s: float = 2.0
 
     def __post_init__(self):
-        for name in ("irsa_tap", "mast", "heasarc") + (("registry",) if self.registry is not None else ()):
+        optional = tuple(name for name in ("registry", "s3_endpoint") if getattr(self, name) is not None)
+        for name in ("irsa_tap", "mast", "heasarc") + optional:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.startswith(("http://", "https://")):
                 raise ValueError(f"endpoint {name}={value!r} must be an http(s) URL, e.g. 'https://archive.example.org'")
@@ -82,6 +94,8 @@ class Endpoints:
             raise ValueError(f"endpoint prf must map band names to URLs, got {self.prf!r}")
         if not isinstance(self.prf_base, dict) or set(self.prf_base) - {"irac", "galex"}:
             raise ValueError(f"endpoint prf_base must map 'irac' and/or 'galex' to folder URLs, got {self.prf_base!r}")
+        if self.cloud not in CLOUD_CHOICES:
+            raise ValueError(f"cloud must be one of {', '.join(CLOUD_CHOICES)}, got {self.cloud!r}")
         if not isinstance(self.whole_files, bool):
             raise ValueError(f"whole_files must be true or false, got {self.whole_files!r}")
         if not (isinstance(self.async_radius_arcmin, (int, float)) and self.async_radius_arcmin >= 0):

@@ -11,7 +11,9 @@ The IRAC ``go2`` science and uncertainty mosaics are found through IRSA's COSMOS
 mosaics as plain files under ``/data/COSMOS/images/spitzer/irac/`` (about 480 MB each), where
 its ``center``/``size`` cutout parameters do not apply, so only the field's box is read, with
 HTTP range requests (`mbphot.archive.sections`); a whole mosaic is downloaded only where the
-server ignores ranges and ``whole_files`` is set.
+server ignores ranges and ``whole_files`` is set. Where the image service names a cloud copy
+(its ``cloud_access`` column) and the ``cloud`` setting allows, the box is read from that copy
+in IRSA's public S3 bucket instead, the same way (`mbphot.archive.cloud`).
 """
 
 import logging
@@ -34,10 +36,12 @@ from .cache import (
     call_with_retries,
     download,
     is_cached,
+    record_source,
 )
 from .config import ENDPOINTS_ENV, Endpoints
 from .cutout import cut_to_box
-from .sections import RangeNotSupportedError, read_section
+from .cloud import CloudUnavailableError, irsa_location
+from .sections import HttpRanges, RangeNotSupportedError, read_section
 
 __all__ = ["CATALOG_COLUMNS", "SENTINEL_RULE", "query_cosmos2015", "find_cosmos_image_service", "fetch_irac",
            "clean_sentinels"]
@@ -269,12 +273,32 @@ def _irac_records(results, channel: int, centre: SkyCoord) -> dict:
     return chosen
 
 
-def _fetch_region(url, path, ra_deg, dec_deg, side_arcmin, endpoints, progress, what) -> int:
-    """The box of one mosaic by range requests; the whole file only if allowed. Returns bytes received."""
+def _fetch_region(record, path, ra_deg, dec_deg, side_arcmin, endpoints, progress, what) -> int:
+    """The box of one mosaic: from its cloud copy where allowed and readable, else by HTTP range
+    requests; the whole file only if allowed. Returns bytes received."""
+    url = record.getdataurl()
+    if endpoints.cloud != "http":
+        cloud = irsa_location(record, endpoints)
+        if cloud is None:
+            reason = "IRSA's image service names no cloud copy"
+        else:
+            try:
+                received = read_section(cloud, path, ra_deg, dec_deg, side_arcmin, what=what, progress=progress)
+                logger.info("%s: %.2f MB read from the cloud copy %s", what, received / 1e6, cloud.url)
+                return received
+            except CloudUnavailableError as error:
+                reason = str(error)
+        if endpoints.cloud == "cloud":
+            raise ArchiveError(
+                f"the cloud copy of {what} cannot be read ({reason}); set cloud: auto in ${ENDPOINTS_ENV} to read "
+                "it over HTTP instead"
+            )
+        log = logger.warning if cloud is not None else logger.info
+        log("%s: not from the cloud (%s); reading %s over HTTP", what, reason, url)
     try:
-        received = read_section(url, path, ra_deg, dec_deg, side_arcmin, service="IRSA's image server",
-                                endpoints=endpoints, what=what, progress=progress)
-        logger.info("%s: %.2f MB received for the field's box", what, received / 1e6)
+        received = read_section(HttpRanges(url, service="IRSA's image server", endpoints=endpoints), path, ra_deg,
+                                dec_deg, side_arcmin, what=what, progress=progress)
+        logger.info("%s: %.2f MB received over HTTP for the field's box", what, received / 1e6)
         return received
     except RangeNotSupportedError:
         if not endpoints.whole_files:
@@ -284,8 +308,12 @@ def _fetch_region(url, path, ra_deg, dec_deg, side_arcmin, endpoints, progress, 
                 "(about 480 MB each) and cut them here"
             ) from None
     logger.warning("%s: the server ignores range requests; downloading the whole file (whole_files is set)", what)
-    download(url, path, service="IRSA's image server", endpoints=endpoints, progress=progress,
-             finish=lambda temporary: cut_to_box(temporary, ra_deg, dec_deg, side_arcmin, what))
+
+    def finish(temporary):
+        cut_to_box(temporary, ra_deg, dec_deg, side_arcmin, what)
+        record_source(temporary, url, "http")
+
+    download(url, path, service="IRSA's image server", endpoints=endpoints, progress=progress, finish=finish)
     return path.stat().st_size
 
 
@@ -344,7 +372,7 @@ def fetch_irac(bands, ra_deg, dec_deg, side_arcmin, directory, endpoints: Endpoi
             if is_cached(directory / entries[band][0][key]):
                 continue
             _fetch_region(
-                records[kind].getdataurl(), directory / entries[band][0][key], ra_deg, dec_deg, side_arcmin,
+                records[kind], directory / entries[band][0][key], ra_deg, dec_deg, side_arcmin,
                 endpoints, progress, f"the IRAC channel {channel} {kind} mosaic",
             )
     return entries

@@ -8,9 +8,15 @@ description), not by the observation's ``target_name``, which distinct sub-grid 
 can share; for each tile and band the deepest observation is kept. Of its products only the
 ``-int``, ``-skybg`` and ``-rrhr`` images are fetched (no catalogues), whole (MAST serves
 GALEX images gzipped, which cannot be read by section), unpacked and cut to the field's box.
+Where the ``cloud`` setting allows, each file comes from MAST's public S3 bucket
+(``stpubdata``, `mbphot.archive.cloud`), else, or where that copy cannot be read, over HTTP
+from MAST's download service; the header records which (``MBACCESS`` and a HISTORY line).
+Tile names come from MAST and become file names, so each must be a plain file name
+(`mbphot.archive.cache.safe_name`).
 """
 
 import json
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -23,11 +29,22 @@ from astroquery.exceptions import NoResultsWarning
 
 from ..bands import BANDS
 from ..io import write_json
-from .cache import ArchiveEmptyError, call_with_retries, download
-from .config import Endpoints
+from .cache import (
+    ArchiveEmptyError,
+    ArchiveError,
+    call_with_retries,
+    download,
+    is_cached,
+    record_source,
+    safe_name,
+)
+from .cloud import CloudUnavailableError, mast_locations
+from .config import ENDPOINTS_ENV, Endpoints
 from .cutout import cut_to_box
 
 __all__ = ["fetch_galex", "mast_observations"]
+
+logger = logging.getLogger("mbphot.archive.mast")
 
 GALEX_FOV_RADIUS_DEG = 0.6
 DEPTH_FRACTION = 0.5
@@ -91,6 +108,7 @@ def _product_files(products, code: str, exposures: dict) -> dict:
     for name, uri, obsid in zip(products["productFilename"], products["dataURI"], products[id_column]):
         match = pattern.match(str(name))
         if match:
+            safe_name(match["tile"], service="MAST", what="a GALEX tile (productFilename)")
             by_tile.setdefault(match["tile"], {}).setdefault(str(obsid), {})[PRODUCT_KINDS[match["kind"].lower()]] = str(uri)
     tiles = {}
     for tile, observations in by_tile.items():
@@ -99,6 +117,36 @@ def _product_files(products, code: str, exposures: dict) -> dict:
             deepest = max(usable, key=lambda obsid: exposures.get(obsid, 0.0))
             tiles[tile] = usable[deepest]
     return tiles
+
+
+def _fetch_product(uri, path, cloud, no_cloud: str, endpoints: Endpoints, progress: bool, cut) -> None:
+    """One GALEX file: from its cloud copy where allowed and readable, else over HTTP; then cut.
+
+    ``cloud`` is the product's `mbphot.archive.cloud.S3Object` or None, and ``no_cloud`` says
+    why there is none.
+    """
+    if is_cached(path):
+        return
+    http_url = f"{endpoints.mast}{PORTAL_PATHS['MAST_DOWNLOAD_URL']}?uri={quote(uri, safe=':/')}"
+    if endpoints.cloud != "http":
+        if cloud is not None:
+            try:
+                download(cloud.url, path, service="MAST's cloud copy", endpoints=endpoints, progress=progress,
+                         fetch=lambda raw: cloud.download(raw, progress=progress),
+                         finish=lambda temporary: (cut(temporary), record_source(temporary, cloud.url, "cloud")))
+                logger.info("%s: from the cloud copy %s", path.name, cloud.url)
+                return
+            except CloudUnavailableError as error:
+                no_cloud = str(error)
+        if endpoints.cloud == "cloud":
+            raise ArchiveError(
+                f"the cloud copy of {uri} cannot be read ({no_cloud}); set cloud: auto in ${ENDPOINTS_ENV} to "
+                "download it over HTTP instead"
+            )
+        log = logger.warning if cloud is not None else logger.info
+        log("%s: not from the cloud (%s); downloading %s over HTTP", path.name, no_cloud, http_url)
+    download(http_url, path, service="MAST download", endpoints=endpoints, progress=progress,
+             finish=lambda temporary: (cut(temporary), record_source(temporary, http_url, "http")))
 
 
 def fetch_galex(bands, ra_deg, dec_deg, catalog_radius_arcmin, side_arcmin, directory, endpoints: Endpoints,
@@ -172,20 +220,21 @@ def fetch_galex(bands, ra_deg, dec_deg, catalog_radius_arcmin, side_arcmin, dire
                 f"MAST ({endpoints.mast}) has no deep GALEX {band.upper()} image within {catalog_radius_arcmin:g} arcmin "
                 f"of RA {ra_deg}, Dec {dec_deg}; choose a position inside COSMOS or leave {band} out of bands"
             )
+        cloud, no_cloud = {}, "cloud: http is set"
+        if endpoints.cloud != "http":
+            try:
+                cloud = mast_locations([uri for uris in tiles.values() for uri in uris.values()], endpoints)
+                no_cloud = "MAST places no cloud copy of it"
+            except CloudUnavailableError as error:
+                no_cloud = str(error)
         band_entries = []
         for tile, uris in sorted(tiles.items()):
             entry = {"image": None, "unc": None, "sky": None, "exposure": None, "tile": tile}
             for kind, uri in uris.items():
                 suffix = {"image": "int", "sky": "skybg", "exposure": "rrhr"}[kind]
                 relative = f"galex/{tile}-{BANDS[band].galex_code}-{suffix}.fits"
-                download(
-                    f"{endpoints.mast}{PORTAL_PATHS['MAST_DOWNLOAD_URL']}?uri={quote(uri, safe=':/')}",
-                    directory / relative,
-                    service="MAST download",
-                    endpoints=endpoints,
-                    progress=progress,
-                    finish=lambda temporary, t=tile: cut_to_box(temporary, ra_deg, dec_deg, side_arcmin, f"GALEX tile {t}"),
-                )
+                _fetch_product(uri, directory / relative, cloud.get(uri), no_cloud, endpoints, progress,
+                               lambda temporary, t=tile: cut_to_box(temporary, ra_deg, dec_deg, side_arcmin, f"GALEX tile {t}"))
                 entry[kind] = relative
             band_entries.append(entry)
         write_json(directory / f"galex/{band}_tiles.json", band_entries)

@@ -1,4 +1,4 @@
-"""Read the field's box of a remote FITS mosaic with HTTP range requests, not the whole file.
+"""Read the field's box of a remote FITS mosaic by byte ranges, not the whole file.
 
 A COSMOS IRAC mosaic is one uncompressed 2-D image of about 480 MB; a field needs a box of a
 few arcminutes, well under 1 % of it. FITS stores an image row by row after a header of
@@ -17,7 +17,9 @@ contiguous run per image row. `read_section`
 This is what ``astropy.io.fits.open(url, use_fsspec=True)`` with ``.section`` does (astropy's
 "Obtaining subsets from cloud-hosted FITS files"), without fsspec's read-ahead blocks, which
 for a box in a wide mosaic would fetch whole rows, and with mbphot's time-outs, retries and
-progress bar.
+progress bar. The bytes come from a source with a ``read(start, stop)`` method: `HttpRanges`
+(HTTP range requests) or `mbphot.archive.cloud.S3Object` (S3 ``GET`` with ``Range``, the
+same protocol), so the cloud copy and the HTTP copy are read the same way.
 """
 
 import re
@@ -35,7 +37,7 @@ from ..io import atomic_path, read_wcs
 from .cache import ArchiveEmptyError, IncompleteDownloadError, TimeoutSession, call_with_retries, check_fits
 from .config import Endpoints
 
-__all__ = ["RangeNotSupportedError", "read_section", "MERGE_GAP_BYTES"]
+__all__ = ["RangeNotSupportedError", "HttpRanges", "read_section", "MERGE_GAP_BYTES"]
 
 BLOCK = 2880
 HEADER_CHUNK_BLOCKS = 8
@@ -71,14 +73,14 @@ def _get_range(session, url: str, start: int, stop: int) -> tuple[bytes, int | N
     return body, total
 
 
-def _read_header(session, url: str) -> tuple[fits.Header, int, int | None, int]:
+def _read_header(source) -> tuple[fits.Header, int, int | None, int]:
     """The primary header, the byte offset of the data, the file size, and bytes received."""
     raw, received, total = b"", 0, None
     while True:
         start = len(raw)
-        chunk, total = _get_range(session, url, start, start + HEADER_CHUNK_BLOCKS * BLOCK - 1)
+        chunk, total = source.read(start, start + HEADER_CHUNK_BLOCKS * BLOCK - 1)
         if start == 0 and chunk[:2] == b"\x1f\x8b":
-            raise RangeNotSupportedError(f"{url} is gzip-compressed: its pixels cannot be read by section")
+            raise RangeNotSupportedError(f"{source.url} is gzip-compressed: its pixels cannot be read by section")
         raw += chunk
         received += len(chunk)
         for offset in range(0, len(raw), 80):
@@ -86,7 +88,37 @@ def _read_header(session, url: str) -> tuple[fits.Header, int, int | None, int]:
                 data_offset = (offset // BLOCK + 1) * BLOCK
                 return fits.Header.fromstring(raw[: offset + 80].decode("ascii")), data_offset, total, received
         if len(raw) > 400 * BLOCK or (total is not None and len(raw) >= total):
-            raise IncompleteDownloadError(f"no END card in the first {len(raw)} bytes of {url}: not a FITS file")
+            raise IncompleteDownloadError(f"no END card in the first {len(raw)} bytes of {source.url}: not a FITS file")
+
+
+class HttpRanges:
+    """A remote file read with HTTP range requests, with retries; one session per thread.
+
+    Parameters
+    ----------
+    url : str
+        The file.
+    service : str
+        Name of the service, for messages.
+    endpoints : Endpoints
+        Time-out, retries and backoff.
+    """
+
+    via = "HTTP range requests"
+    access = "http"
+
+    def __init__(self, url: str, *, service: str, endpoints: Endpoints):
+        self.url = url
+        self._service = service
+        self._endpoints = endpoints
+        self._local = threading.local()
+
+    def read(self, start: int, stop: int) -> tuple[bytes, int | None]:
+        """Bytes ``start`` to ``stop`` (inclusive) and the file's total size."""
+        if not hasattr(self._local, "session"):
+            self._local.session = TimeoutSession(self._endpoints.timeout_s)
+        return call_with_retries(lambda: _get_range(self._local.session, self.url, start, stop),
+                                 service=self._service, url=self.url, endpoints=self._endpoints)
 
 
 def _pixel_box(header, ra_deg, dec_deg, side_arcmin, what) -> tuple[int, int, int, int]:
@@ -121,18 +153,21 @@ def _runs(data_offset: int, n_x: int, box, bytes_per_pixel: int) -> list[tuple[i
     return runs
 
 
-def read_section(url: str, path, ra_deg: float, dec_deg: float, side_arcmin: float, *, service: str,
-                 endpoints: Endpoints, what: str, progress: bool = False) -> int:
+def read_section(source, path, ra_deg: float, dec_deg: float, side_arcmin: float, *, what: str,
+                 progress: bool = False) -> int:
     """Write the square box of side ``side_arcmin`` around (ra, dec) of the remote image to ``path``.
 
     Parameters
     ----------
-    url : str
-        An uncompressed FITS file whose primary HDU is a 2-D image with a celestial WCS.
+    source : HttpRanges or mbphot.archive.cloud.S3Object
+        An uncompressed FITS file whose primary HDU is a 2-D image with a celestial WCS; it
+        has ``url``, ``via`` (how it is read, for the header's HISTORY) and
+        ``read(start, stop) -> (bytes, total size)``; its ``access`` (``"http"`` or
+        ``"cloud"``) goes into the header as ``MBACCESS``.
     path : path-like
         Where the box goes (written atomically, then checked).
-    service, what : str
-        Names of the service and of the image, for messages.
+    what : str
+        Names the image, for messages.
 
     Returns
     -------
@@ -147,20 +182,8 @@ def read_section(url: str, path, ra_deg: float, dec_deg: float, side_arcmin: flo
         The image does not overlap the box.
     """
     path = Path(path)
-    local = threading.local()
-
-    def session():
-        if not hasattr(local, "session"):
-            local.session = TimeoutSession(endpoints.timeout_s)
-        return local.session
-
-    def fetch(start, stop):
-        return call_with_retries(lambda: _get_range(session(), url, start, stop)[0], service=service, url=url,
-                                 endpoints=endpoints)
-
-    header, data_offset, total, received = call_with_retries(
-        lambda: _read_header(session(), url), service=service, url=url, endpoints=endpoints
-    )
+    url = source.url
+    header, data_offset, total, received = _read_header(source)
     if header.get("NAXIS") != 2 or header.get("BITPIX") not in BYTES_PER_PIXEL:
         raise IncompleteDownloadError(f"{what} at {url} is not a 2-D FITS image (NAXIS={header.get('NAXIS')})")
     bytes_per_pixel = BYTES_PER_PIXEL[header["BITPIX"]]
@@ -174,7 +197,8 @@ def read_section(url: str, path, ra_deg: float, dec_deg: float, side_arcmin: flo
     with tqdm(total=sum(stop - start + 1 for start, stop, _, _ in runs), unit="B", unit_scale=True,
               desc=f"{path.name} (of {(total or 0) / 1e6:.0f} MB)", disable=not progress, leave=False) as bar, \
             ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:
-        futures = [(pool.submit(fetch, start, stop), first, n_rows) for start, stop, first, n_rows in runs]
+        futures = [(pool.submit(lambda a, b: source.read(a, b)[0], start, stop), first, n_rows)
+                   for start, stop, first, n_rows in runs]
         for future, first, n_rows in futures:
             body = future.result()
             received += len(body)
@@ -189,7 +213,8 @@ def read_section(url: str, path, ra_deg: float, dec_deg: float, side_arcmin: flo
     for axis, offset in (("1", x0), ("2", y0)):
         if f"CRPIX{axis}" in header:
             header[f"CRPIX{axis}"] = header[f"CRPIX{axis}"] - offset
-    header["HISTORY"] = f"mbphot: pixels [{y0}:{y1}, {x0}:{x1}] of {url} (HTTP range requests)"
+    header["MBACCESS"] = (source.access, "mbphot: pixels read over http or from the cloud")
+    header["HISTORY"] = f"mbphot: pixels [{y0}:{y1}, {x0}:{x1}] of {url} ({source.via})"
     with atomic_path(path) as temporary:
         fits.PrimaryHDU(data=pixels, header=header, do_not_scale_image_data=True).writeto(temporary)
         check_fits(temporary)
