@@ -7,6 +7,7 @@ servers. Each server's structure and its source are described in ``archive_serve
 """
 
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from astropy.io import fits
-from archive_servers import MOSAIC_PIXELS, TAP_ERROR_MESSAGE, ArchiveServer
+from archive_servers import MOSAIC_PIXELS, TAP_ERROR_MESSAGE, UNSAFE_TILE, ArchiveServer
 from mbphot.archive import (
     ENDPOINTS_ENV,
     ArchiveEmptyError,
@@ -27,6 +28,7 @@ from mbphot.archive import (
     load_endpoints,
     retrieve_archive,
 )
+from mbphot.archive.cache import UnsafeNameError, safe_name
 from mbphot.archive.cutout import cut_to_box
 from mbphot.archive.heasarc import XrayCatalogWarning, _outside_ccosmos
 from mbphot.archive.irsa import SENTINEL_RULE, clean_sentinels
@@ -150,6 +152,98 @@ def test_a_2_arcmin_field_reads_under_5_percent_of_each_mosaic_with_range_reques
     assert per_mosaic < 0.05 * mosaic_bytes
     assert_section_of(manifest.images("irac1")[0].image, sample_dir / "irac/irac_ch1_go2_sci.fits")
     assert_section_of(manifest.images("irac1")[0].unc, sample_dir / "irac/irac_ch1_go2_unc.fits")
+
+
+def closed_port_url():
+    """An address on 127.0.0.1 where nothing listens: an unreachable service."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def access_of(path):
+    """``MBACCESS`` and the HISTORY lines mbphot wrote into a retrieved file's header."""
+    header = fits.getheader(path)
+    return header.get("MBACCESS"), " ".join(str(line) for line in header.get("HISTORY", []))
+
+
+def test_on_the_cloud_a_2_arcmin_field_reads_a_small_fraction_of_each_mosaic_from_s3(server, sample_dir, tmp_path):
+    server.cloud_copies = True  # the image service names each mosaic's copy in IRSA's bucket
+    params = params_for(tmp_path, bands="irac1")  # radius 1': a field 2' across
+    manifest = retrieve_archive(params, progress=False, endpoints=server.endpoints(cloud="cloud"))
+    mosaic_bytes = (server.mosaic_dir / "irac_ch1_go2_sci_10.fits").stat().st_size
+    per_mosaic = server.bytes_sent["s3"] / 2  # sci and unc
+    print(f"\n2' field from S3: {per_mosaic / 1e6:.2f} MB of a {mosaic_bytes / 1e6:.1f} MB mosaic "
+          f"({100 * per_mosaic / mosaic_bytes:.2f} %) in {server.hits['s3'] / 2:.0f} requests per mosaic")
+    assert 0 < per_mosaic < 0.05 * mosaic_bytes
+    assert server.hits["irac_download"] == 0  # nothing over HTTP
+    image = manifest.images("irac1")[0]
+    assert_section_of(image.image, sample_dir / "irac/irac_ch1_go2_sci.fits")
+    assert_section_of(image.unc, sample_dir / "irac/irac_ch1_go2_unc.fits")
+    access, history = access_of(image.image)
+    assert access == "cloud" and "s3://nasa-irsa-spitzer/" in history and "anonymous S3 range reads" in history
+
+
+def test_galex_files_come_from_mast_s_cloud_copy(server, sample_dir, tmp_path):
+    manifest = retrieve_archive(params_for(tmp_path, bands="nuv"), progress=False,
+                                endpoints=server.endpoints(cloud="cloud"))
+    assert server.hits["mast_path_lookup"] == 1 and server.hits["mast_download"] == 0
+    for image in manifest.images("nuv"):
+        want = sample_dir / image.image.relative_to(manifest.directory)
+        assert np.array_equal(fits.getdata(image.image), fits.getdata(want))
+        access, history = access_of(image.image)
+        assert access == "cloud" and f"s3://stpubdata/galex/GR6/pipe/01-vsn/50031-{image.tile}/" in history
+
+
+def test_an_unreachable_cloud_falls_back_to_http_with_a_log_message(server, sample_dir, tmp_path, caplog):
+    server.cloud_copies = True
+    params = params_for(tmp_path, bands="irac1,nuv")
+    with caplog.at_level(logging.INFO, logger="mbphot.archive"):
+        manifest = retrieve_archive(params, progress=False,
+                                    endpoints=server.endpoints(cloud="auto", s3_endpoint=closed_port_url(), retries=0))
+    fallbacks = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "not from the cloud" in r.getMessage()]
+    assert len(fallbacks) == 2 + 6  # the IRAC sci and unc mosaics; int, skybg and rrhr of two NUV tiles
+    assert all("over HTTP" in message for message in fallbacks)
+    # Each bucket's region (IRSA's us-west-2, MAST's us-east-1) is tried once, not once per file.
+    tried = [message.split(":")[0] for message in fallbacks if "(cannot find s3://" in message]
+    assert tried == ["the IRAC channel 1 sci mosaic", "COSMOS_SIM_01-nd-int.fits"]
+    assert all("EndpointConnectionError" in message for message in fallbacks)
+    assert sum("could not be reached" in message for message in fallbacks) == len(fallbacks) - 2
+    assert server.hits["irac_download"] > 0 and server.hits["mast_download"] == 6 and server.hits["s3"] == 0
+    assert_section_of(manifest.images("irac1")[0].image, sample_dir / "irac/irac_ch1_go2_sci.fits")
+    for path in (manifest.images("irac1")[0].image, manifest.images("nuv")[0].image):
+        access, history = access_of(path)
+        assert access == "http" and server.url in history
+
+
+def test_a_forced_cloud_that_cannot_be_read_is_a_clear_error_and_http_never_asks_the_cloud(server, tmp_path):
+    server.cloud_copies = True
+    endpoints = server.endpoints(cloud="cloud", s3_endpoint=closed_port_url(), retries=0)
+    with pytest.raises(ArchiveError, match=r"the cloud copy of the IRAC channel 1 sci mosaic cannot be read "
+                                           r"\(cannot find s3://nasa-irsa-spitzer/.*\); set cloud: auto"):
+        retrieve_archive(params_for(tmp_path, bands="irac1"), progress=False, endpoints=endpoints)
+    assert server.hits["irac_download"] == 0
+    server.reset()
+    server.cloud_copies = True
+    retrieve_archive(params_for(tmp_path / "http", bands="irac1,nuv"), progress=False,
+                     endpoints=server.endpoints(cloud="http"))
+    assert server.hits["s3"] == 0 and server.hits["mast_path_lookup"] == 0 and server.hits["mast_download"] == 6
+    with pytest.raises(ValueError, match="cloud must be one of auto, cloud, http, got 'always'"):
+        load_endpoints({"cloud": "always"})
+
+
+def test_an_archive_supplied_name_with_a_path_in_it_is_refused(server, tmp_path):
+    server.unsafe_product_name = True  # MAST names the deep tiles' products "../../escaped-nd-int.fits.gz"
+    params = params_for(tmp_path, bands="nuv")
+    with pytest.raises(UnsafeNameError, match=r"MAST named a GALEX tile \(productFilename\) '\.\./\.\./escaped', "
+                                              r"which is not a plain file name"):
+        retrieve_archive(params, progress=False, endpoints=server.endpoints())
+    assert not list(tmp_path.rglob("escaped*")) and server.hits["mast_download"] == 0
+    for name in ("COSMOS_00", "MISDR1_29079_0383_002", "AISCHV2_153_29114_0002_sv11", "PS_COSMOS_MOS00"):
+        assert safe_name(name, service="MAST", what="a tile") == name
+    for name in (UNSAFE_TILE, "a/b", "a\\b", "..", ".hidden", "", "tile\x00", "a..b", "/etc/passwd"):
+        with pytest.raises(UnsafeNameError):
+            safe_name(name, service="MAST", what="a tile")
 
 
 def test_a_server_that_ignores_ranges_stops_the_run_unless_whole_files_are_allowed(server, sample_dir, tmp_path):

@@ -22,6 +22,7 @@ imported only here and only when a cloud copy is tried; without it ``auto`` read
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from .cache import ArchiveError, TimeoutSession, call_with_retries
@@ -37,6 +38,11 @@ MAST_REGION = "us-east-1"
 MAST_PATH_LOOKUP = "/api/v0.1/path_lookup/"
 PATH_LOOKUP_CHUNK = 50
 """URIs per path-lookup request (astroquery sends 50 at most: longer URLs get HTTP 414)."""
+UNREACHABLE_MEMORY_S = 600.0
+"""After no connection could be made to an S3 service, it is not asked again for this long:
+off AWS, every further file would otherwise wait ``timeout_s`` and its retries for nothing."""
+_unreachable = {}
+"""``(s3_endpoint, region)`` to (time.monotonic() of the failure, its message)."""
 
 
 class CloudUnavailableError(RuntimeError):
@@ -89,6 +95,11 @@ class S3Object:
         self._size = None
 
     def _call(self, what: str, action):
+        service = (self._endpoints.s3_endpoint, self._region)
+        where = f" at {self._endpoints.s3_endpoint}" if self._endpoints.s3_endpoint else ""
+        failed = _unreachable.get(service)
+        if failed is not None and time.monotonic() - failed[0] < UNREACHABLE_MEMORY_S:
+            raise CloudUnavailableError(f"S3{where} could not be reached {time.monotonic() - failed[0]:.0f} s ago ({failed[1]})")
         try:
             if self._fs is None:
                 self._fs = _filesystem(self._endpoints, self._region)
@@ -96,8 +107,12 @@ class S3Object:
         except (CloudUnavailableError, TypeError, AttributeError, NameError):
             raise  # a mistake in the call, not the cloud: falling back to HTTP would hide it
         except Exception as error:  # s3fs and botocore raise many types; each means "not from the cloud"
-            where = f" at {self._endpoints.s3_endpoint}" if self._endpoints.s3_endpoint else ""
-            raise CloudUnavailableError(f"cannot {what} {self.url}{where}: {type(error).__name__}: {error}") from error
+            from botocore.exceptions import ConnectionError as NoConnection
+
+            message = f"{type(error).__name__}: {error}"
+            if isinstance(error, NoConnection):  # not for a missing object or a refusal: those are per file
+                _unreachable[service] = (time.monotonic(), message)
+            raise CloudUnavailableError(f"cannot {what} {self.url}{where}: {message}") from error
 
     def size(self) -> int:
         """The object's size in bytes (an S3 ``HEAD``); the first call also shows it is reachable."""
