@@ -4,7 +4,9 @@ Run with ``pytest -m live`` (on Fornax, or any machine with internet access); a 
 ``pytest`` run deselects these tests (``addopts`` in ``pyproject.toml``), and without network
 they skip, naming the host they could not reach. They check what the loopback stand-ins in
 ``archive_servers.py`` can only assume: the real tables' columns, the real mosaics' pixels,
-WCS and units, and that the published PRFs are the pinned files.
+WCS and units, that the published PRFs are the pinned files, and that MAST's public S3 copy of
+the GALEX tiles (read anonymously, with the ``cloud`` extra) holds the pixels MAST serves over
+HTTP.
 """
 
 import socket
@@ -91,3 +93,19 @@ def test_the_x_ray_catalogue_is_the_chandra_cosmos_legacy_one(live_field):
 def test_the_published_prfs_were_used(live_field):
     for band, entry in live_field.bands.items():
         assert entry["prf_source"].startswith("published PRF"), (band, entry["prf_source"])
+
+
+def test_mast_s_cloud_copy_gives_the_same_galex_pixels_as_http(live_field, tmp_path):
+    pytest.importorskip("s3fs", reason="the cloud copies need the 'cloud' extra (s3fs)")
+    try:
+        socket.create_connection(("stpubdata.s3.amazonaws.com", 443), timeout=5).close()
+    except OSError as error:
+        pytest.skip(f"cannot connect to MAST's bucket stpubdata.s3.amazonaws.com:443 ({error})")
+    params = RunParameters(ra=RA, dec=DEC, radius_arcmin=RADIUS_ARCMIN, bands="nuv", data_source="archive",
+                           data_dir=str(tmp_path / "data"))
+    cloud = retrieve_archive(params, progress=False, endpoints=Endpoints(timeout_s=120.0, cloud="cloud"))
+    assert [image.tile for image in cloud.images("nuv")] == [image.tile for image in live_field.images("nuv")]
+    for from_cloud, over_http in zip(cloud.images("nuv"), live_field.images("nuv")):
+        header = fits.getheader(from_cloud.image)
+        assert header["MBACCESS"] == "cloud" and "s3://stpubdata/galex/" in str(header["HISTORY"])
+        assert np.array_equal(fits.getdata(from_cloud.image), fits.getdata(over_http.image), equal_nan=True)

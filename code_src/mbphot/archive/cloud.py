@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from .cache import ArchiveError, TimeoutSession, call_with_retries
-from .config import Endpoints
+from .config import ENDPOINTS_ENV, Endpoints
 
-__all__ = ["CloudUnavailableError", "S3Object", "irsa_location", "mast_locations", "MAST_BUCKET"]
+__all__ = ["CloudUnavailableError", "S3Object", "irsa_location", "mast_locations", "fall_back_to_http", "MAST_BUCKET"]
 
 logger = logging.getLogger("mbphot.archive.cloud")
 
@@ -139,6 +139,25 @@ class S3Object:
         received = Path(destination).stat().st_size
         if received != total:
             raise CloudUnavailableError(f"{self.url}: received {received} of {total} bytes")
+
+
+def fall_back_to_http(what: str, reason: str, url: str, endpoints: Endpoints, *, listed: bool) -> None:
+    """Log why ``what`` is read over HTTP from ``url``, or stop where ``cloud: cloud`` forbids HTTP.
+
+    ``listed`` says whether the archive named a cloud copy: one that cannot be read is logged as
+    a WARNING, none at all (the usual case off the cloud) at INFO.
+
+    Raises
+    ------
+    ArchiveError
+        ``cloud`` is ``"cloud"``.
+    """
+    if endpoints.cloud == "cloud":
+        raise ArchiveError(
+            f"the cloud copy of {what} cannot be read ({reason}); set cloud: auto in ${ENDPOINTS_ENV} to read it "
+            "over HTTP instead"
+        )
+    (logger.warning if listed else logger.info)("%s: not from the cloud (%s); reading %s over HTTP", what, reason, url)
 
 
 def irsa_location(record, endpoints: Endpoints) -> S3Object | None:

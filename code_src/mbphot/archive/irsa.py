@@ -40,7 +40,7 @@ from .cache import (
 )
 from .config import ENDPOINTS_ENV, Endpoints
 from .cutout import cut_to_box
-from .cloud import CloudUnavailableError, irsa_location
+from .cloud import CloudUnavailableError, fall_back_to_http, irsa_location
 from .sections import HttpRanges, RangeNotSupportedError, read_section
 
 __all__ = ["CATALOG_COLUMNS", "SENTINEL_RULE", "query_cosmos2015", "find_cosmos_image_service", "fetch_irac",
@@ -288,13 +288,7 @@ def _fetch_region(record, path, ra_deg, dec_deg, side_arcmin, endpoints, progres
                 return received
             except CloudUnavailableError as error:
                 reason = str(error)
-        if endpoints.cloud == "cloud":
-            raise ArchiveError(
-                f"the cloud copy of {what} cannot be read ({reason}); set cloud: auto in ${ENDPOINTS_ENV} to read "
-                "it over HTTP instead"
-            )
-        log = logger.warning if cloud is not None else logger.info
-        log("%s: not from the cloud (%s); reading %s over HTTP", what, reason, url)
+        fall_back_to_http(what, reason, url, endpoints, listed=cloud is not None)
     try:
         received = read_section(HttpRanges(url, service="IRSA's image server", endpoints=endpoints), path, ra_deg,
                                 dec_deg, side_arcmin, what=what, progress=progress)

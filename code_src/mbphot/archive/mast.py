@@ -31,15 +31,14 @@ from ..bands import BANDS
 from ..io import write_json
 from .cache import (
     ArchiveEmptyError,
-    ArchiveError,
     call_with_retries,
     download,
     is_cached,
     record_source,
     safe_name,
 )
-from .cloud import CloudUnavailableError, mast_locations
-from .config import ENDPOINTS_ENV, Endpoints
+from .cloud import CloudUnavailableError, fall_back_to_http, mast_locations
+from .config import Endpoints
 from .cutout import cut_to_box
 
 __all__ = ["fetch_galex", "mast_observations"]
@@ -138,13 +137,7 @@ def _fetch_product(uri, path, cloud, no_cloud: str, endpoints: Endpoints, progre
                 return
             except CloudUnavailableError as error:
                 no_cloud = str(error)
-        if endpoints.cloud == "cloud":
-            raise ArchiveError(
-                f"the cloud copy of {uri} cannot be read ({no_cloud}); set cloud: auto in ${ENDPOINTS_ENV} to "
-                "download it over HTTP instead"
-            )
-        log = logger.warning if cloud is not None else logger.info
-        log("%s: not from the cloud (%s); downloading %s over HTTP", path.name, no_cloud, http_url)
+        fall_back_to_http(path.name, no_cloud, http_url, endpoints, listed=cloud is not None)
     download(http_url, path, service="MAST download", endpoints=endpoints, progress=progress,
              finish=lambda temporary: (cut(temporary), record_source(temporary, http_url, "http")))
 
