@@ -8,11 +8,13 @@ One module per service over one shared download cache and one endpoint configura
 * `heasarc` -- the Chandra COSMOS Legacy catalogue from HEASARC (TAP), C-COSMOS as a fallback;
 * `prf` -- the published PRF of each band, downloaded and checked (the model PRF, loudly, if not);
 * `sections` -- the field's box of a remote mosaic read with HTTP range requests;
+* `cloud` -- the archives' public S3 copies (IRSA, MAST ``stpubdata``), read anonymously where
+  the ``cloud`` setting allows, with HTTP as the fallback;
 * `cutout` -- the local cut of an image to the field's box, where a service sent more;
 * `cache` -- atomic, checked downloads, retries with backoff, time-outs, clear errors;
 * `config` -- the endpoints (``$MBPHOT_ENDPOINTS`` or an argument), defaults the real services.
 
-Importing this package is cheap: pyvo, astroquery and requests are imported only when
+Importing this package is cheap: pyvo, astroquery, requests and s3fs are imported only when
 `retrieve_archive` or an error class is first used, so sample mode and ``mbphot --help`` never
 load the archive stack. `retrieve_archive` writes the field's files in the layout and formats of the simulated field,
 so every later step reads both the same way.
