@@ -1,0 +1,63 @@
+"""The tutorial's method figure: the cutout fit it draws is the engine's fit, split into parts."""
+
+import numpy as np
+import pytest
+
+from mbphot.engine import build_prf_table, forced_photometry
+from mbphot.method_figures import fit_cutout, method_figure
+from synthetic import OVERSAMPLING, gaussian_prf_file, render
+
+CUTOUT = 17
+SHAPE = (60, 60)
+NOISE = 0.01
+SKY = 0.2
+
+
+@pytest.fixture(scope="module")
+def table():
+    return build_prf_table(gaussian_prf_file(), oversampling=OVERSAMPLING, enclosed_fraction=0.9999)
+
+
+def noisy_field(x, y, flux, seed=1):
+    rng = np.random.default_rng(seed)
+    return render(SHAPE, x, y, flux) + SKY + rng.normal(0.0, NOISE, SHAPE)
+
+
+def test_isolated_source_leaves_a_residual_of_pure_noise(table):
+    x, y, flux = np.array([30.3]), np.array([29.8]), np.array([5.0])
+    fit = fit_cutout(noisy_field(x, y, flux), x, y, 0, table, CUTOUT, np.full(SHAPE, SKY), np.full(SHAPE, NOISE))
+    assert abs(fit.flux - 5.0) < 3 * fit.flux_err
+    residual = fit.residual_sigma
+    assert 0.85 < np.sqrt(np.mean(residual**2)) < 1.15
+    assert np.abs(residual).max() < 5.0
+    assert np.abs(fit.neighbours).max() == 0.0
+    assert fit.prf.sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_blended_neighbour_carries_its_own_light_in_the_model(table):
+    x, y, flux = np.array([30.0, 32.5, 50.0]), np.array([30.0, 31.0, 50.0]), np.array([2.0, 8.0, 1.0])
+    fit = fit_cutout(noisy_field(x, y, flux), x, y, 0, table, CUTOUT, np.full(SHAPE, SKY), np.full(SHAPE, NOISE))
+    assert fit.neighbour_flux.size == 1, "the source 20 pixels away does not reach the cutout"
+    assert fit.neighbour_flux[0] == pytest.approx(8.0, rel=0.02)
+    assert fit.neighbours.sum() > 3 * fit.target.sum()
+    assert np.sqrt(np.mean(fit.residual_sigma**2)) < 1.2
+
+
+def test_target_flux_and_error_are_the_engines(table):
+    x, y, flux = np.array([30.2, 33.0, 26.4]), np.array([29.6, 28.1, 33.0]), np.array([3.0, 6.0, 1.5])
+    image, sky, sigma = noisy_field(x, y, flux, seed=7), np.full(SHAPE, SKY - 0.003), np.full(SHAPE, NOISE)
+    fit = fit_cutout(image, x, y, 0, table, CUTOUT, sky, sigma)
+    engine = forced_photometry(image, x, y, np.array([0]), table, CUTOUT, sky, sigma, fit_sky=True)
+    assert fit.flux == pytest.approx(engine.flux[0], rel=1e-5)
+    assert fit.flux_err == pytest.approx(engine.flux_err[0], rel=1e-5)
+    assert fit.sky_offset == pytest.approx(0.003, abs=3 * NOISE / CUTOUT)
+
+
+def test_method_figure_has_five_panels_a_source_and_renders_as_png(table):
+    x, y, flux = np.array([30.0, 33.0]), np.array([30.0, 31.0]), np.array([2.0, 4.0])
+    image = noisy_field(x, y, flux)
+    fits = {f"source {i}": fit_cutout(image, x, y, i, table, CUTOUT, np.full(SHAPE, SKY), np.full(SHAPE, NOISE))
+            for i in range(2)}
+    figure = method_figure(fits, "irac1")
+    assert len([ax for ax in figure.axes if ax.images]) == 10
+    assert figure._repr_png_().startswith(b"\x89PNG")
