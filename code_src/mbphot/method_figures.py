@@ -335,7 +335,7 @@ def method_figure(fits_by_label: dict, band: str) -> InlineFigure:
 
 
 def crossmatch_figure(manifest: Manifest, band: str, chandra, matches: pd.DataFrame,
-                      photometry: pd.DataFrame, half_size_arcsec: float = 25.0, n_panels: int = 3) -> InlineFigure:
+                      photometry: pd.DataFrame, half_size_arcsec: float = 10.0, n_panels: int = 3) -> InlineFigure:
     """Chandra error circles over the band's image, with the nway counterparts marked.
 
     One panel per Chandra source, for the ``n_panels`` sources with the most photometry
@@ -378,7 +378,7 @@ def crossmatch_figure(manifest: Manifest, band: str, chandra, matches: pd.DataFr
         np.sum(np.hypot(phot_x - xx, phot_y - yy) < 3 * max(r, 1.0)) for xx, yy, r in zip(x_ray_x, x_ray_y, radius_pix)
     ])
     shown = np.flatnonzero(inside)[np.argsort(-candidates[inside], kind="stable")][:n_panels]
-    fig = InlineFigure(figsize=(5.4 * max(len(shown), 1), 6.0), layout="constrained")
+    fig = InlineFigure(figsize=(5.4 * max(len(shown), 1), 6.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, max(len(shown), 1)))
     matched_ids = dict(zip(matches["chandra_name"].astype(str).str.strip(), matches["id"]))
     p_i = dict(zip(matches["chandra_name"].astype(str).str.strip(), matches["nway_p_i"]))
@@ -389,14 +389,14 @@ def crossmatch_figure(manifest: Manifest, band: str, chandra, matches: pd.DataFr
         low, high = np.nanpercentile(section, [5, 99.5])
         extent = (col - half - 0.5, col + half + 0.5, row - half - 0.5, row + half + 0.5)
         ax.imshow(section, origin="lower", cmap="gray_r", vmin=low, vmax=high, extent=extent)
-        ax.scatter(phot_x, phot_y, s=40, facecolors="none", edgecolors="tab:blue", linewidths=1.2,
+        ax.scatter(phot_x, phot_y, s=120, facecolors="none", edgecolors="tab:blue", linewidths=1.2,
                    label="photometry sources")
         for factor, style in ((1, "-"), (3, ":")):
             ax.add_patch(Circle((x_ray_x[k], x_ray_y[k]), factor * radius_pix[k], fill=False, color="red", ls=style, lw=2))
         name = names[k]
         if name in matched_ids:
             j = np.flatnonzero(photometry["id"].to_numpy() == matched_ids[name])[0]
-            ax.plot(phot_x[j], phot_y[j], marker="*", color="gold", markeredgecolor="black", markersize=20,
+            ax.plot(phot_x[j], phot_y[j], marker="*", color="gold", markeredgecolor="black", markersize=26,
                     label="nway counterpart")
             verdict = f"p_any {p_any[name]:.2f}, p_i {p_i[name]:.2f}"
         else:
