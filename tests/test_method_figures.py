@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mbphot.engine import build_prf_table, forced_photometry
-from mbphot.method_figures import fit_cutout, method_figure
+from mbphot.method_figures import field_cutouts, field_images, fit_cutout, method_figure
 from synthetic import OVERSAMPLING, gaussian_prf_file, render
 
 CUTOUT = 17
@@ -61,3 +61,33 @@ def test_method_figure_has_five_panels_a_source_and_renders_as_png(table):
     figure = method_figure(fits, "irac1")
     assert len([ax for ax in figure.axes if ax.images]) == 10
     assert figure._repr_png_().startswith(b"\x89PNG")
+
+
+@pytest.fixture(scope="module")
+def ideal_field(tmp_path_factory):
+    from mbphot import RunParameters, retrieve
+
+    work = tmp_path_factory.mktemp("method_field")
+    params = RunParameters(radius_arcmin=0.5, bands="irac1,nuv", realism="ideal", seed=3,
+                           data_dir=str(work / "data"), output_dir=str(work / "output"))
+    return retrieve(params, progress=False)
+
+
+def test_field_images_show_every_band_on_the_simulated_field(ideal_field):
+    figure = field_images(ideal_field, ["irac1", "nuv"])
+    assert len([ax for ax in figure.axes if ax.images]) == 2
+    assert figure._repr_png_().startswith(b"\x89PNG")
+
+
+def test_a_bright_source_of_the_ideal_field_is_fitted_to_the_noise(ideal_field):
+    from mbphot.bands import get_band
+    from mbphot.retrieve import load_catalog, load_truth
+
+    truth = load_truth(ideal_field)
+    in_field = truth[truth["id"].isin(load_catalog(ideal_field).query("in_field")["id"])]
+    bright = in_field.sort_values("true_irac1_flux_ujy").iloc[-len(in_field) // 4]
+    fit = field_cutouts(ideal_field, "irac1", [bright["id"]])[bright["id"]]
+    flux_ujy = fit.flux * get_band("irac1").ujy_per_pixel_unit
+    error_ujy = fit.flux_err * get_band("irac1").ujy_per_pixel_unit
+    assert abs(flux_ujy - bright["true_irac1_flux_ujy"]) < 4 * error_ujy
+    assert np.sqrt(np.nanmean(fit.residual_sigma**2)) < 1.5

@@ -8,7 +8,8 @@ per-pixel noise. The engine returns the target's flux only; this module solves t
 linear problem once more so that a figure can show every part of the model: the target, the
 neighbours, the sky and what is left. A test checks that both give the same flux.
 
-`method_figure` draws those parts for a few sources; `example_sources` picks the sources
+`field_images` shows the centre of the field in every band with the catalogue over it;
+`method_figure` draws the parts of the fit for a few sources; `example_sources` picks the sources
 (an isolated one, a blended one, a faint one); `crossmatch_figure` draws the Chandra error
 circles and their nway counterparts over an image.
 """
@@ -32,7 +33,7 @@ from .photometry import load_prf, tabulate_prf
 from .plots import LABEL_SIZE, TEXT_SIZE, TICK_SIZE, TITLE_SIZE, InlineFigure, band_label
 from .retrieve import load_catalog
 
-__all__ = ["CutoutFit", "crossmatch_figure", "example_sources", "fit_cutout", "method_figure", "field_cutouts"]
+__all__ = ["CutoutFit", "crossmatch_figure", "example_sources", "field_cutouts", "field_images", "fit_cutout", "method_figure"]
 
 SECTION_HALF_PIXELS = 48
 """Half-side of the image section read around a source: the sky and noise maps are box
@@ -173,6 +174,7 @@ def fit_cutout(image, x, y, target: int, prf_table: PRFTable, cutout_size: int, 
 
 
 def _read_section(path, rows: slice, cols: slice):
+    """A section of a FITS image's primary HDU as float64 (None for no file)."""
     if path is None:
         return None
     with fits.open(path, memmap=True) as hdul:
@@ -410,4 +412,64 @@ def crossmatch_figure(manifest: Manifest, band: str, chandra, matches: pd.DataFr
         axes[0].legend(loc="lower left", fontsize=TEXT_SIZE, framealpha=0.9)
     fig.suptitle(f"Chandra positions on {band_label(band)}: error circle (solid) and 3x it (dotted)",
                  fontsize=TITLE_SIZE)
+    return fig
+
+
+def field_images(manifest: Manifest, bands, width_arcmin: float = 1.0) -> InlineFigure:
+    """The central ``width_arcmin`` of the field in each band, with the catalogue positions.
+
+    Each band's first image that holds the field centre is shown (for GALEX, one tile), on
+    a linear stretch from the 1st to the 99.5th percentile, so that the same sources can be
+    compared from the ultraviolet to the mid-infrared.
+
+    Parameters
+    ----------
+    manifest : Manifest
+    bands : list of str
+    width_arcmin : float
+        Side of the square shown.
+
+    Returns
+    -------
+    InlineFigure
+    """
+    catalog = load_catalog(manifest)
+    centre_ra, centre_dec = manifest.field["ra"], manifest.field["dec"]
+    n_columns = min(3, len(bands))
+    n_rows = int(np.ceil(len(bands) / n_columns))
+    fig = InlineFigure(figsize=(4.8 * n_columns, 4.9 * n_rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(n_rows, n_columns, squeeze=False).ravel())
+    half_arcsec = 30.0 * width_arcmin
+    for ax, band in zip(axes, bands):
+        scale = get_band(band).pixel_scale_arcsec
+        half = int(np.ceil(half_arcsec / scale))
+        for entry in manifest.images(band):
+            header = read_header(entry.image)
+            wcs = read_wcs(header)
+            centre_x, centre_y = (float(v) for v in wcs.world_to_pixel_values(centre_ra, centre_dec))
+            col, row = int(np.rint(centre_x)), int(np.rint(centre_y))
+            if half <= col < header["NAXIS1"] - half and half <= row < header["NAXIS2"] - half:
+                break
+        else:
+            ax.set_axis_off()
+            ax.set_title(f"{band_label(band)}: centre not on an image", fontsize=LABEL_SIZE)
+            continue
+        section = _read_section(entry.image, slice(row - half, row + half + 1), slice(col - half, col + half + 1))
+        low, high = np.nanpercentile(section, [1, 99.5])
+        edge = (half + 0.5) * scale
+        ax.imshow(section, origin="lower", cmap="gray_r", vmin=low, vmax=high,
+                  extent=((col - half - 0.5 - centre_x) * scale, (col + half + 0.5 - centre_x) * scale,
+                          (row - half - 0.5 - centre_y) * scale, (row + half + 0.5 - centre_y) * scale))
+        x, y = wcs.world_to_pixel_values(catalog["ra"].to_numpy(), catalog["dec"].to_numpy())
+        ax.scatter((x - centre_x) * scale, (y - centre_y) * scale, s=25, facecolors="none",
+                   edgecolors="tab:orange", linewidths=0.9)
+        ax.set_xlim(-edge, edge)
+        ax.set_ylim(-edge, edge)
+        ax.set_title(band_label(band), fontsize=LABEL_SIZE)
+        ax.set_xlabel("x offset (arcsec)", fontsize=TEXT_SIZE)
+        ax.set_ylabel("y offset (arcsec)", fontsize=TEXT_SIZE)
+        ax.tick_params(labelsize=TICK_SIZE)
+    for ax in axes[len(bands):]:
+        ax.set_axis_off()
+    fig.suptitle(f"The central {width_arcmin:g}' of the field; circles: catalogue positions", fontsize=TITLE_SIZE)
     return fig
