@@ -40,6 +40,8 @@ SECTION_HALF_PIXELS = 48
 statistics over 32-pixel boxes (`mbphot.engine.sky_and_rms_maps`), so they need a few boxes."""
 MASK_RADIUS_ARCSEC = 3.0
 """Catalogue sources are masked within this radius when the sky is measured from the image."""
+BLEND_RADIUS_ARCSEC = 5.0
+"""Neighbours this close to the blended example must be point-like too."""
 ISOLATED_SNR_MAX = 60.0
 """The isolated example is the brightest clean, point-like source below this S/N."""
 POINT_LIKE_RCHISQ = 1.5
@@ -268,9 +270,15 @@ def example_sources(photometry: pd.DataFrame, band: str) -> dict:
     isolated = clean & (fracflux < 0.01) & (snr > 20) & (snr < ISOLATED_SNR_MAX)
     if isolated.any():
         chosen["isolated"] = ids[isolated][np.argmax(snr[isolated])]
-    blended = clean & (snr > 10)
-    if blended.any():
-        chosen["blended"] = ids[blended][np.argmax(fracflux[blended])]
+    # The most blended source whose close neighbours are point-like too: a resolved neighbour,
+    # which the pipeline fits as a disc, would leave its shape in this figure's residual.
+    ra, dec = photometry["ra"].to_numpy(dtype=float), photometry["dec"].to_numpy(dtype=float)
+    for index in np.flatnonzero(clean & (snr > 10))[np.argsort(-fracflux[clean & (snr > 10)], kind="stable")]:
+        separation_arcsec = 3600.0 * np.hypot((ra - ra[index]) * np.cos(np.radians(dec[index])), dec - dec[index])
+        close = (separation_arcsec < BLEND_RADIUS_ARCSEC) & (np.arange(ra.size) != index)
+        if (rchisq[close] < POINT_LIKE_RCHISQ).all():
+            chosen["blended"] = ids[index]
+            break
     faint = clean & (snr > 3) & (snr < 10) & (fracflux < 0.5)
     if faint.any():
         chosen["faint"] = ids[faint][np.argmin(np.abs(snr[faint] - 5))]
