@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mbphot.engine import build_prf_table, forced_photometry
-from mbphot.method_figures import field_cutouts, field_images, fit_cutout, method_figure
+from mbphot.method_figures import crossmatch_figure, field_cutouts, field_images, fit_cutout, method_figure
 from synthetic import OVERSAMPLING, gaussian_prf_file, render
 
 CUTOUT = 17
@@ -68,7 +68,7 @@ def ideal_field(tmp_path_factory):
     from mbphot import RunParameters, retrieve
 
     work = tmp_path_factory.mktemp("method_field")
-    params = RunParameters(radius_arcmin=0.5, bands="irac1,nuv", realism="ideal", seed=3,
+    params = RunParameters(radius_arcmin=1.0, bands="irac1,nuv", realism="ideal", seed=3,
                            data_dir=str(work / "data"), output_dir=str(work / "output"))
     return retrieve(params, progress=False)
 
@@ -91,3 +91,22 @@ def test_a_bright_source_of_the_ideal_field_is_fitted_to_the_noise(ideal_field):
     error_ujy = fit.flux_err * get_band("irac1").ujy_per_pixel_unit
     assert abs(flux_ujy - bright["true_irac1_flux_ujy"]) < 4 * error_ujy
     assert np.sqrt(np.nanmean(fit.residual_sigma**2)) < 1.5
+
+
+def test_crossmatch_figure_marks_the_counterpart_and_its_probabilities(ideal_field):
+    import pandas as pd
+
+    from mbphot.retrieve import load_catalog, load_chandra, load_truth
+
+    chandra, catalog, truth = load_chandra(ideal_field), load_catalog(ideal_field), load_truth(ideal_field)
+    chandra_ids = np.asarray(chandra["SOURCE_NUMBER"])
+    counterparts = truth[truth["true_chandra_id"].isin(chandra_ids)]
+    assert len(counterparts) > 0, "the field needs an X-ray source with a counterpart"
+    first = counterparts.iloc[0]
+    name = str(chandra["NAME"][np.flatnonzero(chandra_ids == first["true_chandra_id"])[0]]).strip()
+    matches = pd.DataFrame({"id": [first["id"]], "chandra_name": [name], "nway_p_any": [0.93], "nway_p_i": [0.81]})
+    figure = crossmatch_figure(ideal_field, "irac1", chandra, matches, catalog, n_panels=len(chandra))
+    titles = [ax.get_title() for ax in figure.axes]
+    assert f"{name}\np_any 0.93, p_i 0.81" in titles
+    assert sum("no confident counterpart" in title for title in titles) == len(titles) - 1
+    assert figure._repr_png_().startswith(b"\x89PNG")
