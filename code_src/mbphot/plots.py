@@ -46,6 +46,7 @@ from .schema import flag_names
 
 __all__ = [
     "SNR_MIN",
+    "band_label",
     "InlineFigure",
     "flux_comparison",
     "flux_pulls",
@@ -163,7 +164,8 @@ def _as_float(column: pd.Series) -> np.ndarray:
     return column.to_numpy(dtype=float, na_value=np.nan)
 
 
-def _band_label(band: str) -> str:
+def band_label(band: str) -> str:
+    """The band as a figure names it, e.g. ``IRAC 3.6 µm`` or ``GALEX NUV (231 nm)``."""
     spec = BANDS[band]
     if spec.instrument == "IRAC":
         return f"IRAC {spec.wavelength_um:.1f} µm"
@@ -445,7 +447,7 @@ def flux_comparison(catalog: pd.DataFrame, bands=None, truth: pd.DataFrame | Non
     shown = _shown_bands(table, requested, has_reference, truth is not None)
     fig, axes = _band_grid(len(shown))
     for ax, band in zip(axes, shown):
-        ax.set_title(_band_label(band))
+        ax.set_title(band_label(band))
         _comparison_panel(ax, table, band, reference)
     what = "COSMOS2015" if truth is None else "simulated true"
     fig.suptitle(f"Measured vs {what} flux: sources with S/N > {SNR_MIN:g} and {what} flux > 0\n"
@@ -481,7 +483,7 @@ def flux_pulls(catalog: pd.DataFrame, truth: pd.DataFrame, bands=None) -> Figure
     shown = _shown_bands(table, requested, lambda band: _true_flux_column(band) in table, True)
     fig, axes = _band_grid(len(shown))
     for ax, band in zip(axes, shown):
-        ax.set_title(_band_label(band))
+        ax.set_title(band_label(band))
         _pull_panel(ax, table, band)
     fig.suptitle("Pull = (measured − true) / error: every source with a true flux > 0, no S/N cut\n"
                  "filled: flag 0 (statistics); orange outline: flagged", fontsize=TITLE_SIZE)
@@ -537,7 +539,7 @@ def flux_validation(catalog: pd.DataFrame, bands=None, truth: pd.DataFrame | Non
     fig = _new_figure((PANEL_SIZE_INCH * len(shown), PANEL_SIZE_INCH * n_rows + 0.6))
     axes = fig.subplots(n_rows, len(shown), squeeze=False)
     for column, band in enumerate(shown):
-        axes[0, column].set_title(_band_label(band))
+        axes[0, column].set_title(band_label(band))
         _comparison_panel(axes[0, column], table, band, "catalog")
         if truth is None:
             continue
