@@ -46,7 +46,7 @@ from .engine.scene import disc_images, disc_tables, scene_photometry
 from .engine.solve import FLAGS
 from .engine.wings import fit_radial_correction, flux_image, wing_nodes, with_radial_correction
 
-__all__ = ["Calibration", "DEFAULT_PRF_ERROR", "POSITION_PRIOR_ARCSEC", "calibrate_section"]
+__all__ = ["Calibration", "DEFAULT_POSITION_SCATTER_ARCSEC", "DEFAULT_PRF_ERROR", "POSITION_PRIOR_ARCSEC", "calibrate_section"]
 
 DEFAULT_PRF_ERROR = 0.01
 """The PRF-model error assumed where too few stars measure it: a PRF known to about 1 %."""
@@ -57,6 +57,9 @@ POSITION_PRIOR_ARCSEC = 0.4
 """Sources bright enough to measure their own position (`mbphot.engine.scene`) move onto their
 light by at most this much: about three times the scatter of COSMOS2015 positions about IRAC
 and GALEX light (0.1-0.15"), so a source is not pulled onto a neighbour."""
+DEFAULT_POSITION_SCATTER_ARCSEC = 0.1
+"""The catalogue's position error per axis assumed where too few bright point sources measure
+it (a shallow GALEX image): the low end of the scatter above."""
 NOISE_SCALE_RANGE = (0.5, 5.0)
 """Measured noise scales outside this range mean the measurement failed; they are clipped."""
 _CLEAN = FLAGS["off_image"] | FLAGS["no_data"] | FLAGS["fit_failed"]
@@ -102,8 +105,9 @@ class Calibration:
     position_scatter_arcsec : float
         Scatter (per axis) of the catalogue's positions about the light: measured from how
         far the best fit moves the bright point sources (S/N > 100; their positions fitted
-        jointly with every flux, `mbphot.engine.scene.scene_photometry`). Every later fit, and
-        the photometry, takes it as the prior of the positions it moves.
+        jointly with every flux, `mbphot.engine.scene.scene_photometry`);
+        `DEFAULT_POSITION_SCATTER_ARCSEC` where fewer than five are that bright. Every later
+        fit, and the photometry, takes it as the prior of the positions it moves.
     neighbour_error : float
         Fractional error of the light a neighbour's model puts into a source's profile: the
         PRF's pixel error and, added in quadrature, that of a neighbour's position, whose
@@ -252,6 +256,8 @@ def calibrate_section(
     first_moved = refit(measured.prf)
     bright_points = np.flatnonzero(point_like & (np.nan_to_num(first_moved.snr) > _PIXEL_ERROR_MIN_SNR))
     position_scatter_pix = _position_scatter(first_moved.x - light_x, first_moved.y - light_y, bright_points)
+    if not np.isfinite(position_scatter_pix):
+        position_scatter_pix = DEFAULT_POSITION_SCATTER_ARCSEC / band.pixel_scale_arcsec
     current = fit(measured.prf, oversampling, light_x, light_y, True, position_error_pix=position_scatter_pix)
     prf = measured.prf
     # The stars' PRF, the profile from every source, then the stars' PRF again (against the
@@ -365,12 +371,12 @@ def _refine_profile(data, sigma, prf, oversampling, current: "_Fit", point_like,
 
 def _position_scatter(shift_x, shift_y, sources) -> float:
     """Per-axis scatter (pixels) of the shifts that moved ``sources`` onto their light: the
-    median squared shift is 2 ln 2 sigma^2 for Gaussian errors; 0 with fewer than
+    median squared shift is 2 ln 2 sigma^2 for Gaussian errors; NaN with fewer than
     `_MIN_STARS` sources."""
     squared = (shift_x**2 + shift_y**2)[sources]
     squared = squared[np.isfinite(squared)]
     if squared.size < _MIN_STARS:
-        return 0.0
+        return float("nan")
     return float(np.sqrt(np.median(squared) / (2.0 * np.log(2.0))))
 
 

@@ -54,9 +54,9 @@ SCENE_ARCMIN = 6.0
 density)."""
 PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
-RESULTS_VERSION = 6
+RESULTS_VERSION = 7
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
-CALIBRATION_VERSION = 10
+CALIBRATION_VERSION = 11
 """Bumped when the calibration changes, so that images are calibrated afresh."""
 SIZE_COLUMN = "flux_radius_arcsec"
 """Catalogue column of each source's half-light radius in a high-resolution image (arcsec);

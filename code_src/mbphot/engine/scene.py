@@ -53,6 +53,10 @@ _POSITION_MIN_SNR = 5.0
 # A source this bright measures its own position to about FWHM / (2 S/N): a few hundredths of
 # an arcsecond, well inside the catalogue's errors.
 _SHIFT_MIN_SNR = 20.0
+# Gauss-Newton steps of the joint position fit. One step is exact only to first order: a
+# bright source 0.2 px off its light is left about 0.02 px off, and a faint neighbour
+# within the PRF's core takes up the light that leaves.
+_SHIFT_STEPS = 2
 
 
 def _pixel_arrays(image, sky, sigma, margin):
@@ -614,9 +618,12 @@ def _gradient_tables(table: PRFTable) -> tuple[PRFTable, PRFTable]:
     )
 
 
-def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior=None):
+def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior=None, start=None):
     """Per source of ``x``, the shift (pixels) onto its light: for the ``candidates`` whose
     fitted S/N is above `_SHIFT_MIN_SNR`, at most ``max_shift_pix`` long; zero for the others.
+
+    ``start`` (shift_x, shift_y): the shifts of a previous step, from which this one goes on
+    (a Gauss-Newton step: the derivatives are those at the shifted positions).
 
     Each candidate gets two more unknowns, the coefficients of its profile's x and y
     derivatives, and the scene's cores are solved with them:
@@ -625,24 +632,35 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
     crowding, the residual's projection on one source's gradient with its neighbours' fluxes
     held recovers about half of the offset.
 
-    ``prior`` (per candidate: its flux times the catalogue's position error in pixels, the
-    prior sigma of its coefficients) makes the offsets the most probable ones rather than the
-    best fitting: a source whose light cannot tell its position from its neighbours' is moved
-    little, and none is moved where the catalogue is exact.
+    ``prior`` (flux, position_error_pix): per candidate its flux, and the catalogue's position
+    error in pixels; their product is the prior sigma of its coefficients. It makes the offsets
+    the most probable ones rather than the best fitting: a source whose light cannot tell its
+    position from its neighbours' is moved little, and none is moved where the catalogue is
+    exact.
+
+    Also returns the augmented scene (None without candidates): its normal matrix, prior
+    included, gives flux variances marginalised over the candidates' positions.
     """
-    shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
+    start_x, start_y = (np.zeros(x.size), np.zeros(y.size)) if start is None else start
+    shift_x, shift_y = start_x.copy(), start_y.copy()
     if candidates.size == 0:
-        return shift_x, shift_y
+        return shift_x, shift_y, None
+    x, y = x + start_x, y + start_y
     n_table = len(tables)
     gradients = [_gradient_tables(t) if (profile[candidates] == k).any() else (t, t) for k, t in enumerate(tables)]
     augmented_tables = [*tables, *(g[0] for g in gradients), *(g[1] for g in gradients)]
     augmented_profile = np.concatenate([profile, profile[candidates] + n_table, profile[candidates] + 2 * n_table])
-    prior_sigma = None
+    prior_sigma = prior_mean = None
     if prior is not None:
-        prior_sigma = np.concatenate([np.full(x.size, np.inf), prior, prior])
+        prior_flux, position_error_pix = prior
+        coefficient_sigma = np.abs(prior_flux) * position_error_pix
+        prior_sigma = np.concatenate([np.full(x.size, np.inf), coefficient_sigma, coefficient_sigma])
+        # The prior is on the whole offset from the catalogue: this step's coefficient (flux
+        # times step) has its mean at minus the flux times the shift already taken.
+        prior_mean = np.concatenate([np.zeros(x.size), -prior_flux * start_x[candidates], -prior_flux * start_y[candidates]])
     augmented, solution, _ = solve(
         np.concatenate([x, x[candidates], x[candidates]]), np.concatenate([y, y[candidates], y[candidates]]),
-        augmented_tables, augmented_profile, cores_only=True, prior_sigma=prior_sigma,
+        augmented_tables, augmented_profile, cores_only=True, prior_sigma=prior_sigma, prior_mean=prior_mean,
     )
     unknowns = augmented.unknown_of_source
     own = unknowns[candidates]
@@ -657,11 +675,13 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
         dx, dy = fluxes[along_x[bright]] / flux, fluxes[along_y[bright]] / flux
     finite = np.isfinite(dx) & np.isfinite(dy) & (flux > 0)
     dx, dy = np.where(finite, dx, 0.0), np.where(finite, dy, 0.0)
+    moved = candidates[bright]
+    dx, dy = start_x[moved] + dx, start_y[moved] + dy
     length = np.hypot(dx, dy)
     shrink = np.minimum(1.0, max_shift_pix / np.where(length > 0, length, 1.0))
-    shift_x[candidates[bright]] = dx * shrink
-    shift_y[candidates[bright]] = dy * shrink
-    return shift_x, shift_y
+    shift_x[moved] = dx * shrink
+    shift_y[moved] = dy * shrink
+    return shift_x, shift_y, augmented
 
 
 def scene_photometry(
@@ -774,14 +794,17 @@ def scene_photometry(
 
     tables, profile = _profiles(prf_table, extended, x.size)
 
-    def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None):
+    def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None, prior_mean=None):
         scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile)
         if prior_sigma is not None:
-            # A Gaussian prior of sigma s on an unknown adds 1 / s^2 to its diagonal: in the
-            # scaled unknowns, scale^2 / s^2.
+            # A Gaussian prior N(m, s^2) on an unknown adds 1 / s^2 to its diagonal and m / s^2
+            # to its right-hand side: in the scaled unknowns, scale^2 / s^2 and scale m / s^2.
             extra = np.zeros(scene.normal.shape[0])
-            extra[: scene.n_source] = (scene.scale[: scene.n_source] / prior_sigma[scene.modelled]) ** 2
+            source_scale = scene.scale[: scene.n_source]
+            extra[: scene.n_source] = (source_scale / prior_sigma[scene.modelled]) ** 2
             scene.normal = (scene.normal + sparse.diags(extra)).tocsr()
+            if prior_mean is not None:
+                scene.rhs[: scene.n_source] += source_scale * prior_mean[scene.modelled] / prior_sigma[scene.modelled] ** 2
         subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
         solver = _Solver(scene.normal, subdomains)
         if cores_only:
@@ -798,10 +821,16 @@ def scene_photometry(
         candidates = first.modelled[bright]
         prior = None
         if position_error_pix is not None:
-            prior = np.abs(first_solution[: first.n_source][bright] * first.scale[: first.n_source][bright]) * position_error_pix
-        shift_x, shift_y = _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior)
+            prior = (first_solution[: first.n_source][bright] * first.scale[: first.n_source][bright], position_error_pix)
+        shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
+        for _ in range(_SHIFT_STEPS):
+            shift_x, shift_y, augmented = _position_shifts(
+                solve, tables, profile, x, y, candidates, max_shift_pix, prior, (shift_x, shift_y)
+            )
         x, y = x + shift_x, y + shift_y
         col, row = np.rint(x), np.rint(y)
+    else:
+        augmented = None
     scene, solution, wings = solve(x, y)
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
@@ -812,7 +841,23 @@ def scene_photometry(
     # larger blocks cost less Python per target until the cubic factorisation takes over.
     density = scene.n_source / (ny * nx)
     cell_size = max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS / density)) - 2 * halo)
-    variance = _local_variances(scene.normal, scene.centres, scene.extents, target_unknowns, cell_size, halo) * scale**2
+    variance = np.empty(target_unknowns.size)
+    marginal = np.zeros(target_unknowns.size, dtype=bool)
+    if augmented is not None:
+        # A bright neighbour's position is known only to its prior: where its light and a
+        # target's are hard to tell apart, moving it moves light between them. The variance
+        # with its offsets as unknowns (same unit-diagonal scaling) is marginalised over them.
+        moved_unknowns = augmented.unknown_of_source[targets[measured]]
+        marginal = moved_unknowns >= 0
+        augmented_cell = max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS * ny * nx / augmented.n_source)) - 2 * halo)
+        variance[marginal] = _local_variances(
+            augmented.normal, augmented.centres, augmented.extents, moved_unknowns[marginal], augmented_cell, halo,
+        )
+    if not marginal.all():
+        variance[~marginal] = _local_variances(
+            scene.normal, scene.centres, scene.extents, target_unknowns[~marginal], cell_size, halo,
+        )
+    variance = variance * scale**2
 
     # Quality metrics from the residual of the whole fit. In the scaled equations A_ii = 1,
     # so a target's neighbours put (A x)_i - x_i of light into its profile (x in sigma units).
