@@ -395,3 +395,37 @@ def test_galex_psf_file_is_real_sized_and_the_sky_psf_as_extended_as_the_real_on
         # The file's core is a little broader than the sky's.
         file_norm = psf_file / psf_file.sum()
         assert file_norm.max() < sky.max() / sky.sum()
+
+
+def test_the_detection_image_separates_sources_only_where_each_has_a_peak():
+    from mbphot.sample._sources import detection_primaries
+
+    def entries(separation_arcsec, ratio, re_arcsec=0.0):
+        ra = np.array([150.0, 150.0 + separation_arcsec / 3600.0])
+        return detection_primaries(ra, np.array([2.0, 2.0]), np.array([10.0, 10.0 * ratio]), np.full(2, re_arcsec))
+
+    # Equal Gaussians show two peaks beyond two sigma: 0.68" at 0.8" seeing.
+    assert list(entries(0.6, 1.0)) == [0, 0]
+    assert list(entries(0.8, 1.0)) == [0, 1]
+    # A faint source needs more room in a bright one's light; sizes blur the image further.
+    assert list(entries(1.0, 0.01)) == [0, 0]
+    assert list(entries(1.8, 0.01)) == [0, 1]
+    assert list(entries(0.8, 1.0, re_arcsec=0.5)) == [0, 0]
+    # A source that is part of another's entry takes no parts itself.
+    ra = 150.0 + np.array([0.0, 0.6, 1.2]) / 3600.0
+    assert list(detection_primaries(ra, np.full(3, 2.0), np.array([10.0, 5.0, 1.0]), np.zeros(3))) == [0, 0, 2]
+
+
+def test_blended_catalogue_entries_hold_their_parts_flux_and_the_images_do_not_change(real_field, tmp_path):
+    separate = _twin(tmp_path, detection_blending=False)
+    truth = Table.read(real_field / "catalog/truth.fits").to_pandas().set_index("id")
+    every = Table.read(separate / "catalog/truth.fits").to_pandas().set_index("id")
+    assert set(truth.index) < set(every.index)
+    assert 0.03 < 1 - len(truth) / len(every) < 0.15
+    gained = truth["true_irac1_flux_ujy"] - every.loc[truth.index, "true_irac1_flux_ujy"]
+    assert gained.min() > -1e-9
+    # The parts' light moved into their entries (parts of entries at the catalogue's edge aside).
+    parts = every.drop(truth.index)["true_irac1_flux_ujy"].sum()
+    assert gained.sum() == pytest.approx(parts, rel=0.1)
+    for name in ("irac/irac_ch1_go2_sci.fits", "galex/COSMOS_SIM_01-nd-int.fits"):
+        assert (real_field / name).read_bytes() == (separate / name).read_bytes()

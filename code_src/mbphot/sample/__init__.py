@@ -41,7 +41,9 @@ real COSMOS images (``docs/simulator.md`` gives magnitudes and what each does to
   per-pixel sigma (`_noise`);
 * ``galex_depth``: a 40 ks tile and a 1.5 ks (MIS) tile with zero-count pixels, ``-rrhr`` zero
   outside a 0.6 deg footprint whose edge crosses the field;
-* ``sky_error``: ``-skybg`` off the true sky by a smooth 4 % rms pattern (`_noise`).
+* ``sky_error``: ``-skybg`` off the true sky by a smooth 4 % rms pattern (`_noise`);
+* ``detection_blending``: the catalogue detected at 0.8" seeing, so that a source with no peak
+  of its own beside a brighter one is part of its catalogue entry (`_sources`).
 
 Each effect draws from its own random stream, so the sources and the other effects do not
 change when one is switched. The truth table of a realistic field adds the true positions,
@@ -83,7 +85,7 @@ __all__ = ["SampleSpec", "Realism", "REALISM_LEVELS", "make_sample_field", "samp
 
 SAMPLE_VERSION = 2
 """Bumped whenever the simulator changes, so that fields made by an older one are rebuilt."""
-REALISTIC_VERSION = 2
+REALISTIC_VERSION = 3
 """Bumped whenever the realistic effects change: only non-ideal fields are then rebuilt."""
 SOURCES_PER_ARCMIN2 = 150.0
 HALO_ARCMIN = 1.0
@@ -999,7 +1001,8 @@ def _make_chandra_and_catalog(spec, sources, rng, out, realistic=None):
     """The Chandra catalogue, the COSMOS2015-like catalogue and the truth table.
 
     ``realistic`` (realistic fields only) holds ``n_faint`` (sources in the images below the
-    catalogue limit) and ``offsets`` (each image's offset, arcsec); ``sources`` then has the
+    catalogue limit), ``offsets`` (each image's offset, arcsec) and ``primary`` (None, or each
+    source's catalogue entry, `_sources.detection_primaries`); ``sources`` then has the
     catalogue positions ``cat_ra``, ``cat_dec``, ``pos_sigma_arcsec`` and ``true_re_arcsec``.
     """
     centre_ra, centre_dec = spec.ra_deg, spec.dec_deg
@@ -1007,6 +1010,10 @@ def _make_chandra_and_catalog(spec, sources, rng, out, realistic=None):
     sep_arcmin = 60.0 * np.hypot((sources["ra"] - centre_ra) * cos_dec, sources["dec"] - centre_dec)
     in_catalog = sep_arcmin <= spec.catalog_radius_arcmin
     detected = in_catalog & (sources["xray_flux_cgs"] > CHANDRA_FLUX_LIMIT_CGS)
+    primary = None if realistic is None else realistic.get("primary")
+    if primary is not None:
+        sources = _blended_entries(sources, primary)
+        in_catalog &= primary == np.arange(primary.size)
 
     n_det = int(detected.sum())
     flux = np.asarray(sources["xray_flux_cgs"])[detected]
@@ -1065,6 +1072,11 @@ def _make_chandra_and_catalog(spec, sources, rng, out, realistic=None):
 
     counterpart = np.full(len(sources), -1, dtype=np.int64)
     counterpart[np.flatnonzero(detected)] = chandra_id[:n_det]
+    if primary is not None:
+        # An X-ray source on a part of a blended entry is that entry's counterpart.
+        part = np.flatnonzero((primary != np.arange(primary.size)) & (counterpart > 0))
+        free = counterpart[primary[part]] < 0
+        counterpart[primary[part[free]]] = counterpart[part[free]]
     cat_sources = sources[in_catalog]
     cat_counterpart = counterpart[in_catalog]
     n = len(cat_sources)
@@ -1137,6 +1149,26 @@ def _make_chandra_and_catalog(spec, sources, rng, out, realistic=None):
             truth.meta[f"DX_{code}"] = (round(dx, 5), f"[arcsec] {label} offset RA*cos(Dec)")
             truth.meta[f"DY_{code}"] = (round(dy, 5), f"[arcsec] {label} offset Dec")
     truth.write(out / "catalog/truth.fits")
+
+
+def _blended_entries(sources, primary):
+    """``sources`` with each catalogue entry's (``primary``) parts summed into it: true fluxes
+    added, true and catalogue positions weighted by the detection (3.6 um) flux."""
+    sources = sources.copy()
+    entry = np.asarray(primary)
+    weight = np.maximum(np.asarray(sources["true_irac1_flux_ujy"], dtype=np.float64), 0.0)
+    total_weight = np.bincount(entry, weight, minlength=entry.size)
+    parts = entry != np.arange(entry.size)
+    for column in ("ra", "dec", "cat_ra", "cat_dec"):
+        value = np.asarray(sources[column], dtype=np.float64)
+        offset = value - value[entry]  # about the entry's own, so that RA's wrap cannot bite
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_offset = np.bincount(entry, weight * offset, minlength=entry.size) / total_weight
+        sources[column] = np.where(parts, value, value + np.nan_to_num(mean_offset))
+    for name in BANDS:
+        column = f"true_{name}_flux_ujy"
+        sources[column] = np.where(parts, sources[column], np.bincount(entry, np.asarray(sources[column]), minlength=entry.size))
+    return sources
 
 
 def _offset_code(label):
@@ -1250,6 +1282,9 @@ def _make_realistic(spec, rng, out, n_workers):
     else:
         cat_ra, cat_dec, sigma = np.asarray(sources["ra"]), np.asarray(sources["dec"]), np.zeros(len(sources))
     sources["cat_ra"], sources["cat_dec"], sources["pos_sigma_arcsec"] = cat_ra, cat_dec, sigma
+    primary = None
+    if realism.detection_blending:
+        primary = _sources.detection_primaries(sources["ra"], sources["dec"], flux36, true_re)
     if realism.confusion:
         faint = _draw_sources(spec, _sources.stream(spec, "confusion"), flux_range_ujy=_sources.CONFUSION_FLUX_RANGE_UJY)
         # Faint galaxies are drawn as points: at r_e <~ 0.2" and S/N < 1 their shape is lost in the noise.
@@ -1272,4 +1307,4 @@ def _make_realistic(spec, rng, out, n_workers):
             else:
                 _make_galex_realistic(spec, plan, rng, out, renderer)
     offsets = {plan.band if plan.tile is None else f"{plan.band}-{plan.tile}": plan.offset_arcsec for plan in plans}
-    _make_chandra_and_catalog(spec, sources, rng, out, {"n_faint": len(faint), "offsets": offsets})
+    _make_chandra_and_catalog(spec, sources, rng, out, {"n_faint": len(faint), "offsets": offsets, "primary": primary})

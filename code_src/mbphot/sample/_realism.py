@@ -51,6 +51,11 @@ class Realism:
     sky_error : bool
         GALEX: the ``-skybg`` map carries a smooth error against the true sky (4 % rms,
         large scale).
+    detection_blending : bool
+        The catalogue is detected at 0.8" seeing: a source that makes no peak of its own
+        beside a brighter one (about 0.7" apart at equal flux, 1.5" at a hundredth) is part
+        of that one's catalogue entry, at their flux-weighted position, its truth their summed
+        flux. Both are drawn.
     """
 
     prf_mismatch: bool = False
@@ -61,6 +66,7 @@ class Realism:
     correlated_noise: bool = False
     galex_depth: bool = False
     sky_error: bool = False
+    detection_blending: bool = False
 
     @classmethod
     def ideal(cls) -> "Realism":

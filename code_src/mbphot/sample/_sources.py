@@ -7,6 +7,7 @@ off leaves the others, and the sources themselves, unchanged.
 import zlib
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from ._prfs import GALAXY_RE_BINS_ARCSEC
 
@@ -30,6 +31,16 @@ IMAGE_OFFSET_MAX_ARCSEC = 0.1
 CONFUSION_FLUX_RANGE_UJY = (0.02, 0.2)
 """The number counts continued a decade below the catalogue limit (0.2 uJy at 3.6 um before the
 class factors): 2.98 times the catalogue density."""
+
+
+DETECTION_FWHM_ARCSEC = 0.8
+"""Resolution of the catalogue's detection image (COSMOS2015: a chi^2 sum of ground-based
+zYJHKs images, about 0.8" seeing): two sources are two catalogue entries only where it shows
+two peaks (`detection_primaries`)."""
+DETECTION_SEARCH_ARCSEC = 2.0
+"""Pairs farther apart than this always show two peaks at 0.8" seeing (the contrast it would
+take, above 10^5, is beyond the counts' range)."""
+_PAIRS_PER_CHUNK = 50_000
 
 
 def stream(spec, label: str) -> np.random.Generator:
@@ -78,3 +89,58 @@ def image_offsets(spec, labels):
     radius = IMAGE_OFFSET_MAX_ARCSEC * np.sqrt(rng.uniform(0, 1, len(labels)))
     angle = rng.uniform(0, 2 * np.pi, len(labels))
     return {label: (r * np.cos(a), r * np.sin(a)) for label, r, a in zip(labels, radius, angle)}
+
+
+def _second_peak(separation, flux_ratio, sigma_first, sigma_second):
+    """Whether the fainter of two Gaussian sources (``flux_ratio`` <= 1 of the brighter's flux)
+    makes a local maximum of their summed profile, along the line through both centres."""
+    steps = np.linspace(0.0, 1.5, 97)
+    along = separation[:, None] * steps[None, :]
+    first = np.exp(-0.5 * (along / sigma_first[:, None]) ** 2) / sigma_first[:, None] ** 2
+    second = (flux_ratio / sigma_second**2)[:, None] * np.exp(-0.5 * ((along - separation[:, None]) / sigma_second[:, None]) ** 2)
+    profile = first + second
+    rising = np.diff(profile, axis=1) > 0
+    # A peak beyond the brighter one's centre: the profile rises again after falling.
+    falling_then_rising = (~rising[:, :-1]) & rising[:, 1:]
+    return falling_then_rising.any(axis=1)
+
+
+def detection_primaries(ra, dec, detection_flux, re_arcsec):
+    """For each source, the index of the catalogue entry it is part of (itself if detected).
+
+    The detection image blurs each source to a Gaussian of the image's seeing
+    (`DETECTION_FWHM_ARCSEC`) and its own size (half-light radius ``re_arcsec``, as a Gaussian
+    of that half-light radius). A fainter source that makes no peak of its own beside a
+    brighter one is part of the brighter one's entry. Pairs are taken brightest first; a
+    source already part of another entry takes no others.
+    """
+    ra, dec = np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)
+    flux = np.maximum(np.asarray(detection_flux, dtype=np.float64), 0.0)
+    primary = np.arange(ra.size)
+    if ra.size < 2:
+        return primary
+    cos_dec = np.cos(np.radians(np.mean(dec)))
+    xy = np.column_stack([ra * cos_dec, dec]) * 3600.0
+    pairs = cKDTree(xy).query_pairs(DETECTION_SEARCH_ARCSEC, output_type="ndarray")
+    if pairs.size == 0:
+        return primary
+    swap = flux[pairs[:, 1]] > flux[pairs[:, 0]]
+    brighter = np.where(swap, pairs[:, 1], pairs[:, 0])
+    fainter = np.where(swap, pairs[:, 0], pairs[:, 1])
+    seeing_sigma = DETECTION_FWHM_ARCSEC / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    sigma = np.hypot(seeing_sigma, np.asarray(re_arcsec, dtype=np.float64) / np.sqrt(2.0 * np.log(2.0)))
+    separation = np.hypot(*(xy[brighter] - xy[fainter]).T)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(flux[brighter] > 0, flux[fainter] / flux[brighter], 1.0)
+    merged = np.zeros(separation.size, dtype=bool)
+    for start in range(0, separation.size, _PAIRS_PER_CHUNK):
+        chunk = slice(start, start + _PAIRS_PER_CHUNK)
+        merged[chunk] = ~_second_peak(separation[chunk], ratio[chunk], sigma[brighter[chunk]], sigma[fainter[chunk]])
+    brighter, fainter = brighter[merged], fainter[merged]
+    order = np.lexsort((fainter, brighter, -flux[brighter]))
+    has_parts = np.zeros(ra.size, dtype=bool)
+    for first, second in zip(brighter[order], fainter[order]):
+        if primary[first] == first and primary[second] == second and not has_parts[second]:
+            primary[second] = first
+            has_parts[first] = True
+    return primary
