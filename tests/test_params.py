@@ -1,6 +1,8 @@
 """Every run parameter is checked on construction, with a message naming the parameter, the
 value and what is allowed."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -9,6 +11,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from mbphot.bands import BAND_NAMES
+from mbphot.cli import DEFAULT_NOTEBOOK_DIR as NOTEBOOK_DIR
 from mbphot.params import FULL_FIELD_RADIUS_ARCMIN, PARAMETER_NAMES, ParameterError, RunParameters
 
 PIXEL_ARCSEC = 0.6
@@ -151,6 +154,34 @@ def test_run_tag_names_every_parameter_that_changes_the_results():
     assert RunParameters().run_tag == "ra150.0100_dec+2.2000_r3_all_sample-s42-realistic_mbphot-scene"
     assert RunParameters(n_workers=1).run_tag == RunParameters().run_tag
     assert RunParameters(data_source="archive", seed=1).run_tag == RunParameters(data_source="archive", seed=2).run_tag
+
+
+def test_nearby_fields_never_share_a_folder_or_a_run():
+    near = RunParameters(ra=150.010049, dec=2.20000001, radius_arcmin=3.0000001)
+    assert near.field_tag == "ra150.010049_dec+2.20000001_r3.0000001_s42_realistic"
+    assert near.field_tag != RunParameters().field_tag and near.run_tag != RunParameters().run_tag
+    assert near.run_dir != RunParameters().run_dir
+
+
+def test_each_run_has_its_own_photometry_table_in_its_run_folder():
+    base = RunParameters(bands="irac1,irac2")
+    others = [RunParameters(bands="irac2,nuv"), RunParameters(bands="irac1,irac2", mode="source"),
+              RunParameters(bands="irac1,irac2", realism="ideal"), RunParameters(bands="irac1,irac2", ra=150.010049)]
+    paths = {params.photometry_path for params in (base, *others)}
+    assert len(paths) == 5
+    assert base.photometry_path == Path("output") / "runs" / base.run_tag / "photometry.parquet"
+    assert RunParameters(bands="irac1,irac2", n_workers=1).photometry_path == base.photometry_path
+
+
+def test_the_notebooks_pass_their_own_run_folder_on():
+    """02 writes, 03 reads and writes, 04 reads: all in the run's folder, never the shared field folder."""
+    text = {name: (NOTEBOOK_DIR / f"{name}.md").read_text() for name in ("02_photometry", "03_crossmatch", "04_plots")}
+    assert "write_table(photometry, params.photometry_path)" in text["02_photometry"]
+    assert "pd.read_parquet(params.photometry_path)" in text["03_crossmatch"]
+    assert "write_catalog(catalog, params.run_dir)" in text["03_crossmatch"]
+    assert 'read_catalog(params.run_dir / "catalog"' in text["04_plots"]
+    assert not any("output_dir" in line for body in text.values() for line in body.splitlines()
+                   if not line.startswith("output_dir = "))
 
 
 def test_realism_defaults_to_realistic_and_names_its_own_field_and_run():

@@ -25,6 +25,7 @@ __all__ = [
     "REALISM_LEVELS",
     "COSMOS_FIELD",
     "FULL_FIELD_RADIUS_ARCMIN",
+    "exact_label",
 ]
 
 DATA_SOURCES = ("sample", "archive", "files")
@@ -39,6 +40,24 @@ COSMOS_FIELD = {"ra_min": 149.33, "ra_max": 150.89, "dec_min": 1.43, "dec_max": 
 FULL_FIELD_RADIUS_ARCMIN = 48.0
 """The radius that takes in the whole of COSMOS from its centre (the published tutorial's
 full field); a larger circle only adds sky without data."""
+
+
+def exact_label(value: float, spec: str) -> str:
+    """``value`` formatted with ``spec`` when that reads back as exactly ``value``, else in full.
+
+    Folder names made with this label are short for the usual values (``150.0100``, ``3``)
+    and never shared by two different values: 150.010049 is ``150.010049``, not ``150.0100``,
+    so that it never reuses the files of RA 150.01.
+
+    Examples
+    --------
+    >>> exact_label(150.01, ".4f"), exact_label(150.010049, ".4f"), exact_label(2.2, "+.4f")
+    ('150.0100', '150.010049', '+2.2000')
+    """
+    short = format(value, spec)
+    if float(short) == value:
+        return short
+    return format(value, "+" if "+" in spec else "")
 
 
 class ParameterError(ValueError, TypeError):
@@ -304,13 +323,14 @@ class RunParameters:
 
     @property
     def field_tag(self) -> str:
-        """Names the retrieved field: same position, radius and source give the same folder.
+        """Names the retrieved field: same position, radius and source give the same folder
+        (position and radius exact, see `exact_label`).
 
         Sample fields add the seed; fields of your own files add a fingerprint of the files
         manifest and its files, so that other or changed files never reuse an older field's
         tile choice and photometry.
         """
-        base = f"ra{self.ra:.4f}_dec{self.dec:+.4f}_r{self.radius_arcmin:g}"
+        base = self._position_label
         if self.data_source == "sample":
             return f"{base}_s{self.seed}" + ("" if self.realism == "ideal" else f"_{self.realism}")
         if self.data_source == "files":
@@ -319,7 +339,7 @@ class RunParameters:
 
     @property
     def run_tag(self) -> str:
-        """Names a run's output folder: position, radius, bands, data source (with the seed or
+        """Names a run's output folder: exact position and radius, bands, data source (with the seed or
         the files' fingerprint), engine and mode. ``n_workers`` and ``scheduler`` do not change the
         results and are left out."""
         bands = "all" if self.bands == list(BAND_NAMES) else "-".join(self.bands)
@@ -328,7 +348,25 @@ class RunParameters:
             "files": f"files-{self._files_fingerprint}",
             "archive": "archive",
         }[self.data_source]
-        return f"ra{self.ra:.4f}_dec{self.dec:+.4f}_r{self.radius_arcmin:g}_{bands}_{source}_{self.engine}-{self.mode}"
+        return f"{self._position_label}_{bands}_{source}_{self.engine}-{self.mode}"
+
+    @property
+    def _position_label(self) -> str:
+        """Centre and radius, exact (`exact_label`): nearby fields never share a folder."""
+        return (f"ra{exact_label(self.ra, '.4f')}_dec{exact_label(self.dec, '+.4f')}"
+                f"_r{exact_label(self.radius_arcmin, 'g')}")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's own folder, ``<output_dir>/runs/<run_tag>``: the notebooks write their
+        photometry table, catalogue and figures there, whether `mbphot run` runs them or you do
+        by hand, so that nothing but a finished `mbphot run` changes the published outputs."""
+        return Path(self.output_dir) / "runs" / self.run_tag
+
+    @property
+    def photometry_path(self) -> Path:
+        """The run's photometry table, which ``02_photometry`` writes and ``03_crossmatch`` reads."""
+        return self.run_dir / "photometry.parquet"
 
     @property
     def field_dir(self) -> Path:

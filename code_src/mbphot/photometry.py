@@ -44,7 +44,7 @@ from .engine.scene import extended_profiles, size_sensitivity
 from .engine.solve import FLAGS, Measurement
 from .io import atomic_path, read_header, read_wcs
 from .manifest import ImageEntry, Manifest
-from .params import ENGINES, MODES
+from .params import ENGINES, MODES, exact_label
 from .retrieve import load_catalog
 
 __all__ = ["PARTITION_ARCMIN", "SCENE_ARCMIN", "band_overview", "load_prf", "measure_field"]
@@ -874,7 +874,8 @@ def measure_field(
     bands = [BANDS[name] for name in bands]
     run_dir = (
         manifest.directory / "photometry"
-        / f"v{RESULTS_VERSION}_{engine}_{mode}_sky-{sky}_p{partition_arcmin:g}_c{scene_arcmin:g}"
+        / f"v{RESULTS_VERSION}_{engine}_{mode}_sky-{sky}_p{exact_label(partition_arcmin, 'g')}"
+        f"_c{exact_label(scene_arcmin, 'g')}"
     )
 
     xi, eta = _tangent_plane_arcmin(ra, dec, manifest.field["ra"], manifest.field["dec"])
