@@ -34,20 +34,20 @@ WRITE_CATALOG = textwrap.dedent("""\
 
     params = mbphot.RunParameters.from_namespace(globals())
     frame = pd.DataFrame({"id": [1, 2], "ra": [params.ra, params.ra], "dec": [params.dec, params.dec]})
-    mbphot.write_catalog(mbphot.science_catalog(frame, params.as_dict()), params.output_dir)
+    mbphot.write_catalog(mbphot.science_catalog(frame, params.as_dict()), params.run_dir)
     ```
     """)
 
 WRITE_FIGURE = textwrap.dedent("""\
     ```{code-cell} ipython3
-    from pathlib import Path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import mbphot
     from mbphot import plots
 
     figure = plt.figure()
-    plots.save_figure(figure, Path(output_dir) / "figures" / "stand_in.png")
+    plots.save_figure(figure, mbphot.RunParameters.from_namespace(globals()).run_dir / "figures" / "stand_in.png")
     ```
     """)
 

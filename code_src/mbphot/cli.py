@@ -10,11 +10,14 @@ on the command line and/or in a YAML or JSON parameter file (``--params``; optio
 the file), and saved executed. The run stops at the first failing notebook and names it and
 its failing cell.
 
-Each run writes into its own folder, ``<output>/runs/<run tag>/``, named for its parameters
-(`RunParameters.run_tag`). Only when every notebook has succeeded does that folder get its
-``COMPLETE`` marker and are its catalogue, figures and notebooks copied to the fixed places
-``<output>/catalog``, ``<output>/figures`` and ``<output>/notebooks``, which therefore always
-hold the latest successful run.
+Each run writes into its own folder, ``<output>/runs/<run tag>/``, named for its exact
+parameters (`RunParameters.run_tag`); a second run of the same parameters waits for the first.
+Only when every notebook has succeeded does that folder get its ``COMPLETE`` marker and is it
+published (`publish`): its catalogue, figures and notebooks are copied into a new folder under
+``<output>/published/``, and the one link ``<output>/latest`` is switched to it by a rename. The
+fixed places ``<output>/catalog``, ``<output>/figures``, ``<output>/notebooks`` and
+``<output>/latest_run.json`` are links through ``latest``, so they always show one whole
+successful run, the latest, and a fault while publishing leaves the previous one whole.
 """
 
 import argparse
@@ -32,11 +35,11 @@ import yaml
 
 from .archive.config import ENDPOINTS_ENV
 from .bands import BAND_NAMES
-from .io import atomic_path, write_json
+from .io import file_lock, write_json
 from .params import DATA_SOURCES, ENGINES, MODES, PARAMETER_NAMES, REALISM_LEVELS, RunParameters
 from .photometry import PROGRESS_ENV
 
-__all__ = ["main", "run_notebooks", "run_pipeline", "read_parameter_file", "copy_notebooks", "NOTEBOOKS",
+__all__ = ["main", "run_notebooks", "run_pipeline", "publish", "read_parameter_file", "copy_notebooks", "NOTEBOOKS",
            "COMPLETE_MARKER"]
 
 NOTEBOOKS = ("01_retrieve", "02_photometry", "03_crossmatch", "04_plots")
@@ -53,6 +56,8 @@ def _notebook_dir() -> Path:
 DEFAULT_NOTEBOOK_DIR = _notebook_dir()
 COMPLETE_MARKER = "COMPLETE"
 LATEST_RECORD = "latest_run.json"
+PUBLISHED = ("catalog", "figures", "notebooks")
+"""The folders of a run folder that are published."""
 PATH_PARAMETERS = ("data_dir", "output_dir", "files_manifest")
 
 
@@ -66,14 +71,15 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
     Parameters
     ----------
     params : RunParameters
-        Validated parameters; ``data_dir`` and ``output_dir`` are made absolute.
+        Validated parameters; ``data_dir`` and ``output_dir`` are made absolute. The
+        notebooks write into ``params.run_dir``.
     notebook_dir : path
         Folder holding the ``NN_name.md`` notebooks.
 
     Returns
     -------
     list of Path
-        The executed notebooks, under ``<output_dir>/notebooks``.
+        The executed notebooks, under ``<params.run_dir>/notebooks``.
     """
     import jupytext
     import papermill
@@ -82,8 +88,8 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
     notebook_dir = Path(notebook_dir)
     if progress:
         os.environ[PROGRESS_ENV] = "text"
-    output_dir = Path(params.output_dir).resolve()
-    parameters = {**params.as_dict(), "data_dir": str(Path(params.data_dir).resolve()), "output_dir": str(output_dir)}
+    params = _absolute(params)
+    parameters = params.as_dict()
     executed = []
     with tempfile.TemporaryDirectory(prefix="mbphot-notebooks-") as scratch:
         for name in NOTEBOOKS:
@@ -92,7 +98,7 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
                 raise FileNotFoundError(f"notebook {source} not found; pass the notebooks folder with --notebooks")
             converted = Path(scratch) / f"{name}.ipynb"
             jupytext.write(jupytext.read(source), converted)
-            target = output_dir / "notebooks" / f"{name}.ipynb"
+            target = params.run_dir / "notebooks" / f"{name}.ipynb"
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 papermill.execute_notebook(
@@ -115,15 +121,20 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
     return executed
 
 
+def _absolute(params: RunParameters) -> RunParameters:
+    """``params`` with absolute ``data_dir`` and ``output_dir``: the kernels run elsewhere."""
+    return replace(params, data_dir=str(Path(params.data_dir).resolve()), output_dir=str(Path(params.output_dir).resolve()))
+
+
 def run_pipeline(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, progress=True) -> Path:
     """Run the notebooks into the run's own folder, then publish it as the latest run.
 
-    The run folder ``<output_dir>/runs/<params.run_tag>/`` is emptied first, so that a rerun
-    never mixes its files with an earlier run's. It holds ``parameters.json`` (usable as
-    ``--params``), the executed notebooks and everything the notebooks write. Only after the
-    last notebook has succeeded is ``COMPLETE`` written there and every file copied, one
-    atomic replacement each, to the same place under ``output_dir``; ``latest_run.json``
-    there is written last and names the run.
+    The run folder ``params.run_dir`` (``<output_dir>/runs/<params.run_tag>/``) is emptied
+    first, so that a rerun never mixes its files with an earlier run's; a run of the same
+    parameters in progress elsewhere is waited for (a lock in ``<output_dir>/.locks``). The folder
+    holds ``parameters.json`` (usable as ``--params``), the executed notebooks and everything
+    the notebooks write. Only after the last notebook has succeeded is ``COMPLETE`` written
+    there and the run published (`publish`).
 
     Returns
     -------
@@ -136,22 +147,96 @@ def run_pipeline(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, progr
         A notebook failed; the run folder has no ``COMPLETE`` and ``output_dir``'s latest
         outputs are untouched.
     """
-    output_dir = Path(params.output_dir).resolve()
-    run_dir = output_dir / "runs" / params.run_tag
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    recorded = {**params.as_dict(), "data_dir": str(Path(params.data_dir).resolve()), "output_dir": str(output_dir)}
-    write_json(run_dir / "parameters.json", recorded)
-    run_notebooks(replace(params, output_dir=str(run_dir)), notebook_dir, progress=progress)
-    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_json(run_dir / COMPLETE_MARKER, {"run_tag": params.run_tag, "finished_utc": finished, "parameters": recorded})
-    for path in sorted(run_dir.rglob("*")):
-        relative = path.relative_to(run_dir)
-        if path.is_file() and str(relative) not in ("parameters.json", COMPLETE_MARKER):
-            with atomic_path(output_dir / relative) as temporary:
-                shutil.copyfile(path, temporary)
-    write_json(output_dir / LATEST_RECORD, {"run_tag": params.run_tag, "run_dir": str(run_dir), "finished_utc": finished})
+    params = _absolute(params)
+    run_dir = params.run_dir
+    waiting = f"mbphot run: waiting for another run of the same parameters to finish ({run_dir})"
+    with file_lock(Path(params.output_dir) / ".locks" / run_dir.name, waiting_message=waiting):
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        recorded = params.as_dict()
+        write_json(run_dir / "parameters.json", recorded)
+        run_notebooks(params, notebook_dir, progress=progress)
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(run_dir / COMPLETE_MARKER, {"run_tag": params.run_tag, "finished_utc": finished, "parameters": recorded})
+        publish(run_dir, params.output_dir, {"run_tag": params.run_tag, "run_dir": str(run_dir), "finished_utc": finished})
     return run_dir
+
+
+def publish(run_dir, output_dir, record: dict) -> Path:
+    """Make a finished run folder's catalogue, figures and notebooks the latest outputs, all at once.
+
+    They are copied, with ``record`` as ``latest_run.json``, into a new folder under
+    ``<output_dir>/published/``; then the link ``<output_dir>/latest`` is pointed at it by one
+    rename, the single step that switches the outputs. ``catalog``, ``figures``,
+    ``notebooks`` and ``latest_run.json`` in ``output_dir`` are links through ``latest``
+    (made here the first time, replacing the plain folders of older versions). A fault at any
+    point leaves the previous outputs whole; publishing runs one at a time (a lock), and
+    removes the sets no longer linked and any left half-copied by a killed run.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        The finished run folder.
+    output_dir : path-like
+        The output folder.
+    record : dict
+        Written as ``latest_run.json`` (the run's tag, folder and finish time).
+
+    Returns
+    -------
+    Path
+        The published folder.
+    """
+    run_dir, output_dir = Path(run_dir), Path(output_dir)
+    store = output_dir / "published"
+    latest = output_dir / "latest"
+    with file_lock(output_dir / ".locks" / "publish"):
+        store.mkdir(parents=True, exist_ok=True)
+        current = latest.resolve() if latest.is_symlink() else None
+        for stale in store.iterdir():
+            # Under the lock nothing else is publishing: a hidden folder is a killed run's copy.
+            if stale.name.startswith(".") or stale.resolve() != current:
+                shutil.rmtree(stale)
+        staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=store))
+        for name in PUBLISHED:
+            (staging / name).mkdir()
+            if (run_dir / name).is_dir():
+                for source in sorted((run_dir / name).rglob("*")):
+                    target = staging / name / source.relative_to(run_dir / name)
+                    if source.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    else:
+                        shutil.copyfile(source, target)
+        write_json(staging / LATEST_RECORD, record)
+        snapshot = staging.with_name(staging.name.lstrip("."))
+        os.rename(staging, snapshot)
+        _link(latest, Path("published") / snapshot.name)
+        for name in (*PUBLISHED, LATEST_RECORD):
+            fixed = output_dir / name
+            if not (fixed.is_symlink() and os.readlink(fixed) == str(Path("latest") / name)):
+                _link(fixed, Path("latest") / name)
+        if current is not None and current != snapshot and current.parent == store:
+            shutil.rmtree(current)
+    return snapshot
+
+
+def _link(path: Path, target: Path) -> None:
+    """Make ``path`` a relative link to ``target`` in one rename (a plain file or folder there is replaced)."""
+    temporary = path.with_name(f".{path.name}.link-{os.getpid()}")
+    if temporary.is_symlink():
+        temporary.unlink()
+    temporary.symlink_to(target)
+    if path.exists() and not path.is_symlink():
+        # An older version's plain folder or file: moved aside, then replaced by the link.
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, aside)
+        os.replace(temporary, path)
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink()
+    else:
+        os.replace(temporary, path)
 
 
 def read_parameter_file(path) -> dict:

@@ -1,7 +1,9 @@
-"""Small file helpers shared by the modules that write: atomic writes and FITS reading."""
+"""Small file helpers shared by the modules that write: atomic writes, locks and FITS reading."""
 
+import fcntl
 import json
 import os
+import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -12,7 +14,7 @@ from astropy.table import Table
 from astropy.units import UnitsWarning
 from astropy.wcs import WCS, FITSFixedWarning
 
-__all__ = ["atomic_path", "write_json", "read_table", "read_header", "read_wcs"]
+__all__ = ["atomic_path", "file_lock", "write_json", "read_table", "read_header", "read_wcs"]
 
 
 @contextmanager
@@ -33,6 +35,36 @@ def atomic_path(path):
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+@contextmanager
+def file_lock(path, waiting_message=None):
+    """Hold an exclusive lock on the file ``path`` (created) for the block; wait while another
+    process holds it.
+
+    The lock is the operating system's (``flock``), so it goes with its process: a killed
+    run never leaves a stale lock behind.
+
+    Parameters
+    ----------
+    path : path-like
+        The lock file.
+    waiting_message : str, optional
+        Printed to standard error when the lock is held elsewhere, before waiting for it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting_message:
+                print(waiting_message, file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_json(path, payload) -> Path:
