@@ -5,12 +5,16 @@ the real notebooks run in tests/test_pipeline.py and tests/test_user_files.py.
 """
 
 import json
+import subprocess
+import sys
 import textwrap
 
 import pytest
 from astropy.table import Table
 
 from mbphot.cli import main, read_parameter_file
+from mbphot.io import file_lock
+from mbphot.params import RunParameters
 
 HEADER = textwrap.dedent("""\
     ---
@@ -185,3 +189,77 @@ def test_a_failed_run_is_not_complete_and_leaves_the_latest_outputs(tmp_path, go
     assert not (output / "runs/ra150.0100_dec+2.2000_r0.5_all_sample-s42_mbphot-scene/COMPLETE").exists()
     assert {path: path.read_bytes() for path in latest} == latest
     assert json.loads((output / "latest_run.json").read_text())["run_tag"].startswith("ra150.0100_dec+2.2000_r1_")
+
+
+# ---- concurrent runs in the same folders ---------------------------------------------------
+
+WRITE_PHOTOMETRY = textwrap.dedent("""\
+    ```{code-cell} ipython3
+    import pandas as pd
+    import mbphot
+    from mbphot.catalog import write_table
+
+    params = mbphot.RunParameters.from_namespace(globals())
+    columns = {}
+    for band in params.bands:
+        flux = 1.0 if params.mode == "scene" else 2.0
+        columns.update({f"{band}_flux_ujy": [flux, flux], f"{band}_flux_err_ujy": [0.1, 0.1], f"{band}_flag": [0, 0]})
+    write_table(pd.DataFrame({"id": [1, 2], "ra": [params.ra] * 2, "dec": [params.dec] * 2, **columns}),
+                params.photometry_path)
+    ```
+    """)
+
+CATALOG_FROM_PHOTOMETRY = textwrap.dedent("""\
+    ```{code-cell} ipython3
+    import pandas as pd
+    import mbphot
+
+    params = mbphot.RunParameters.from_namespace(globals())
+    photometry = pd.read_parquet(params.photometry_path)
+    mbphot.write_catalog(mbphot.science_catalog(photometry, params.as_dict()), params.run_dir)
+    ```
+    """)
+
+
+def start_run(tmp_path, notebooks, *arguments):
+    return subprocess.Popen(
+        [sys.executable, "-m", "mbphot", "run", "--no-progress", "--realism", "ideal", "--notebooks", str(notebooks),
+         "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "output"), "--radius", "1", *arguments],
+        stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_concurrent_runs_in_shared_folders_each_publish_their_own_catalogue(tmp_path):
+    notebooks = write_notebooks(tmp_path / "pipeline", (PASS, WRITE_PHOTOMETRY, CATALOG_FROM_PHOTOMETRY, PASS))
+    runs = {("irac2",): ("--bands", "irac2", "--mode", "scene"), ("irac1", "nuv"): ("--bands", "irac1,nuv", "--mode", "source")}
+    processes = {bands: start_run(tmp_path, notebooks, *arguments) for bands, arguments in runs.items()}
+    for process in processes.values():
+        assert process.wait() == 0, process.stderr.read()
+
+    output = tmp_path / "output"
+    for bands, arguments in runs.items():
+        tag = RunParameters(ra=150.01, radius_arcmin=1, bands=",".join(bands), mode=arguments[-1], realism="ideal").run_tag
+        catalog = Table.read(output / "runs" / tag / "catalog/multiband_catalog.parquet")
+        assert sorted(name.removesuffix("_flux_ujy") for name in catalog.colnames if name.endswith("_flux_ujy")) == list(bands)
+        assert set(catalog[f"{bands[0]}_flux_ujy"]) == {1.0 if arguments[-1] == "scene" else 2.0}
+    # The latest outputs are one whole run: the catalogue is the run latest_run.json names.
+    latest = json.loads((output / "latest_run.json").read_text())["run_tag"]
+    meta = json.loads(Table.read(output / "catalog/multiband_catalog.parquet").meta["PARAMS"])
+    assert RunParameters(**{**meta, "data_dir": "data", "output_dir": "output"}).run_tag == latest
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_parameters_waits_for_the_first(tmp_path, good_notebooks):
+    tag = RunParameters(ra=150.01, radius_arcmin=1, realism="ideal").run_tag
+    run_dir = tmp_path / "output" / "runs" / tag
+    with file_lock(tmp_path / "output" / ".locks" / tag):  # the first run, still going
+        process = start_run(tmp_path, good_notebooks)
+        for line in process.stderr:
+            if "waiting for another run of the same parameters" in line:
+                break
+        else:
+            pytest.fail(f"the run did not wait; it exited with {process.wait()}")
+        assert not run_dir.exists(), "the waiting run must not touch the folder"
+    assert process.wait() == 0
+    assert (run_dir / "COMPLETE").is_file()
