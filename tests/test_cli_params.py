@@ -12,6 +12,7 @@ import textwrap
 import pytest
 from astropy.table import Table
 
+from mbphot import cli
 from mbphot.cli import main, read_parameter_file
 from mbphot.io import file_lock
 from mbphot.params import RunParameters
@@ -235,7 +236,8 @@ def test_concurrent_runs_in_shared_folders_each_publish_their_own_catalogue(tmp_
     runs = {("irac2",): ("--bands", "irac2", "--mode", "scene"), ("irac1", "nuv"): ("--bands", "irac1,nuv", "--mode", "source")}
     processes = {bands: start_run(tmp_path, notebooks, *arguments) for bands, arguments in runs.items()}
     for process in processes.values():
-        assert process.wait() == 0, process.stderr.read()
+        error = process.communicate()[1]
+        assert process.returncode == 0, error
 
     output = tmp_path / "output"
     for bands, arguments in runs.items():
@@ -261,5 +263,45 @@ def test_a_second_run_of_the_same_parameters_waits_for_the_first(tmp_path, good_
         else:
             pytest.fail(f"the run did not wait; it exited with {process.wait()}")
         assert not run_dir.exists(), "the waiting run must not touch the folder"
-    assert process.wait() == 0
+    error = process.communicate()[1]
+    assert process.returncode == 0, error
     assert (run_dir / "COMPLETE").is_file()
+
+
+# ---- one error path: a short message, the traceback in the run's log -----------------------
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError(28, "No space left on device", "/data/x.parquet"), "disk full writing /data/x.parquet"),
+    (PermissionError(13, "Permission denied", "/output/runs"), "cannot write /output/runs (Permission denied)"),
+    (KeyboardInterrupt(), "stopped by Ctrl-C; run the same command again to resume"),
+])
+def test_failures_outside_the_notebooks_give_one_short_line(tmp_path, monkeypatch, capsys, error, message):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "run_pipeline", fail)
+    assert run(tmp_path, "unused") in (1, 130)
+    printed = capsys.readouterr().err
+    assert message in printed and "Traceback" not in printed and len(printed.splitlines()) == 1
+
+
+def test_an_unexpected_error_is_named_and_its_traceback_logged(tmp_path, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr(cli, "run_pipeline", fail)
+    assert run(tmp_path, "unused") == 1
+    printed = capsys.readouterr().err
+    log = tmp_path / "output" / "runs" / RunParameters(realism="ideal").run_tag / cli.LOG_NAME
+    assert printed == f"mbphot run: unexpected AttributeError: 'NoneType' object has no attribute 'shape'\nthe traceback is in {log}\n"
+    assert "Traceback (most recent call last)" in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_dead_kernel_names_the_notebook(tmp_path, capsys):
+    dies = write_notebooks(tmp_path / "dies", (PASS, "```{code-cell} ipython3\nimport os\nos._exit(1)\n```\n", PASS, PASS))
+    assert run(tmp_path, dies) == 1
+    printed = capsys.readouterr().err
+    assert printed.startswith("mbphot run: notebook 02_photometry stopped: DeadKernelError")
+    assert "run the same command again to resume" in printed and "Traceback" not in printed

@@ -23,10 +23,14 @@ successful run, the latest, and a fault while publishing leaves the previous one
 import argparse
 import difflib
 import json
+import logging
+import errno
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import traceback
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,8 +65,23 @@ PUBLISHED = ("catalog", "figures", "notebooks")
 PATH_PARAMETERS = ("data_dir", "output_dir", "files_manifest")
 
 
+LOG_NAME = "mbphot-run.log"
+"""The file in the run folder that gets the traceback of an unexpected error."""
+RESUME_HINT = "run the same command again to resume: retrieved files and measured partitions are reused"
+
+
 class NotebookFailed(RuntimeError):
-    """A notebook raised; the message names the notebook and the cell."""
+    """A notebook raised, or its kernel died; the message names the notebook and the cell."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped: Ctrl-C, or SIGTERM or SIGHUP (``timeout``, Slurm, ``docker stop``,
+    a closed terminal). The message says which, and in which notebook."""
+
+
+def _stop_on_signal(number, frame):
+    """Turn SIGTERM and SIGHUP into the same orderly stop as Ctrl-C: the kernel is shut down."""
+    raise Interrupted(f"stopped by {signal.Signals(number).name}")
 
 
 def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, progress=True) -> list[Path]:
@@ -117,8 +136,34 @@ def run_notebooks(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, prog
                     f"notebook {name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
                     f"the executed notebook, with the traceback, is {target}"
                 ) from None
+            except KeyboardInterrupt as stop:
+                raise Interrupted(f"{str(stop) or 'stopped by Ctrl-C'} in notebook {name}") from None
+            except Exception as error:
+                # The kernel died (out of memory, killed) or papermill itself failed.
+                log = _log_traceback(params.run_dir)
+                first_line = next(iter(str(error).strip().splitlines()), "")
+                raise NotebookFailed(
+                    f"notebook {name} stopped: {type(error).__name__}: {first_line}\n"
+                    f"the traceback is in {log}; {RESUME_HINT}"
+                ) from None
             executed.append(target)
     return executed
+
+
+def _log_traceback(run_dir) -> Path:
+    """Append the traceback being handled to the run's log file (a temporary file if the run
+    folder cannot be written); its path."""
+    text = f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n{traceback.format_exc()}\n"
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(run_dir) / LOG_NAME, "a") as handle:
+            handle.write(text)
+        return Path(run_dir) / LOG_NAME
+    except OSError:
+        handle, path = tempfile.mkstemp(prefix="mbphot-run-", suffix=".log")
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        return Path(path)
 
 
 def _absolute(params: RunParameters) -> RunParameters:
@@ -354,6 +399,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The ``mbphot`` command; its exit status.
+
+    ``mbphot run`` turns SIGTERM and SIGHUP into the orderly stop of Ctrl-C (the kernel is shut
+    down, its workers end with it) and reports every failure in a short message naming the
+    notebook or the file, with any unexpected traceback in the run's log file (`LOG_NAME`).
+    """
     args = _parser().parse_args(argv)
     if args.command == "notebooks":
         try:
@@ -364,6 +415,17 @@ def main(argv=None) -> int:
         for path in copied:
             print(path)
         return 0
+    previous = {number: signal.signal(number, _stop_on_signal) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(args)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _run(args) -> int:
+    """``mbphot run``: every failure ends in one short message (see `main`)."""
+    params = None
     try:
         values = read_parameter_file(args.params_file) if args.params_file else {}
         values.update({name: getattr(args, name) for name in PARAMETER_NAMES if hasattr(args, name)})
@@ -375,9 +437,31 @@ def main(argv=None) -> int:
             # The notebook kernels inherit the environment, and archive mode reads its endpoints from it.
             os.environ[ENDPOINTS_ENV] = str(endpoints)
         run_dir = run_pipeline(params, args.notebooks, progress=not args.no_progress)
+    except KeyboardInterrupt as stop:
+        # The kernel client's abandoned tasks would each log a traceback as the process exits.
+        logging.getLogger("asyncio").disabled = True
+        print(f"mbphot run: {str(stop) or 'stopped by Ctrl-C'}; {RESUME_HINT}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, NotebookFailed) as error:
         print(f"mbphot run: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"mbphot run: {_describe_os_error(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        log = _log_traceback(params.run_dir if params is not None else tempfile.gettempdir())
+        print(f"mbphot run: unexpected {type(error).__name__}: {error}\nthe traceback is in {log}", file=sys.stderr)
         return 1
     print(f"run folder {run_dir}")
     print(f"latest catalogue, figures and notebooks in {run_dir.parents[1]}")
     return 0
+
+
+def _describe_os_error(error: OSError) -> str:
+    """A file-system error in words: which file, what happened, what to do."""
+    where = f" {error.filename}" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        return f"disk full writing{where}: free some space or choose another --data-dir / --output-dir"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where} ({error.strerror}): choose a folder you can write with --data-dir / --output-dir"
+    return f"{error.strerror or error}{':' if where else ''}{where}"
