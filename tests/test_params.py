@@ -10,21 +10,22 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from mbphot.bands import BAND_NAMES
+from mbphot.bands import BAND_NAMES, BANDS
 from mbphot.cli import DEFAULT_NOTEBOOK_DIR as NOTEBOOK_DIR
 from mbphot.params import FULL_FIELD_RADIUS_ARCMIN, PARAMETER_NAMES, ParameterError, RunParameters
 
-PIXEL_ARCSEC = 0.6
-IMAGE_PIXELS = 201  # 2.01' square: the field circle fits inside for radius_arcmin < 1.0
+IMAGE_ARCSEC = 120.6  # 2.01' square: the field circle fits inside for radius_arcmin < 1.0
 
 
-def write_image(path, ra_deg, dec_deg):
+def write_image(path, ra_deg, dec_deg, pixel_arcsec):
+    """A blank image at the band's pixel scale, about `IMAGE_ARCSEC` on a side."""
+    pixels = int(round(IMAGE_ARCSEC / pixel_arcsec)) | 1
     wcs = WCS(naxis=2)
     wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.cdelt = [-PIXEL_ARCSEC / 3600, PIXEL_ARCSEC / 3600]
+    wcs.wcs.cdelt = [-pixel_arcsec / 3600, pixel_arcsec / 3600]
     wcs.wcs.crval = [ra_deg, dec_deg]
-    wcs.wcs.crpix = [(IMAGE_PIXELS + 1) / 2, (IMAGE_PIXELS + 1) / 2]
-    fits.PrimaryHDU(np.zeros((IMAGE_PIXELS, IMAGE_PIXELS), np.float32), wcs.to_header()).writeto(path)
+    wcs.wcs.crpix = [(pixels + 1) / 2, (pixels + 1) / 2]
+    fits.PrimaryHDU(np.zeros((pixels, pixels), np.float32), wcs.to_header()).writeto(path)
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def files_manifest(tmp_path):
     RunParameters reads only headers, so the images are blank and the tables minimal.
     """
     for band in ("irac1", "nuv"):
-        write_image(tmp_path / f"{band}.fits", 200.0, -30.0)
+        write_image(tmp_path / f"{band}.fits", 200.0, -30.0, BANDS[band].pixel_scale_arcsec)
     fits.PrimaryHDU(np.ones((5, 5), np.float32)).writeto(tmp_path / "prf.fits")
     Table({"ra": [200.0], "dec": [-30.0], "id": [1]}).write(tmp_path / "catalog.fits")
     Table({"RA": [200.0], "DEC": [-30.0]}).write(tmp_path / "chandra.fits")
