@@ -13,6 +13,7 @@ import pytest
 from astropy.table import Table
 
 from mbphot import cli
+from mbphot.archive.config import ENDPOINTS_ENV
 from mbphot.cli import main, read_parameter_file
 from mbphot.io import file_lock
 from mbphot.params import RunParameters
@@ -105,6 +106,8 @@ def test_parameter_file_yaml_or_json(tmp_path, suffix, text):
     ("p.yaml", "ra: [150.1\n", "is not valid YAML"),
     ("p.yaml", "- ra\n- dec\n", "must hold a mapping of parameter names to values, got list"),
     ("p.toml", "ra = 150.1\n", "must end in .yaml, .yml or .json, got '.toml'"),
+    ("p.yaml", "ra: 150.1\nbands: irac1\nra: 150.3\n", "parameter 'ra' is given twice; keep one"),
+    ("p.json", '{"ra": 150.1, "mode": "scene", "mode": "source"}', "parameter 'mode' is given twice; keep one"),
 ])
 def test_parameter_file_mistakes_fail_before_any_work(tmp_path, capsys, name, text, message):
     (tmp_path / name).write_text(text)
@@ -305,3 +308,38 @@ def test_a_dead_kernel_names_the_notebook(tmp_path, capsys):
     printed = capsys.readouterr().err
     assert printed.startswith("mbphot run: notebook 02_photometry stopped: DeadKernelError")
     assert "run the same command again to resume" in printed and "Traceback" not in printed
+
+
+# ---- archive endpoints: checked up front, part of the field's and the run's names -------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"mast": "ftp://mirror"}', "endpoint mast='ftp://mirror' must be an http(s) URL"),
+    ('{"mastt": "https://mirror.example.org"}', "unknown endpoint setting(s) mastt"),
+])
+def test_endpoint_file_mistakes_stop_the_run_before_any_notebook(tmp_path, capsys, monkeypatch, text, message):
+    monkeypatch.setenv(ENDPOINTS_ENV, "")  # unset, and restored after the test: main() sets it
+    (tmp_path / "endpoints.json").write_text(text)
+    assert run(tmp_path, "no-such-notebooks", "--data-source", "archive", "--endpoints", str(tmp_path / "endpoints.json")) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "output").exists() and not (tmp_path / "data").exists()
+
+
+def test_other_endpoints_name_another_archive_field_and_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENDPOINTS_ENV, "")  # unset, and restored after the test: main() sets it
+    real = RunParameters(data_source="archive")
+    real_field, real_run = real.field_tag, real.run_tag  # the names follow the endpoints in effect
+    assert real_field == "ra150.0100_dec+2.2000_r3" and real_run.endswith("_all_archive_mbphot-scene")
+    (tmp_path / "mirror.yaml").write_text("mast: https://mirror.example.org\ntimeout_s: 5\n")
+    monkeypatch.setenv(ENDPOINTS_ENV, str(tmp_path / "mirror.yaml"))
+    mirror = RunParameters(data_source="archive")
+    assert mirror.field_tag.startswith("ra150.0100_dec+2.2000_r3_e") and mirror.field_tag != real_field
+    assert mirror.run_tag.endswith("_all_archive_e" + mirror.field_tag[-8:] + "_mbphot-scene")
+    (tmp_path / "slow.yaml").write_text("timeout_s: 5\n")  # a timeout does not change the data
+    monkeypatch.setenv(ENDPOINTS_ENV, str(tmp_path / "slow.yaml"))
+    assert RunParameters(data_source="archive").field_tag == real_field
+
+
+def test_a_parameter_file_may_name_the_endpoints_file(tmp_path):
+    (tmp_path / "p.yaml").write_text("ra: 150.2\nendpoints: mirror.yaml\n")
+    assert read_parameter_file(tmp_path / "p.yaml")["endpoints"] == str(tmp_path / "mirror.yaml")

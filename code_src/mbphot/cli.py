@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from .archive.config import ENDPOINTS_ENV
+from .archive.config import ENDPOINTS_ENV, load_endpoints
 from .bands import BAND_NAMES
 from .io import file_lock, write_json
 from .params import DATA_SOURCES, ENGINES, MODES, PARAMETER_NAMES, REALISM_LEVELS, RunParameters
@@ -63,6 +63,8 @@ LATEST_RECORD = "latest_run.json"
 PUBLISHED = ("catalog", "figures", "notebooks")
 """The folders of a run folder that are published."""
 PATH_PARAMETERS = ("data_dir", "output_dir", "files_manifest")
+ENDPOINTS_KEY = "endpoints"
+"""The parameter-file key of the archive endpoints file (``--endpoints``)."""
 
 
 LOG_NAME = "mbphot-run.log"
@@ -198,7 +200,7 @@ def run_pipeline(params: RunParameters, notebook_dir=DEFAULT_NOTEBOOK_DIR, progr
     with file_lock(Path(params.output_dir) / ".locks" / run_dir.name, waiting_message=waiting):
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        recorded = params.as_dict()
+        recorded = {**params.as_dict(), ENDPOINTS_KEY: os.environ.get(ENDPOINTS_ENV) or None}
         write_json(run_dir / "parameters.json", recorded)
         run_notebooks(params, notebook_dir, progress=progress)
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -287,16 +289,19 @@ def _link(path: Path, target: Path) -> None:
 def read_parameter_file(path) -> dict:
     """Read run parameters from a YAML (``.yaml``, ``.yml``) or JSON (``.json``) file.
 
-    The file holds a mapping of notebook parameter names (`PARAMETER_NAMES`) to values.
-    Relative ``data_dir``, ``output_dir`` and ``files_manifest`` are read from the file's
-    folder, like the paths in a files manifest.
+    The file holds a mapping of notebook parameter names (`PARAMETER_NAMES`) to values, and
+    optionally ``endpoints``, the archive endpoints file (as ``--endpoints``; a run's
+    ``parameters.json`` records it). Relative ``data_dir``, ``output_dir``,
+    ``files_manifest`` and ``endpoints`` are read from the file's folder, like the paths in a
+    files manifest.
 
     Raises
     ------
     FileNotFoundError
         The file does not exist.
     ValueError
-        Unreadable content, or a key that is not a parameter (named, with the allowed keys).
+        Unreadable content, a key given twice, or a key that is not a parameter (named, with
+        the allowed keys).
     """
     path = Path(path)
     if not path.is_file():
@@ -306,7 +311,11 @@ def read_parameter_file(path) -> dict:
         raise ValueError(f"parameter file {path} must end in .yaml, .yml or .json, got {suffix or 'no suffix'!r}")
     text = path.read_text()
     try:
-        values = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        values = json.loads(text, object_pairs_hook=_unique_keys) if suffix == ".json" else yaml.load(text, _UniqueKeyLoader)
+    except _DuplicateKey as duplicate:
+        raise ValueError(
+            f"parameter file {path}: parameter {duplicate.key!r} is given twice; keep one (the file cannot say which wins)"
+        ) from None
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"parameter file {path} is not valid {'JSON' if suffix == '.json' else 'YAML'}: {error}") from None
     if values is None:
@@ -316,16 +325,43 @@ def read_parameter_file(path) -> dict:
             f"parameter file {path} must hold a mapping of parameter names to values, got {type(values).__name__}"
         )
     for key in values:
-        if key not in PARAMETER_NAMES:
+        if key not in (*PARAMETER_NAMES, ENDPOINTS_KEY):
             close = difflib.get_close_matches(str(key), PARAMETER_NAMES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(
                 f"parameter file {path}: unknown parameter {key!r}; allowed: {', '.join(PARAMETER_NAMES)}{hint}"
             )
-    for key in PATH_PARAMETERS:
+    for key in (*PATH_PARAMETERS, ENDPOINTS_KEY):
         if isinstance(values.get(key), str) and not Path(values[key]).expanduser().is_absolute():
             values[key] = str(path.resolve().parent / values[key])
     return values
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is an error, not a silent last-wins."""
+    values = {}
+    for key, value in pairs:
+        if key in values:
+            raise _DuplicateKey(key)
+        values[key] = value
+    return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping key given twice."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
+        for index, key in enumerate(keys):
+            if key in keys[:index]:
+                raise _DuplicateKey(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def copy_notebooks(destination, notebook_dir=DEFAULT_NOTEBOOK_DIR, overwrite=False) -> list[Path]:
@@ -428,14 +464,17 @@ def _run(args) -> int:
     params = None
     try:
         values = read_parameter_file(args.params_file) if args.params_file else {}
+        endpoints_file = args.endpoints or values.pop(ENDPOINTS_KEY, None)
         values.update({name: getattr(args, name) for name in PARAMETER_NAMES if hasattr(args, name)})
         params = RunParameters(**values)
-        if args.endpoints:
-            endpoints = Path(args.endpoints).expanduser().resolve()
+        if endpoints_file:
+            endpoints = Path(endpoints_file).expanduser().resolve()
             if not endpoints.is_file():
-                raise FileNotFoundError(f"--endpoints {args.endpoints}: no such file; give a YAML or JSON endpoints file")
+                raise FileNotFoundError(f"--endpoints {endpoints_file}: no such file; give a YAML or JSON endpoints file")
             # The notebook kernels inherit the environment, and archive mode reads its endpoints from it.
             os.environ[ENDPOINTS_ENV] = str(endpoints)
+        if params.data_source == "archive":
+            load_endpoints()  # a mistake in the endpoints file stops the run here, not inside 01
         run_dir = run_pipeline(params, args.notebooks, progress=not args.no_progress)
     except KeyboardInterrupt as stop:
         # The kernel client's abandoned tasks would each log a traceback as the process exits.

@@ -1,8 +1,10 @@
 """Small file helpers shared by the modules that write: atomic writes, locks and FITS reading."""
 
+import errno
 import fcntl
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -16,13 +18,17 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 __all__ = ["atomic_path", "file_lock", "write_json", "read_table", "read_header", "read_wcs"]
 
+FULL_DISK_BYTES = 1 << 20
+"""Free space below which a failed write is taken to be for want of space (1 MiB)."""
+
 
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
     A failed or interrupted write leaves nothing under the final name, so a later run never
-    mistakes a half-written file for a finished one.
+    mistakes a half-written file for a finished one. A write that fails for want of space
+    raises an `OSError` with ``errno.ENOSPC`` that says "disk full" and names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +38,13 @@ def atomic_path(path):
     try:
         yield Path(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        if _disk_full(error, path.parent):
+            raise OSError(
+                errno.ENOSPC, f"disk full: cannot write {path} ({error}); free some space on that disk or write elsewhere",
+                str(path),
+            ) from error
+        raise
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -65,6 +78,17 @@ def file_lock(path, waiting_message=None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _disk_full(error: OSError, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or a short write (some writers report
+    only "N requested and M written") with the disk nearly full."""
+    if error.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def write_json(path, payload) -> Path:

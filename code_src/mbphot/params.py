@@ -6,6 +6,8 @@ comma-separated string, and a wrong value should stop the run at once with a mes
 the parameter, the value and what is allowed.
 """
 
+import hashlib
+import json
 import math
 import numbers
 import os
@@ -58,6 +60,23 @@ def exact_label(value: float, spec: str) -> str:
     if float(short) == value:
         return short
     return format(value, "+" if "+" in spec else "")
+
+
+ENDPOINT_DATA_SETTINGS = ("irsa_tap", "registry", "mast", "heasarc", "prf", "prf_base")
+"""The endpoint settings that change what is retrieved (addresses), unlike timeouts and retries."""
+
+
+def endpoints_label() -> str:
+    """Names the archive endpoints in effect: empty for the real archives' defaults, else
+    ``_e`` and a digest of the addresses ``$MBPHOT_ENDPOINTS`` sets, so that a mirror's data
+    never stand for the real archive's (`mbphot.archive.config`)."""
+    from .archive.config import Endpoints, load_endpoints
+
+    chosen, default = load_endpoints(), Endpoints()
+    addresses = {name: getattr(chosen, name) for name in ENDPOINT_DATA_SETTINGS}
+    if addresses == {name: getattr(default, name) for name in ENDPOINT_DATA_SETTINGS}:
+        return ""
+    return "_e" + hashlib.sha1(json.dumps(addresses, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class ParameterError(ValueError, TypeError):
@@ -328,19 +347,20 @@ class RunParameters:
 
         Sample fields add the seed; fields of your own files add a fingerprint of the files
         manifest and its files, so that other or changed files never reuse an older field's
-        tile choice and photometry.
+        tile choice and photometry; archive fields retrieved through other endpoints than the
+        real archives' add a digest of them (`endpoints_label`).
         """
         base = self._position_label
         if self.data_source == "sample":
             return f"{base}_s{self.seed}" + ("" if self.realism == "ideal" else f"_{self.realism}")
         if self.data_source == "files":
             return f"{base}_f{self._files_fingerprint}"
-        return base
+        return base + endpoints_label()
 
     @property
     def run_tag(self) -> str:
-        """Names a run's output folder: exact position and radius, bands, data source (with the seed or
-        the files' fingerprint), engine and mode. ``n_workers`` and ``scheduler`` do not change the
+        """Names a run's output folder: exact position and radius, bands, data source (with the seed,
+        the files' fingerprint or the endpoints' digest), engine and mode. ``n_workers`` and ``scheduler`` do not change the
         results and are left out."""
         bands = "all" if self.bands == list(BAND_NAMES) else "-".join(self.bands)
         source = {
@@ -348,6 +368,8 @@ class RunParameters:
             "files": f"files-{self._files_fingerprint}",
             "archive": "archive",
         }[self.data_source]
+        if self.data_source == "archive":
+            source += endpoints_label()
         return f"{self._position_label}_{bands}_{source}_{self.engine}-{self.mode}"
 
     @property
