@@ -25,14 +25,15 @@ def write_image(path, ra_deg, dec_deg, pixel_arcsec):
     wcs.wcs.cdelt = [-pixel_arcsec / 3600, pixel_arcsec / 3600]
     wcs.wcs.crval = [ra_deg, dec_deg]
     wcs.wcs.crpix = [(pixels + 1) / 2, (pixels + 1) / 2]
-    fits.PrimaryHDU(np.zeros((pixels, pixels), np.float32), wcs.to_header()).writeto(path)
+    fits.PrimaryHDU(np.ones((pixels, pixels), np.float32), wcs.to_header()).writeto(path)
 
 
 @pytest.fixture
 def files_manifest(tmp_path):
     """A files manifest of two bands whose images are centred on (200.0, -30.0), far from COSMOS.
 
-    RunParameters reads only headers, so the images are blank and the tables minimal.
+    RunParameters reads only headers and the field's pixels, so the images are flat and the
+    tables minimal.
     """
     for band in ("irac1", "nuv"):
         write_image(tmp_path / f"{band}.fits", 200.0, -30.0, BANDS[band].pixel_scale_arcsec)

@@ -83,3 +83,10 @@ def test_a_prf_without_light_is_refused_naming_band_and_file(field, tmp_path, pi
     content["bands"]["nuv"]["prf"] = str(bad)
     message = refused(field, tmp_path, content, "prf.yaml")
     assert "bands.nuv.prf" in message and str(bad) in message and expected in message
+
+
+def test_an_image_without_data_in_the_field_is_refused(field, tmp_path):
+    empty = irac1_copy(field, tmp_path, data=lambda pixels: np.full_like(pixels, np.nan))
+    message = refused(field, tmp_path, with_irac1_image(field, empty), "empty.yaml")
+    assert "bands.irac1.images: no data in the field: every pixel within radius_arcmin=1 of ra=150.02" in message
+    assert str(empty) in message and "leave irac1 out of bands" in message

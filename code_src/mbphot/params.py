@@ -280,7 +280,7 @@ class RunParameters:
             )
 
     def _check_files(self, all_bands):
-        from .user_files import covered_radius_arcmin, load_files_manifest
+        from .user_files import check_data_in_field, covered_radius_arcmin, load_files_manifest
 
         if self.files_manifest is None:
             raise ParameterError(
@@ -326,6 +326,7 @@ class RunParameters:
                     f"{self.files_manifest}: around ra={self.ra:g}, dec={self.dec:g} radius_arcmin must be at most "
                     f"about {covered_arcmin:.2f} arcmin, or leave {band} out of bands",
                 )
+            check_data_in_field(spec, band, self.ra, self.dec, self.radius_arcmin)
         self._files_fingerprint = spec.fingerprint
 
     @classmethod

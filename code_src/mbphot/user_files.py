@@ -55,6 +55,7 @@ __all__ = [
     "FilesSpec",
     "load_files_manifest",
     "covered_radius_arcmin",
+    "check_data_in_field",
     "retrieve_files",
     "CATALOG_COLUMNS",
 ]
@@ -464,6 +465,33 @@ def covered_radius_arcmin(spec: FilesSpec, band: str, ra_deg: float, dec_deg: fl
         return float(radius_arcmin)
     first_broken = int(np.argmin(whole_rings))
     return float(ring_arcmin[first_broken - 1]) if first_broken > 0 else 0.0
+
+
+def check_data_in_field(spec: FilesSpec, band: str, ra_deg: float, dec_deg: float, radius_arcmin: float) -> None:
+    """Refuse a band whose images hold no data in the field: every pixel of the field's
+    bounding box NaN or zero on every image (only that box is read, through a memory map).
+
+    Raises
+    ------
+    FilesManifestError
+        Naming the band, its images and what to do.
+    """
+    centre = SkyCoord(ra_deg * u.deg, dec_deg * u.deg)
+    corners = centre.directional_offset_by([0, 90, 180, 270] * u.deg, radius_arcmin * u.arcmin)
+    images = [entry["image"] for entry in spec.bands[band]["images"]]
+    for image, (wcs, (ny, nx)) in zip(images, spec.grids[band]):
+        x, y = (np.asarray(v) for v in wcs.world_to_pixel(SkyCoord([centre.ra, *corners.ra], [centre.dec, *corners.dec])))
+        x0, x1 = int(np.clip(np.floor(x.min()), 0, nx)), int(np.clip(np.ceil(x.max()) + 1, 0, nx))
+        y0, y1 = int(np.clip(np.floor(y.min()), 0, ny)), int(np.clip(np.ceil(y.max()) + 1, 0, ny))
+        with fits.open(image, memmap=True) as hdul:
+            section = np.asarray(hdul[0].data[y0:y1, x0:x1], dtype=np.float64)
+        if (np.isfinite(section) & (section != 0)).any():
+            return
+    raise _error(
+        spec.path, f"bands.{band}.images",
+        f"no data in the field: every pixel within radius_arcmin={radius_arcmin:g} of ra={ra_deg:g}, dec={dec_deg:g} "
+        f"is NaN or zero in {', '.join(images)}; check the images, or leave {band} out of bands",
+    )
 
 
 def _check_catalog(spec: FilesSpec, ra_deg, dec_deg, radius_arcmin) -> None:
