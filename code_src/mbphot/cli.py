@@ -65,8 +65,6 @@ PUBLISHED = ("catalog", "figures", "notebooks")
 PATH_PARAMETERS = ("data_dir", "output_dir", "files_manifest")
 ENDPOINTS_KEY = "endpoints"
 """The parameter-file key of the archive endpoints file (``--endpoints``)."""
-
-
 LOG_NAME = "mbphot-run.log"
 """The file in the run folder that gets the traceback of an unexpected error."""
 RESUME_HINT = "run the same command again to resume: retrieved files and measured partitions are reused"
@@ -414,7 +412,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", dest="seed", **option, help=f"seed of the simulated field (default {defaults.seed})")
     run.add_argument("--realism", dest="realism", **option,
                      help=f"simulated field: one of {', '.join(REALISM_LEVELS)} (default {defaults.realism})")
-    run.add_argument("--n-workers", dest="n_workers", **option, help="photometry processes (default 0: one per core)")
+    run.add_argument("--n-workers", dest="n_workers", **option,
+                     help="photometry processes (default 0: one per core the run may use, within its CPU limit)")
     run.add_argument("--data-dir", dest="data_dir", **option, help=f"where retrieved and derived data go (default {defaults.data_dir})")
     run.add_argument("--output-dir", dest="output_dir", **option,
                      help=f"where run folders and the latest catalogue, figures and notebooks go (default {defaults.output_dir})")
