@@ -3,6 +3,8 @@
 import os
 import time
 
+GONE = (FileNotFoundError, ProcessLookupError)
+"""What reading ``/proc/<pid>`` raises when the process ends meanwhile."""
 ENDED_WITHIN_S = 60.0
 """How long a killed run's processes may take to end before the test reports the survivors
 (a generous bound: they end within about a second; the test never measures the time)."""
@@ -13,7 +15,7 @@ def is_running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as handle:
             state = handle.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
+    except GONE:
         return False
     return state not in ("Z", "X")
 
@@ -25,13 +27,13 @@ def descendants(pid: int) -> list[int]:
         parent = queue.pop()
         try:
             tasks = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
+        except GONE:
             continue
         for task in tasks:
             try:
                 with open(f"/proc/{parent}/task/{task}/children") as handle:
                     children = [int(child) for child in handle.read().split()]
-            except FileNotFoundError:
+            except GONE:
                 continue
             found += children
             queue += children
@@ -42,7 +44,7 @@ def command_line(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
+    except GONE:
         return ""
 
 
