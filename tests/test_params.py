@@ -1,6 +1,8 @@
 """Every run parameter is checked on construction, with a message naming the parameter, the
 value and what is allowed."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -8,30 +10,33 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from mbphot.bands import BAND_NAMES
+from mbphot.bands import BAND_NAMES, BANDS
+from mbphot.cli import DEFAULT_NOTEBOOK_DIR as NOTEBOOK_DIR
 from mbphot.params import FULL_FIELD_RADIUS_ARCMIN, PARAMETER_NAMES, ParameterError, RunParameters
 
-PIXEL_ARCSEC = 0.6
-IMAGE_PIXELS = 201  # 2.01' square: the field circle fits inside for radius_arcmin < 1.0
+IMAGE_ARCSEC = 120.6  # 2.01' square: the field circle fits inside for radius_arcmin < 1.0
 
 
-def write_image(path, ra_deg, dec_deg):
+def write_image(path, ra_deg, dec_deg, pixel_arcsec):
+    """A blank image at the band's pixel scale, about `IMAGE_ARCSEC` on a side."""
+    pixels = int(round(IMAGE_ARCSEC / pixel_arcsec)) | 1
     wcs = WCS(naxis=2)
     wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.cdelt = [-PIXEL_ARCSEC / 3600, PIXEL_ARCSEC / 3600]
+    wcs.wcs.cdelt = [-pixel_arcsec / 3600, pixel_arcsec / 3600]
     wcs.wcs.crval = [ra_deg, dec_deg]
-    wcs.wcs.crpix = [(IMAGE_PIXELS + 1) / 2, (IMAGE_PIXELS + 1) / 2]
-    fits.PrimaryHDU(np.zeros((IMAGE_PIXELS, IMAGE_PIXELS), np.float32), wcs.to_header()).writeto(path)
+    wcs.wcs.crpix = [(pixels + 1) / 2, (pixels + 1) / 2]
+    fits.PrimaryHDU(np.ones((pixels, pixels), np.float32), wcs.to_header()).writeto(path)
 
 
 @pytest.fixture
 def files_manifest(tmp_path):
     """A files manifest of two bands whose images are centred on (200.0, -30.0), far from COSMOS.
 
-    RunParameters reads only headers, so the images are blank and the tables minimal.
+    RunParameters reads only headers and the field's pixels, so the images are flat and the
+    tables minimal.
     """
     for band in ("irac1", "nuv"):
-        write_image(tmp_path / f"{band}.fits", 200.0, -30.0)
+        write_image(tmp_path / f"{band}.fits", 200.0, -30.0, BANDS[band].pixel_scale_arcsec)
     fits.PrimaryHDU(np.ones((5, 5), np.float32)).writeto(tmp_path / "prf.fits")
     Table({"ra": [200.0], "dec": [-30.0], "id": [1]}).write(tmp_path / "catalog.fits")
     Table({"RA": [200.0], "DEC": [-30.0]}).write(tmp_path / "chandra.fits")
@@ -151,6 +156,34 @@ def test_run_tag_names_every_parameter_that_changes_the_results():
     assert RunParameters().run_tag == "ra150.0100_dec+2.2000_r3_all_sample-s42-realistic_mbphot-scene"
     assert RunParameters(n_workers=1).run_tag == RunParameters().run_tag
     assert RunParameters(data_source="archive", seed=1).run_tag == RunParameters(data_source="archive", seed=2).run_tag
+
+
+def test_nearby_fields_never_share_a_folder_or_a_run():
+    near = RunParameters(ra=150.010049, dec=2.20000001, radius_arcmin=3.0000001)
+    assert near.field_tag == "ra150.010049_dec+2.20000001_r3.0000001_s42_realistic"
+    assert near.field_tag != RunParameters().field_tag and near.run_tag != RunParameters().run_tag
+    assert near.run_dir != RunParameters().run_dir
+
+
+def test_each_run_has_its_own_photometry_table_in_its_run_folder():
+    base = RunParameters(bands="irac1,irac2")
+    others = [RunParameters(bands="irac2,nuv"), RunParameters(bands="irac1,irac2", mode="source"),
+              RunParameters(bands="irac1,irac2", realism="ideal"), RunParameters(bands="irac1,irac2", ra=150.010049)]
+    paths = {params.photometry_path for params in (base, *others)}
+    assert len(paths) == 5
+    assert base.photometry_path == Path("output") / "runs" / base.run_tag / "photometry.parquet"
+    assert RunParameters(bands="irac1,irac2", n_workers=1).photometry_path == base.photometry_path
+
+
+def test_the_notebooks_pass_their_own_run_folder_on():
+    """02 writes, 03 reads and writes, 04 reads: all in the run's folder, never the shared field folder."""
+    text = {name: (NOTEBOOK_DIR / f"{name}.md").read_text() for name in ("02_photometry", "03_crossmatch", "04_plots")}
+    assert "write_table(photometry, params.photometry_path)" in text["02_photometry"]
+    assert "pd.read_parquet(params.photometry_path)" in text["03_crossmatch"]
+    assert "write_catalog(catalog, params.run_dir)" in text["03_crossmatch"]
+    assert 'read_catalog(params.run_dir / "catalog"' in text["04_plots"]
+    assert not any("output_dir" in line for body in text.values() for line in body.splitlines()
+                   if not line.startswith("output_dir = "))
 
 
 def test_realism_defaults_to_realistic_and_names_its_own_field_and_run():

@@ -6,8 +6,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mbphot.bands import measured_columns
@@ -108,4 +110,35 @@ def test_killed_run_resumes_and_ends_with_the_same_catalogue(manifest, reference
     resumed = measure_field(manifest, BANDS, n_workers=1, progress=False, partition_arcmin=1.0, **SMALL_GRID)
     done_before = len(finished["nuv"])
     assert resumed.attrs["partitions"]["measured"] == total - done_before, "finished partitions are not redone"
+    _assert_identical(reference, resumed)
+
+
+def test_a_partition_write_cut_short_leaves_no_result_under_its_final_name(manifest, reference, monkeypatch):
+    """The third partition file is cut off half-way (a kill or a full disk in mid-write).
+
+    Results are written to a temporary name and renamed when whole, so the cut file is never
+    taken for a result: a rerun measures that partition again and ends with the reference.
+    A writer that wrote straight to the final name would leave the half file there.
+    """
+    run_dir = next((manifest.directory / "photometry").glob("v*_mbphot_scene_sky-auto_p1_c1"))
+    for path in run_dir.rglob("*.parquet"):
+        path.unlink()
+    write = pd.DataFrame.to_parquet
+    written = []
+
+    def cut_short(frame, path, *args, **kwargs):
+        write(frame, path, *args, **kwargs)
+        written.append(path)
+        if len(written) == 3:
+            whole = Path(path).read_bytes()
+            Path(path).write_bytes(whole[: len(whole) // 2])
+            raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", cut_short)
+    with pytest.raises(OSError, match="injected"):
+        measure_field(manifest, BANDS, n_workers=1, progress=False, partition_arcmin=1.0, **SMALL_GRID)
+    monkeypatch.undo()
+    assert sum(len(_finished(run_dir, band)) for band in BANDS) == 2, "only the two whole files count as results"
+
+    resumed = measure_field(manifest, BANDS, n_workers=1, progress=False, partition_arcmin=1.0, **SMALL_GRID)
     _assert_identical(reference, resumed)

@@ -108,3 +108,23 @@ def test_single_zero_count_pixels_are_data_but_zero_regions_are_not():
     np.testing.assert_array_equal(_has_data(image, col, row), [True, True, True, False, False])
     zero_pixels = np.argwhere(image[:, :28] == 0)
     assert _has_data(image, zero_pixels[:, 1].astype(float), zero_pixels[:, 0].astype(float)).all()
+
+
+def test_a_field_without_sources_is_an_error_not_an_empty_catalogue(tmp_path):
+    params = RunParameters(radius_arcmin=0.001, realism="ideal", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"no catalogue source lies within radius_arcmin=0.001 of ra=150.01, dec=2.2 "
+                                         r"\(\d+ sources around it\); choose a larger radius_arcmin"):
+        retrieve(params)
+    assert not params.manifest_path.exists()
+
+
+def test_a_staging_folder_left_by_a_killed_generation_is_removed(tmp_path):
+    params = RunParameters(radius_arcmin=0.5, realism="ideal", data_dir=str(tmp_path))
+    stale = params.field_dir.parent / f".{params.field_dir.name}.k1ll3d_x"
+    (stale / "irac").mkdir(parents=True)
+    (stale / "irac" / "half.fits").write_bytes(b"\0" * 2880)
+    other = params.field_dir.parent / f".{params.field_dir.name}_other.k1ll3d_x"  # another field's
+    other.mkdir()
+    retrieve(params)
+    assert not stale.exists() and other.exists()
+    assert sorted(path.name for path in params.field_dir.parent.iterdir()) == sorted([params.field_dir.name, other.name])

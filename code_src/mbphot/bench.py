@@ -24,7 +24,6 @@ Where The Tractor imports it is compared with the mbphot engine on a small field
 """
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from .io import write_json
 from .manifest import Manifest
 from .params import FULL_FIELD_RADIUS_ARCMIN, RunParameters
 from .photometry import measure_field, peak_rss_gb
+from .resources import available_cpus
 from .retrieve import load_truth
 from .sample import SOURCES_PER_ARCMIN2
 
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tractor-sources", type=int, default=1_000,
                         help="field size for the comparison with The Tractor, where it imports (default %(default)s)")
     args = parser.parse_args(argv)
-    cores = args.cores or os.cpu_count() or 1
+    cores = args.cores or available_cpus()
     bands = parse_bands(args.bands)
     data_dir = Path(args.data_dir)
     runs = []

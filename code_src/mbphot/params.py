@@ -6,6 +6,8 @@ comma-separated string, and a wrong value should stop the run at once with a mes
 the parameter, the value and what is allowed.
 """
 
+import hashlib
+import json
 import math
 import numbers
 import os
@@ -25,6 +27,7 @@ __all__ = [
     "REALISM_LEVELS",
     "COSMOS_FIELD",
     "FULL_FIELD_RADIUS_ARCMIN",
+    "exact_label",
 ]
 
 DATA_SOURCES = ("sample", "archive", "files")
@@ -39,6 +42,41 @@ COSMOS_FIELD = {"ra_min": 149.33, "ra_max": 150.89, "dec_min": 1.43, "dec_max": 
 FULL_FIELD_RADIUS_ARCMIN = 48.0
 """The radius that takes in the whole of COSMOS from its centre (the published tutorial's
 full field); a larger circle only adds sky without data."""
+
+
+def exact_label(value: float, spec: str) -> str:
+    """``value`` formatted with ``spec`` when that reads back as exactly ``value``, else in full.
+
+    Folder names made with this label are short for the usual values (``150.0100``, ``3``)
+    and never shared by two different values: 150.010049 is ``150.010049``, not ``150.0100``,
+    so that it never reuses the files of RA 150.01.
+
+    Examples
+    --------
+    >>> exact_label(150.01, ".4f"), exact_label(150.010049, ".4f"), exact_label(2.2, "+.4f")
+    ('150.0100', '150.010049', '+2.2000')
+    """
+    short = format(value, spec)
+    if float(short) == value:
+        return short
+    return format(value, "+" if "+" in spec else "")
+
+
+ENDPOINT_DATA_SETTINGS = ("irsa_tap", "registry", "mast", "heasarc", "prf", "prf_base")
+"""The endpoint settings that change what is retrieved (addresses), unlike timeouts and retries."""
+
+
+def endpoints_label() -> str:
+    """Names the archive endpoints in effect: empty for the real archives' defaults, else
+    ``_e`` and a digest of the addresses ``$MBPHOT_ENDPOINTS`` sets, so that a mirror's data
+    never stand for the real archive's (`mbphot.archive.config`)."""
+    from .archive.config import Endpoints, load_endpoints
+
+    chosen, default = load_endpoints(), Endpoints()
+    addresses = {name: getattr(chosen, name) for name in ENDPOINT_DATA_SETTINGS}
+    if addresses == {name: getattr(default, name) for name in ENDPOINT_DATA_SETTINGS}:
+        return ""
+    return "_e" + hashlib.sha1(json.dumps(addresses, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class ParameterError(ValueError, TypeError):
@@ -242,7 +280,7 @@ class RunParameters:
             )
 
     def _check_files(self, all_bands):
-        from .user_files import covered_radius_arcmin, load_files_manifest
+        from .user_files import check_data_in_field, covered_radius_arcmin, load_files_manifest
 
         if self.files_manifest is None:
             raise ParameterError(
@@ -288,6 +326,7 @@ class RunParameters:
                     f"{self.files_manifest}: around ra={self.ra:g}, dec={self.dec:g} radius_arcmin must be at most "
                     f"about {covered_arcmin:.2f} arcmin, or leave {band} out of bands",
                 )
+            check_data_in_field(spec, band, self.ra, self.dec, self.radius_arcmin)
         self._files_fingerprint = spec.fingerprint
 
     @classmethod
@@ -304,23 +343,25 @@ class RunParameters:
 
     @property
     def field_tag(self) -> str:
-        """Names the retrieved field: same position, radius and source give the same folder.
+        """Names the retrieved field: same position, radius and source give the same folder
+        (position and radius exact, see `exact_label`).
 
         Sample fields add the seed; fields of your own files add a fingerprint of the files
         manifest and its files, so that other or changed files never reuse an older field's
-        tile choice and photometry.
+        tile choice and photometry; archive fields retrieved through other endpoints than the
+        real archives' add a digest of them (`endpoints_label`).
         """
-        base = f"ra{self.ra:.4f}_dec{self.dec:+.4f}_r{self.radius_arcmin:g}"
+        base = self._position_label
         if self.data_source == "sample":
             return f"{base}_s{self.seed}" + ("" if self.realism == "ideal" else f"_{self.realism}")
         if self.data_source == "files":
             return f"{base}_f{self._files_fingerprint}"
-        return base
+        return base + endpoints_label()
 
     @property
     def run_tag(self) -> str:
-        """Names a run's output folder: position, radius, bands, data source (with the seed or
-        the files' fingerprint), engine and mode. ``n_workers`` and ``scheduler`` do not change the
+        """Names a run's output folder: exact position and radius, bands, data source (with the seed,
+        the files' fingerprint or the endpoints' digest), engine and mode. ``n_workers`` and ``scheduler`` do not change the
         results and are left out."""
         bands = "all" if self.bands == list(BAND_NAMES) else "-".join(self.bands)
         source = {
@@ -328,7 +369,27 @@ class RunParameters:
             "files": f"files-{self._files_fingerprint}",
             "archive": "archive",
         }[self.data_source]
-        return f"ra{self.ra:.4f}_dec{self.dec:+.4f}_r{self.radius_arcmin:g}_{bands}_{source}_{self.engine}-{self.mode}"
+        if self.data_source == "archive":
+            source += endpoints_label()
+        return f"{self._position_label}_{bands}_{source}_{self.engine}-{self.mode}"
+
+    @property
+    def _position_label(self) -> str:
+        """Centre and radius, exact (`exact_label`): nearby fields never share a folder."""
+        return (f"ra{exact_label(self.ra, '.4f')}_dec{exact_label(self.dec, '+.4f')}"
+                f"_r{exact_label(self.radius_arcmin, 'g')}")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's own folder, ``<output_dir>/runs/<run_tag>``: the notebooks write their
+        photometry table, catalogue and figures there, whether `mbphot run` runs them or you do
+        by hand, so that nothing but a finished `mbphot run` changes the published outputs."""
+        return Path(self.output_dir) / "runs" / self.run_tag
+
+    @property
+    def photometry_path(self) -> Path:
+        """The run's photometry table, which ``02_photometry`` writes and ``03_crossmatch`` reads."""
+        return self.run_dir / "photometry.parquet"
 
     @property
     def field_dir(self) -> Path:

@@ -44,7 +44,8 @@ from .engine.scene import extended_profiles, size_sensitivity
 from .engine.solve import FLAGS, Measurement
 from .io import atomic_path, read_header, read_wcs
 from .manifest import ImageEntry, Manifest
-from .params import ENGINES, MODES
+from .params import ENGINES, MODES, exact_label
+from .resources import available_cpus, exit_with_parent
 from .retrieve import load_catalog
 
 __all__ = ["PARTITION_ARCMIN", "SCENE_ARCMIN", "band_overview", "load_prf", "measure_field"]
@@ -730,7 +731,10 @@ def _executor(n_workers: int, client):
             yield run
     else:
         context = multiprocessing.get_context("spawn")
-        with _worker_environment(), ProcessPoolExecutor(n_workers, mp_context=context) as pool:
+        # Workers die with this process, however it ends (kill -9, a dead kernel).
+        with _worker_environment(), ProcessPoolExecutor(
+            n_workers, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
 
             def run(function, tasks):
                 futures = {pool.submit(function, task): task for task in tasks}
@@ -806,7 +810,8 @@ def measure_field(
     bands : list of str
         Bands to measure.
     n_workers : int, optional
-        Local worker processes (default: one per core); 1 runs in this process. Ignored when
+        Local worker processes (default: one per core this process may use,
+        `mbphot.resources.available_cpus`); 1 runs in this process. Ignored when
         ``client`` is given.
     progress : bool
         Show a progress bar over partitions, with the time left.
@@ -874,7 +879,8 @@ def measure_field(
     bands = [BANDS[name] for name in bands]
     run_dir = (
         manifest.directory / "photometry"
-        / f"v{RESULTS_VERSION}_{engine}_{mode}_sky-{sky}_p{partition_arcmin:g}_c{scene_arcmin:g}"
+        / f"v{RESULTS_VERSION}_{engine}_{mode}_sky-{sky}_p{exact_label(partition_arcmin, 'g')}"
+        f"_c{exact_label(scene_arcmin, 'g')}"
     )
 
     xi, eta = _tangent_plane_arcmin(ra, dec, manifest.field["ra"], manifest.field["dec"])
@@ -891,7 +897,7 @@ def measure_field(
         key: [band for band in bands if not (reuse and result_path(band, key).is_file())] for key in partition_keys
     }
     pending = {key: todo for key, todo in pending.items() if todo}
-    n_workers = n_workers or os.cpu_count() or 1
+    n_workers = n_workers or available_cpus()
     stats = {
         name: {b.name: 0.0 for b in bands}
         for name in ("engine_cpu_s", "task_cpu_s", "background_cpu_s", "calibration_cpu_s", "read_s")

@@ -5,6 +5,8 @@ the real data from IRSA, MAST and HEASARC (`mbphot.archive`); ``data_source="fil
 own files, listed in a YAML files manifest (`mbphot.user_files`).
 """
 
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from astropy.io import fits
 
 from .bands import BANDS
 from .crossmatch import sky_area_deg2
-from .io import atomic_path, read_header, read_table, read_wcs
+from .io import atomic_path, file_lock, read_header, read_table, read_wcs
 from .manifest import Manifest
 from .params import RunParameters
 from .sample import SampleSpec, make_sample_field, sample_files
@@ -196,18 +198,52 @@ def retrieve(params: RunParameters, progress: bool = True) -> Manifest:
     -------
     Manifest
         Also saved as ``params.manifest_path``.
-    """
-    if params.data_source == "sample":
-        manifest = _sample_manifest(params)
-    elif params.data_source == "files":
-        manifest = retrieve_files(params)
-    else:
-        from .archive import retrieve_archive
 
-        manifest = retrieve_archive(params, progress=progress)
-    write_tile_choice(manifest)
-    manifest.save()
+    Raises
+    ------
+    ValueError
+        No catalogue source lies inside the field (e.g. ``radius_arcmin=0.001``).
+    """
+    field_dir = Path(params.field_dir)
+    waiting = f"waiting for another run retrieving the same field ({field_dir})"
+    # One retrieval of a field at a time: a second run of the field waits and then reuses it.
+    with file_lock(Path(params.data_dir) / ".locks" / f"{params.data_source}-{field_dir.name}", waiting_message=waiting):
+        _remove_stale_staging(field_dir)
+        if params.data_source == "sample":
+            manifest = _sample_manifest(params)
+        elif params.data_source == "files":
+            manifest = retrieve_files(params)
+        else:
+            from .archive import retrieve_archive
+
+            manifest = retrieve_archive(params, progress=progress)
+        write_tile_choice(manifest)
+        _check_sources(manifest)
+        manifest.save()
     return manifest
+
+
+def _remove_stale_staging(field_dir: Path) -> None:
+    """Remove the hidden folders a killed generation of this field left beside it.
+
+    Called under the field's lock, so no other process is building the field now.
+    """
+    pattern = re.compile(rf"\.{re.escape(field_dir.name)}\.[a-z0-9_]{{8}}")
+    if field_dir.parent.is_dir():
+        for path in field_dir.parent.iterdir():
+            if path.is_dir() and pattern.fullmatch(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_sources(manifest: Manifest) -> None:
+    """A field without a catalogue source inside it would give an empty catalogue: stop instead."""
+    catalog = load_catalog(manifest)
+    if not catalog["in_field"].any():
+        field = manifest.field
+        raise ValueError(
+            f"no catalogue source lies within radius_arcmin={field['radius_arcmin']:g} of ra={field['ra']:g}, "
+            f"dec={field['dec']:g} ({len(catalog)} sources around it); choose a larger radius_arcmin, e.g. 0.5"
+        )
 
 
 def write_tile_choice(manifest: Manifest) -> None:

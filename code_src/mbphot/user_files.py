@@ -22,15 +22,17 @@ sample field (see `mbphot.sample`). Relative paths are read from the YAML file's
 An image can also be given as a bare path. The Chandra catalogue is required because the
 cross-match notebook always reads one.
 
-`load_files_manifest` checks the YAML and every file it names (existence, 2-D images with a
-celestial WCS, maps on the image's grid, PRFs) from their headers, so `RunParameters` can
-check it before any work; `retrieve_files` also reads the catalogues and builds the
+`load_files_manifest` checks the YAML and every file it names (existence, FITS files whole,
+2-D images with a celestial WCS, the band's pixel scale and unit, maps on the image's grid,
+PRFs finite with a positive sum) from their headers and the PRFs' pixels, so `RunParameters`
+can check it before any work; `retrieve_files` also reads the catalogues and builds the
 `Manifest`. Nothing is copied: the manifest points at your files where they are.
 """
 
 import difflib
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +41,11 @@ import yaml
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
-from .bands import BAND_NAMES, BANDS
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from .bands import BAND_NAMES, BANDS, Band
 from .crossmatch import CHANDRA_COLUMNS
 from .io import read_header, read_table, read_wcs
 from .manifest import Manifest
@@ -50,6 +55,7 @@ __all__ = [
     "FilesSpec",
     "load_files_manifest",
     "covered_radius_arcmin",
+    "check_data_in_field",
     "retrieve_files",
     "CATALOG_COLUMNS",
 ]
@@ -60,6 +66,13 @@ IMAGE_KEYS = ("image", "unc", "sky", "exposure", "tile")
 MAPS = ("unc", "sky", "exposure")
 CATALOG_COLUMNS = ("ra", "dec", "id")
 README_SECTION = 'README section "Your own files"'
+PIXEL_SCALE_TOLERANCE = 0.01
+"""Relative difference allowed between an image's pixel scale and its band's: the PRF is
+tabulated on the band's pixel grid, so a 1.2"/pixel IRAC image measured as 0.6" gave fluxes
+4.5 times too low."""
+UNIT_ALIASES = {"counts/s": "count/s", "counts/sec": "count/s", "count/sec": "count/s", "cps": "count/s",
+                "mjy/sr": "MJy/sr"}
+"""``BUNIT`` spellings astropy does not parse, mapped to ones it does (lower case)."""
 
 
 class FilesManifestError(ValueError):
@@ -120,7 +133,39 @@ def _file(value, manifest_path, where) -> Path:
             where,
             f"file {path} not found; correct the path (relative paths are read from {manifest_path.parent})",
         )
+    if path.suffix.lower() in (".fits", ".fit", ".fts"):
+        _check_complete(path, manifest_path, where)
     return path
+
+
+def _check_complete(path, manifest_path, where) -> None:
+    """Refuse a FITS file cut short: every HDU's data, as its header declares it, must be in the file.
+
+    A copy or download that stopped part way otherwise passes the header checks and fails
+    much later with ``buffer is too small``.
+    """
+    size = path.stat().st_size
+    try:
+        with warnings.catch_warnings():
+            # astropy only warns of a short file; the error below says which HDU and what to do.
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            hdul = fits.open(path, memmap=True)
+        with hdul:
+            for index, hdu in enumerate(hdul):
+                header = hdu.header
+                axes = [int(header.get(f"NAXIS{axis}", 0)) for axis in range(1, int(header.get("NAXIS", 0)) + 1)]
+                count = int(np.prod(axes)) if axes else 0
+                needed = abs(int(header.get("BITPIX", 8))) // 8 * int(header.get("GCOUNT", 1)) * (
+                    int(header.get("PCOUNT", 0)) + count)
+                end = hdu.fileinfo()["datLoc"] + needed
+                if end > size:
+                    raise _error(
+                        manifest_path, where,
+                        f"{path} is cut short: HDU {index} needs {end} bytes but the file has {size}; "
+                        "copy or download the file again",
+                    )
+    except OSError as error:
+        raise _error(manifest_path, where, f"{path} is not a readable FITS file ({error})") from None
 
 
 def _image_grid(path, manifest_path, where, need_wcs):
@@ -149,16 +194,94 @@ def _image_grid(path, manifest_path, where, need_wcs):
 
 
 def _check_prf(path, manifest_path, where):
+    """A 2-D PRF, finite and with a positive sum (it is normalised to unit sum before use)."""
     try:
         with fits.open(path) as hdul:
-            has_image = any(hdu.header.get("NAXIS") == 2 for hdu in hdul)
+            images = [hdu.data for hdu in hdul if hdu.header.get("NAXIS") == 2]
+            prf = np.asarray(images[0], dtype=np.float64) if images else None
     except OSError as error:
         raise _error(manifest_path, where, f"{path} is not a readable FITS file ({error})") from None
-    if not has_image:
+    if prf is None:
         raise _error(manifest_path, where, f"{path} holds no 2-D PRF image in any HDU")
+    finite = np.isfinite(prf)
+    if not finite.all():
+        raise _error(manifest_path, where, f"{path}: {int((~finite).sum())} of its {prf.size} PRF pixels are NaN or "
+                     "infinite; give a PRF with a finite value in every pixel")
+    if not prf.sum() > 0:
+        raise _error(manifest_path, where, f"{path}: the PRF sums to {prf.sum():g}; give a PRF with a positive sum "
+                     "(it is normalised to 1 before use)")
 
 
-def _image_entry(raw, manifest_path, where) -> tuple[dict, tuple]:
+def _check_pixel_scale(band: Band, wcs, path, manifest_path, where) -> None:
+    """The image's pixels must be the band's: the PRF is tabulated on that grid."""
+    scales_arcsec = np.abs(proj_plane_pixel_scales(wcs.celestial)) * 3600.0
+    if np.any(np.abs(scales_arcsec / band.pixel_scale_arcsec - 1.0) > PIXEL_SCALE_TOLERANCE):
+        shown = " x ".join(f'{scale:.4g}"' for scale in scales_arcsec)
+        raise _error(
+            manifest_path, where,
+            f"{path} has {shown} pixels, but {band.name} images must have {band.pixel_scale_arcsec:g}\" pixels "
+            f"(the grid its PRF is tabulated for); resample the image to {band.pixel_scale_arcsec:g}\"/pixel, "
+            "conserving surface brightness (e.g. with the reproject package), or give the original mosaic",
+        )
+
+
+def unit_factor(bunit: str, band: Band) -> float | None:
+    """What to multiply pixel values in ``bunit`` by to get them in the band's unit, or None.
+
+    Parameters
+    ----------
+    bunit : str
+        A FITS ``BUNIT``: a surface brightness or rate in the band's own kind of unit (e.g.
+        ``MJy/sr``, ``kJy/sr``, ``count/s``), or a flux density per pixel (``uJy``,
+        ``Jy/pixel``), converted with the band's pixel size (`Band.ujy_per_pixel_unit`).
+    band : Band
+
+    Returns
+    -------
+    float or None
+        None when the unit is unknown or not convertible.
+
+    Examples
+    --------
+    >>> from mbphot.bands import BANDS
+    >>> round(unit_factor("uJy", BANDS["irac1"]), 4), unit_factor("MJy/sr", BANDS["irac1"])
+    (0.1182, 1.0)
+    """
+    text = UNIT_ALIASES.get(bunit.strip().lower(), bunit.strip())
+    try:
+        unit = u.Unit(text)
+        target = u.Unit(band.image_unit)
+    except ValueError:
+        return None
+    if unit.is_equivalent(target):
+        return float(unit.to(target))
+    for per_pixel in (unit, unit * u.pix):
+        if per_pixel.is_equivalent(u.uJy):
+            return float(per_pixel.to(u.uJy)) / band.ujy_per_pixel_unit
+    return None
+
+
+def _check_unit(band: Band, path, manifest_path, where) -> None:
+    """The image's ``BUNIT`` must be the band's unit; a missing or empty ``BUNIT`` is taken to be."""
+    bunit = str(read_header(path).get("BUNIT", "")).strip()
+    if not bunit:
+        return
+    factor = unit_factor(bunit, band)
+    if factor is None:
+        raise _error(
+            manifest_path, where,
+            f"{path} has BUNIT={bunit!r}, which mbphot cannot convert to {band.image_unit}, the unit of {band.name} "
+            f"images; give the image in {band.image_unit} (or a flux density per pixel such as uJy) and set BUNIT",
+        )
+    if not np.isclose(factor, 1.0, rtol=1e-6):
+        raise _error(
+            manifest_path, where,
+            f"{path} has BUNIT={bunit!r}, but mbphot reads {band.name} images in {band.image_unit}; multiply the "
+            f"image by {factor:.6g} and set BUNIT='{band.image_unit}'",
+        )
+
+
+def _image_entry(raw, manifest_path, where, band: Band) -> tuple[dict, tuple]:
     if isinstance(raw, str):
         raw = {"image": raw}
     if not isinstance(raw, dict):
@@ -168,6 +291,8 @@ def _image_entry(raw, manifest_path, where) -> tuple[dict, tuple]:
         raise _error(manifest_path, where, "'image' is missing; name the science image")
     image = _file(raw["image"], manifest_path, f"{where}.image")
     wcs, shape = _image_grid(image, manifest_path, f"{where}.image", need_wcs=True)
+    _check_pixel_scale(band, wcs, image, manifest_path, f"{where}.image")
+    _check_unit(band, image, manifest_path, f"{where}.image")
     entry = {"image": str(image)}
     for key in MAPS:
         if raw.get(key) is None:
@@ -182,6 +307,8 @@ def _image_entry(raw, manifest_path, where) -> tuple[dict, tuple]:
                 f"{path} is {map_shape[1]} x {map_shape[0]} pixels but its image {image.name} is "
                 f"{shape[1]} x {shape[0]}; the map must be on the image's pixel grid",
             )
+        if key == "unc":
+            _check_unit(band, path, manifest_path, f"{where}.{key}")
         entry[key] = str(path)
     tile = raw.get("tile", image.name.removesuffix(".gz").removesuffix(".fits"))
     if not isinstance(tile, str) or not tile:
@@ -271,7 +398,7 @@ def load_files_manifest(path) -> FilesSpec:
             raise _error(manifest_path, f"{where}.images", f"expected a non-empty list of images, got {raw_images!r}")
         entries, band_grids = [], []
         for index, raw_image in enumerate(raw_images):
-            entry, grid = _image_entry(raw_image, manifest_path, f"{where}.images[{index}]")
+            entry, grid = _image_entry(raw_image, manifest_path, f"{where}.images[{index}]", BANDS[name])
             if entry["tile"] in [e["tile"] for e in entries]:
                 raise _error(
                     manifest_path,
@@ -338,6 +465,33 @@ def covered_radius_arcmin(spec: FilesSpec, band: str, ra_deg: float, dec_deg: fl
         return float(radius_arcmin)
     first_broken = int(np.argmin(whole_rings))
     return float(ring_arcmin[first_broken - 1]) if first_broken > 0 else 0.0
+
+
+def check_data_in_field(spec: FilesSpec, band: str, ra_deg: float, dec_deg: float, radius_arcmin: float) -> None:
+    """Refuse a band whose images hold no data in the field: every pixel of the field's
+    bounding box NaN or zero on every image (only that box is read, through a memory map).
+
+    Raises
+    ------
+    FilesManifestError
+        Naming the band, its images and what to do.
+    """
+    centre = SkyCoord(ra_deg * u.deg, dec_deg * u.deg)
+    corners = centre.directional_offset_by([0, 90, 180, 270] * u.deg, radius_arcmin * u.arcmin)
+    images = [entry["image"] for entry in spec.bands[band]["images"]]
+    for image, (wcs, (ny, nx)) in zip(images, spec.grids[band]):
+        x, y = (np.asarray(v) for v in wcs.world_to_pixel(SkyCoord([centre.ra, *corners.ra], [centre.dec, *corners.dec])))
+        x0, x1 = int(np.clip(np.floor(x.min()), 0, nx)), int(np.clip(np.ceil(x.max()) + 1, 0, nx))
+        y0, y1 = int(np.clip(np.floor(y.min()), 0, ny)), int(np.clip(np.ceil(y.max()) + 1, 0, ny))
+        with fits.open(image, memmap=True) as hdul:
+            section = np.asarray(hdul[0].data[y0:y1, x0:x1], dtype=np.float64)
+        if (np.isfinite(section) & (section != 0)).any():
+            return
+    raise _error(
+        spec.path, f"bands.{band}.images",
+        f"no data in the field: every pixel within radius_arcmin={radius_arcmin:g} of ra={ra_deg:g}, dec={dec_deg:g} "
+        f"is NaN or zero in {', '.join(images)}; check the images, or leave {band} out of bands",
+    )
 
 
 def _check_catalog(spec: FilesSpec, ra_deg, dec_deg, radius_arcmin) -> None:

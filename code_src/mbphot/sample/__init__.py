@@ -78,6 +78,7 @@ from scipy import ndimage, signal, special
 
 from ..bands import BANDS, GALEX_BANDS, IRAC_BANDS
 from ..engine.prf import build_prf_table
+from ..resources import available_cpus, exit_with_parent
 from . import _noise, _prfs, _render, _sources
 from ._realism import REALISM_LEVELS, Realism
 
@@ -672,8 +673,9 @@ class _StripRenderer:
         self._pool = None
         if n_workers > 1:
             # Spawned like the photometry workers: forking a process that may hold threads
-            # (a notebook kernel) is unsafe.
-            self._pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
+            # (a notebook kernel) is unsafe. They die with this process, however it ends.
+            self._pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=exit_with_parent, initargs=(os.getpid(),))
 
     def __enter__(self):
         return self
@@ -770,13 +772,13 @@ def _render_workers(n_workers, plans, models):
     """Worker processes for rendering: ``n_workers`` (0 = one per core), or by default one per
     core up to `MAX_AUTO_RENDER_WORKERS`, none for fields too small to gain."""
     if n_workers is not None:
-        return max(1, n_workers if n_workers > 0 else os.cpu_count() or 1)
+        return max(1, n_workers if n_workers > 0 else available_cpus())
     stamp_pixels = 0
     for plan in plans:
         model = models[plan.band]
         size = 2 * (model.half_size if hasattr(model, "half_size") else model.stamp_half_size) + 1
         stamp_pixels += (plan.useful.sum() if plan.useful is not None else plan.x.size) * size**2
-    return 1 if stamp_pixels < PARALLEL_MIN_STAMP_PIXELS else min(os.cpu_count() or 1, MAX_AUTO_RENDER_WORKERS)
+    return 1 if stamp_pixels < PARALLEL_MIN_STAMP_PIXELS else min(available_cpus(), MAX_AUTO_RENDER_WORKERS)
 
 
 def _write_fits(path: Path, data, header):
