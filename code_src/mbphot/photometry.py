@@ -55,7 +55,7 @@ SCENE_ARCMIN = 6.0
 density)."""
 PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
-RESULTS_VERSION = 7
+RESULTS_VERSION = 8
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
 CALIBRATION_VERSION = 11
 """Bumped when the calibration changes, so that images are calibrated afresh."""

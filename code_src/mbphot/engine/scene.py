@@ -55,8 +55,11 @@ _POSITION_MIN_SNR = 5.0
 _SHIFT_MIN_SNR = 20.0
 # Gauss-Newton steps of the joint position fit. One step is exact only to first order: a
 # bright source 0.2 px off its light is left about 0.02 px off, and a faint neighbour
-# within the PRF's core takes up the light that leaves.
+# within the PRF's core takes up the light that leaves. A step leaves about shift^2 / width
+# (width: the PRF's rms radius per axis), against a position noise of about width / (S/N):
+# another step is taken only where some source's S/N (shift / width)^2 exceeds this.
 _SHIFT_STEPS = 2
+_NEXT_STEP_MIN = 0.5
 
 
 def _pixel_arrays(image, sky, sigma, margin):
@@ -607,6 +610,13 @@ def _position_corrections(sums, flux, diagonal, noise_scale):
     return 1.0 - loss, offset_x, offset_y
 
 
+def _rms_width_sq(table: PRFTable) -> float:
+    """Squared rms radius per axis (pixels) of the PRF's centred core stamp."""
+    stamp = np.clip(table.stamp_at(0.0, 0.0), 0.0, None)
+    rows, cols = np.indices(stamp.shape) - table.half_size
+    return float(0.5 * ((rows**2 + cols**2) * stamp).sum() / stamp.sum())
+
+
 def _gradient_tables(table: PRFTable) -> tuple[PRFTable, PRFTable]:
     """How a unit source's stamps change as it moves by one pixel in x and in y: central
     differences between the table's phases (one-sided at the +-0.5 ends), cores only."""
@@ -823,10 +833,14 @@ def scene_photometry(
         if position_error_pix is not None:
             prior = (first_solution[: first.n_source][bright] * first.scale[: first.n_source][bright], position_error_pix)
         shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
+        snr = np.abs(first_solution[: first.n_source][bright])
+        width_sq = _rms_width_sq(prf_table)
         for _ in range(_SHIFT_STEPS):
             shift_x, shift_y, augmented = _position_shifts(
                 solve, tables, profile, x, y, candidates, max_shift_pix, prior, (shift_x, shift_y)
             )
+            if not np.any(snr * (shift_x[candidates] ** 2 + shift_y[candidates] ** 2) / width_sq > _NEXT_STEP_MIN):
+                break
         x, y = x + shift_x, y + shift_y
         col, row = np.rint(x), np.rint(y)
     else:
