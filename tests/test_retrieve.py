@@ -110,8 +110,18 @@ def test_single_zero_count_pixels_are_data_but_zero_regions_are_not():
     assert _has_data(image, zero_pixels[:, 1].astype(float), zero_pixels[:, 0].astype(float)).all()
 
 
+def test_a_radius_too_small_to_hold_a_source_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"radius_arcmin=0.001 holds about 0.0005 COSMOS2015 sources on average .*"
+                                         r"radius_arcmin must be at least 0.05 arcmin"):
+        RunParameters(radius_arcmin=0.001, realism="ideal", data_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_field_without_sources_is_an_error_not_an_empty_catalogue(tmp_path):
-    params = RunParameters(radius_arcmin=0.001, realism="ideal", data_dir=str(tmp_path))
+    params = RunParameters(radius_arcmin=0.5, realism="ideal", data_dir=str(tmp_path))
+    # Past the parameters' density check (a field that holds sources on average), an unlucky
+    # field can still be empty: retrieve says so.
+    params.radius_arcmin = 0.001
     with pytest.raises(ValueError, match=r"no catalogue source lies within radius_arcmin=0.001 of ra=150.01, dec=2.2 "
                                          r"\(\d+ sources around it\); choose a larger radius_arcmin"):
         retrieve(params)

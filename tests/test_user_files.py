@@ -176,13 +176,12 @@ def test_manifest_mistakes_are_named_with_the_key_and_the_fix(field, tmp_path, c
         ({"ra": [151.5], "dec": [2.21], "id": [1]}, "no source of .* lies within radius_arcmin=1 of ra=150.02"),
     ],
 )
-def test_catalogue_problems_stop_retrieve_before_any_write(field, tmp_path, columns, expected):
+def test_catalogue_problems_are_refused_with_the_parameters(field, tmp_path, columns, expected):
     Table(columns).write(tmp_path / "my_catalog.fits")
     content = manifest_content(field)
     content["catalog"] = str(tmp_path / "my_catalog.fits")
-    params = files_params(write_manifest(field, content, "catalog.yaml"), tmp_path / "data")
     with pytest.raises(FilesManifestError, match=expected):
-        retrieve(params)
+        files_params(write_manifest(field, content, "catalog.yaml"), tmp_path / "data")
     assert_nothing_written(tmp_path / "data")
 
 

@@ -44,14 +44,36 @@ def test_an_image_at_another_pixel_scale_is_refused_with_the_fix(field, tmp_path
     assert 'irac1 images must have 0.6" pixels' in message and "resample the image" in message
 
 
-@pytest.mark.parametrize("bunit, expected", [
-    ("uJy", "has BUNIT='uJy', but mbphot reads irac1 images in MJy/sr; multiply the image by 0.118181"),
-    ("Jy/sr", "has BUNIT='Jy/sr', but mbphot reads irac1 images in MJy/sr; multiply the image by 1e-06"),
-    ("DN", "has BUNIT='DN', which mbphot cannot convert to MJy/sr"),
-])
-def test_an_image_in_another_unit_is_refused_with_the_factor(field, tmp_path, bunit, expected):
-    message = refused(field, tmp_path, with_irac1_image(field, irac1_copy(field, tmp_path, BUNIT=bunit)), "unit.yaml")
-    assert expected in message
+def test_an_image_in_an_unknown_unit_is_refused(field, tmp_path):
+    message = refused(field, tmp_path, with_irac1_image(field, irac1_copy(field, tmp_path, BUNIT="DN")), "unit.yaml")
+    assert "has BUNIT='DN', which mbphot cannot convert to MJy/sr" in message
+
+
+def test_an_image_in_microjansky_per_pixel_is_converted_and_measures_the_same(field, tmp_path):
+    """The irac1 image and its uncertainty map rewritten in uJy per pixel (x 8.46) give the
+    fluxes of the MJy/sr originals; read as MJy/sr they would be 8.46 times too high."""
+    from mbphot.photometry import measure_field
+    from mbphot.retrieve import retrieve
+
+    per_pixel = BANDS["irac1"].ujy_per_pixel_unit
+    content = manifest_content(field)
+    entry = content["bands"]["irac1"]["images"][0]
+    for key in ("image", "unc"):
+        with fits.open(field / entry[key]) as hdul:
+            header, pixels = hdul[0].header.copy(), hdul[0].data.astype(np.float64)
+        header["BUNIT"] = "uJy"
+        path = tmp_path / f"irac1_{key}_ujy.fits"
+        fits.PrimaryHDU(pixels * per_pixel, header).writeto(path)
+        entry[key] = str(path)
+    fluxes = {}
+    for name, manifest in (("MJy/sr", manifest_content(field)), ("uJy", content)):
+        params = files_params(write_manifest(field, manifest, f"unit_{len(fluxes)}.yaml"), tmp_path / f"data{len(fluxes)}",
+                              bands=["irac1"])
+        table = measure_field(retrieve(params, progress=False), ["irac1"], n_workers=1, progress=False)
+        fluxes[name] = table.set_index("id")["irac1_flux_ujy"]
+    usable = fluxes["MJy/sr"].notna()
+    assert usable.sum() > 50
+    np.testing.assert_allclose(fluxes["uJy"][usable], fluxes["MJy/sr"][usable], rtol=1e-6, atol=1e-9)
 
 
 def test_the_conversion_factors_follow_the_band_table():

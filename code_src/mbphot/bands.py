@@ -7,10 +7,11 @@ and PRF widths, so that a band is described once.
 from dataclasses import dataclass
 
 import numpy as np
+from astropy import units as u
 
 __all__ = [
     "Band", "BANDS", "BAND_NAMES", "IRAC_BANDS", "GALEX_BANDS", "get_band", "measured_columns", "parse_bands",
-    "quality_columns",
+    "quality_columns", "unit_factor",
 ]
 
 ARCSEC2_PER_SR = 4.254517e10
@@ -178,3 +179,44 @@ def parse_bands(bands) -> list[str]:
         )
     names = {get_band(b).name for b in bands}
     return [n for n in BAND_NAMES if n in names]
+
+
+UNIT_ALIASES = {"counts/s": "count/s", "counts/sec": "count/s", "count/sec": "count/s", "cps": "count/s",
+                "mjy/sr": "MJy/sr"}
+"""``BUNIT`` spellings astropy does not parse, mapped to ones it does (lower case)."""
+
+
+def unit_factor(bunit: str, band: Band) -> float | None:
+    """What to multiply pixel values in ``bunit`` by to get them in the band's unit, or None.
+
+    Parameters
+    ----------
+    bunit : str
+        A FITS ``BUNIT``: a surface brightness or rate in the band's own kind of unit (e.g.
+        ``MJy/sr``, ``kJy/sr``, ``count/s``), or a flux density per pixel (``uJy``,
+        ``Jy/pixel``), converted with the band's pixel size (`Band.ujy_per_pixel_unit`).
+    band : Band
+
+    Returns
+    -------
+    float or None
+        None when the unit is unknown or not convertible.
+
+    Examples
+    --------
+    >>> from mbphot.bands import BANDS
+    >>> round(unit_factor("uJy", BANDS["irac1"]), 4), unit_factor("MJy/sr", BANDS["irac1"])
+    (0.1182, 1.0)
+    """
+    text = UNIT_ALIASES.get(bunit.strip().lower(), bunit.strip())
+    try:
+        unit = u.Unit(text)
+        target = u.Unit(band.image_unit)
+    except ValueError:
+        return None
+    if unit.is_equivalent(target):
+        return float(unit.to(target))
+    for per_pixel in (unit, unit * u.pix):
+        if per_pixel.is_equivalent(u.uJy):
+            return float(per_pixel.to(u.uJy)) / band.ujy_per_pixel_unit
+    return None

@@ -40,6 +40,10 @@ the fitter models it; ``"realistic"`` adds the effects of real COSMOS images."""
 COSMOS_FIELD = {"ra_min": 149.33, "ra_max": 150.89, "dec_min": 1.43, "dec_max": 2.98}
 """The COSMOS footprint (about 2 deg^2 around RA 150.12, Dec 2.21)."""
 FULL_FIELD_RADIUS_ARCMIN = 48.0
+COSMOS2015_SOURCES_PER_ARCMIN2 = 160.0
+"""Mean density of the COSMOS2015 catalogue (Laigle et al. 2016: 1.18 million sources over 2 deg^2)."""
+MIN_RADIUS_ARCMIN = 0.05
+"""Below this a COSMOS field holds on average fewer than one catalogue source (at 160 per arcmin^2)."""
 """The radius that takes in the whole of COSMOS from its centre (the published tutorial's
 full field); a larger circle only adds sky without data."""
 
@@ -272,6 +276,14 @@ class RunParameters:
                 f"needs ra within {COSMOS_FIELD['ra_min']}..{COSMOS_FIELD['ra_max']} and dec within "
                 f"{COSMOS_FIELD['dec_min']}..{COSMOS_FIELD['dec_max']} deg; e.g. ra=150.01, dec=2.20",
             )
+        if self.radius_arcmin < MIN_RADIUS_ARCMIN:
+            expected = math.pi * self.radius_arcmin**2 * COSMOS2015_SOURCES_PER_ARCMIN2
+            raise ParameterError(
+                "radius_arcmin", self.radius_arcmin,
+                f"radius_arcmin={self.radius_arcmin:g} holds about {expected:.2g} COSMOS2015 sources on average "
+                f"({COSMOS2015_SOURCES_PER_ARCMIN2:g} per arcmin^2): too small a field to measure; radius_arcmin must "
+                f"be at least {MIN_RADIUS_ARCMIN:g} arcmin, e.g. 0.5",
+            )
         if self.radius_arcmin > FULL_FIELD_RADIUS_ARCMIN:
             raise ParameterError(
                 "radius_arcmin", self.radius_arcmin,
@@ -280,7 +292,7 @@ class RunParameters:
             )
 
     def _check_files(self, all_bands):
-        from .user_files import check_data_in_field, covered_radius_arcmin, load_files_manifest
+        from .user_files import check_catalog, check_data_in_field, covered_radius_arcmin, load_files_manifest
 
         if self.files_manifest is None:
             raise ParameterError(
@@ -327,6 +339,8 @@ class RunParameters:
                     f"about {covered_arcmin:.2f} arcmin, or leave {band} out of bands",
                 )
             check_data_in_field(spec, band, self.ra, self.dec, self.radius_arcmin)
+        # An empty field is refused here, before any notebook runs.
+        check_catalog(spec, self.ra, self.dec, self.radius_arcmin)
         self._files_fingerprint = spec.fingerprint
 
     @classmethod

@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm
 
-from .bands import BANDS, Band, measured_columns, quality_columns
+from .bands import BANDS, Band, measured_columns, quality_columns, unit_factor
 from .calibration import POSITION_PRIOR_ARCSEC, Calibration, calibrate_section
 from .engine import PRFTable, build_prf_table, forced_photometry
 from .engine.background import box_statistics, grid_to_pixels, smooth_grid, source_mask
@@ -205,6 +205,18 @@ def _read_map(path, section) -> np.ndarray:
         return np.array(hdu.data[section], dtype=np.float64)
 
 
+def _read_in_band_unit(path, band: Band, section) -> np.ndarray:
+    """A section of a map in the band's image unit: converted from the file's ``BUNIT`` where
+    it is another known unit (`mbphot.bands.unit_factor`, e.g. uJy per pixel); as it is when
+    ``BUNIT`` is empty, the band's, or unknown (files mode refuses unknown units up front)."""
+    values = _read_map(path, section)
+    bunit = str(_cached_header(path).get("BUNIT", "")).strip()
+    factor = unit_factor(bunit, band) if bunit else None
+    if factor is not None and factor != 1.0:
+        values *= factor
+    return values
+
+
 def _read_image(path, band: Band, section=(slice(None), slice(None))) -> np.ndarray:
     """An image, or a section of it, as float64 with NaN for no data.
 
@@ -215,7 +227,7 @@ def _read_image(path, band: Band, section=(slice(None), slice(None))) -> np.ndar
     about 40 % of FUV sky pixels are zero, and 25 zero neighbours by chance happen once in
     1e10 pixels.
     """
-    image = _read_map(path, section)
+    image = _read_in_band_unit(path, band, section)
     if band.instrument == "GALEX":
         zero = image == 0
         # Outside the image counts as no data, so a section's edge within an image can only
@@ -294,7 +306,9 @@ def _strip_statistics(task: _StripTask):
         detected_row, detected_col = np.nonzero(image > rough_sky + 2.5 * rough_rms)
         mask = source_mask(image.shape, detected_col, detected_row, band.fwhm_arcsec / band.pixel_scale_arcsec)
     inner = slice(task.first_row - low, task.stop_row - low)
-    sky_file = None if plan.entry.sky is None else _read_map(plan.entry.sky, (slice(task.first_row, task.stop_row), slice(None)))
+    sky_file = None if plan.entry.sky is None else _read_in_band_unit(
+        plan.entry.sky, band, (slice(task.first_row, task.stop_row), slice(None))
+    )
     median, rms = box_statistics(image[inner], mask[inner], sky_file, plan.box_size, with_rms=plan.need_rms)
     return median, rms, int(mask[inner].sum()), time.process_time() - started
 
@@ -374,9 +388,10 @@ def _read_section(plan: _BackgroundPlan, rows: slice, cols: slice) -> dict:
     entry = plan.entry
     section = (rows, cols)
     maps = {"image": _read_image(entry.image, plan.band, section)}
-    for name in ("sky", "unc", "exposure"):
+    for name in ("sky", "unc"):
         path = getattr(entry, name)
-        maps[name] = None if path is None else _read_map(path, section)
+        maps[name] = None if path is None else _read_in_band_unit(path, plan.band, section)
+    maps["exposure"] = None if entry.exposure is None else _read_map(entry.exposure, section)
     if maps["exposure"] is not None:
         with np.errstate(invalid="ignore"):
             maps["image"][~(maps["exposure"] > 0)] = np.nan

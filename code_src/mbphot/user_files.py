@@ -45,7 +45,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from .bands import BAND_NAMES, BANDS, Band
+from .bands import BAND_NAMES, BANDS, Band, unit_factor
 from .crossmatch import CHANDRA_COLUMNS
 from .io import read_header, read_table, read_wcs
 from .manifest import Manifest
@@ -70,9 +70,6 @@ PIXEL_SCALE_TOLERANCE = 0.01
 """Relative difference allowed between an image's pixel scale and its band's: the PRF is
 tabulated on the band's pixel grid, so a 1.2"/pixel IRAC image measured as 0.6" gave fluxes
 4.5 times too low."""
-UNIT_ALIASES = {"counts/s": "count/s", "counts/sec": "count/s", "count/sec": "count/s", "cps": "count/s",
-                "mjy/sr": "MJy/sr"}
-"""``BUNIT`` spellings astropy does not parse, mapped to ones it does (lower case)."""
 
 
 class FilesManifestError(ValueError):
@@ -225,59 +222,16 @@ def _check_pixel_scale(band: Band, wcs, path, manifest_path, where) -> None:
         )
 
 
-def unit_factor(bunit: str, band: Band) -> float | None:
-    """What to multiply pixel values in ``bunit`` by to get them in the band's unit, or None.
-
-    Parameters
-    ----------
-    bunit : str
-        A FITS ``BUNIT``: a surface brightness or rate in the band's own kind of unit (e.g.
-        ``MJy/sr``, ``kJy/sr``, ``count/s``), or a flux density per pixel (``uJy``,
-        ``Jy/pixel``), converted with the band's pixel size (`Band.ujy_per_pixel_unit`).
-    band : Band
-
-    Returns
-    -------
-    float or None
-        None when the unit is unknown or not convertible.
-
-    Examples
-    --------
-    >>> from mbphot.bands import BANDS
-    >>> round(unit_factor("uJy", BANDS["irac1"]), 4), unit_factor("MJy/sr", BANDS["irac1"])
-    (0.1182, 1.0)
-    """
-    text = UNIT_ALIASES.get(bunit.strip().lower(), bunit.strip())
-    try:
-        unit = u.Unit(text)
-        target = u.Unit(band.image_unit)
-    except ValueError:
-        return None
-    if unit.is_equivalent(target):
-        return float(unit.to(target))
-    for per_pixel in (unit, unit * u.pix):
-        if per_pixel.is_equivalent(u.uJy):
-            return float(per_pixel.to(u.uJy)) / band.ujy_per_pixel_unit
-    return None
-
-
 def _check_unit(band: Band, path, manifest_path, where) -> None:
-    """The image's ``BUNIT`` must be the band's unit; a missing or empty ``BUNIT`` is taken to be."""
+    """The image's ``BUNIT`` must be the band's unit or one mbphot converts from when it reads
+    the image (`mbphot.bands.unit_factor`); a missing or empty ``BUNIT`` is taken to be the
+    band's."""
     bunit = str(read_header(path).get("BUNIT", "")).strip()
-    if not bunit:
-        return
-    factor = unit_factor(bunit, band)
-    if factor is None:
+    if bunit and unit_factor(bunit, band) is None:
         raise _error(
             manifest_path, where,
             f"{path} has BUNIT={bunit!r}, which mbphot cannot convert to {band.image_unit}, the unit of {band.name} "
             f"images; give the image in {band.image_unit} (or a flux density per pixel such as uJy) and set BUNIT",
-        )
-    if not np.isclose(factor, 1.0, rtol=1e-6):
-        raise _error(
-            manifest_path, where,
-            f"{path} has BUNIT={bunit!r}, but mbphot reads {band.name} images in {band.image_unit}; multiply the "
-            f"image by {factor:.6g} and set BUNIT='{band.image_unit}'",
         )
 
 
@@ -494,7 +448,8 @@ def check_data_in_field(spec: FilesSpec, band: str, ra_deg: float, dec_deg: floa
     )
 
 
-def _check_catalog(spec: FilesSpec, ra_deg, dec_deg, radius_arcmin) -> None:
+def check_catalog(spec: FilesSpec, ra_deg, dec_deg, radius_arcmin) -> None:
+    """The catalogue of ``spec`` is readable, has ra, dec and a unique id, and has a source in the field."""
     try:
         catalog = read_table(spec.catalog)
     except Exception as error:  # astropy raises many kinds for files it cannot parse
@@ -573,7 +528,7 @@ def retrieve_files(params) -> Manifest:
             "bands",
             f"band(s) {', '.join(missing)} requested but not listed; it lists {', '.join(spec.bands)}",
         )
-    _check_catalog(spec, params.ra, params.dec, params.radius_arcmin)
+    check_catalog(spec, params.ra, params.dec, params.radius_arcmin)
     _check_chandra(spec)
     return Manifest(
         directory=params.field_dir,
