@@ -23,7 +23,8 @@ An image can also be given as a bare path. The Chandra catalogue is required bec
 cross-match notebook always reads one.
 
 `load_files_manifest` checks the YAML and every file it names (existence, FITS files whole,
-2-D images with a celestial WCS, the band's pixel scale and unit, maps on the image's grid,
+2-D images with a celestial WCS, the band's pixel scale, a unit mbphot reads or converts from
+(`mbphot.bands.unit_factor`), maps on the image's grid,
 PRFs finite with a positive sum) from their headers and the PRFs' pixels, so `RunParameters`
 can check it before any work; `retrieve_files` also reads the catalogues and builds the
 `Manifest`. Nothing is copied: the manifest points at your files where they are.
