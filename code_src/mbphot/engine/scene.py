@@ -853,8 +853,9 @@ def scene_photometry(
     halo = 2 * half + (cutout_size if fit_sky else 0)
     # Cells as large as keeps each dense block near _VARIANCE_BLOCK_UNKNOWNS unknowns: fewer,
     # larger blocks cost less Python per target until the cubic factorisation takes over.
-    density = scene.n_source / (ny * nx)
-    cell_size = max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS / density)) - 2 * halo)
+    def cell_size(n_source):
+        return max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS * ny * nx / n_source)) - 2 * halo)
+
     variance = np.empty(target_unknowns.size)
     marginal = np.zeros(target_unknowns.size, dtype=bool)
     if augmented is not None:
@@ -863,13 +864,13 @@ def scene_photometry(
         # with its offsets as unknowns (same unit-diagonal scaling) is marginalised over them.
         moved_unknowns = augmented.unknown_of_source[targets[measured]]
         marginal = moved_unknowns >= 0
-        augmented_cell = max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS * ny * nx / augmented.n_source)) - 2 * halo)
         variance[marginal] = _local_variances(
-            augmented.normal, augmented.centres, augmented.extents, moved_unknowns[marginal], augmented_cell, halo,
+            augmented.normal, augmented.centres, augmented.extents, moved_unknowns[marginal],
+            cell_size(augmented.n_source), halo,
         )
     if not marginal.all():
         variance[~marginal] = _local_variances(
-            scene.normal, scene.centres, scene.extents, target_unknowns[~marginal], cell_size, halo,
+            scene.normal, scene.centres, scene.extents, target_unknowns[~marginal], cell_size(scene.n_source), halo,
         )
     variance = variance * scale**2
 
