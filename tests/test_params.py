@@ -95,7 +95,7 @@ def assert_names(error, parameter, value_text, allowed_text):
         ({"seed": None}, "seed", "got None", "must be a whole number >= 0"),
         ({"realism": "noisy"}, "realism", "'noisy'", "choose from ideal, realistic"),
         ({"realism": None}, "realism", "None", "choose from ideal, realistic"),
-        ({"n_workers": -2}, "n_workers", "got -2", "must be a whole number >= 0 (0 = one per core)"),
+        ({"n_workers": -2}, "n_workers", "got -2", "must be a whole number >= 0 (0 = one per CPU the run may use)"),
         ({"n_workers": "two"}, "n_workers", "got 'two'", "must be a whole number >= 0"),
         ({"data_dir": ""}, "data_dir", "got ''", "must be a folder or file path"),
         ({"output_dir": None}, "output_dir", "got None", "must be a folder or file path"),

@@ -197,7 +197,7 @@ class RunParameters:
         ``"scene"`` (default: all sources of a region fitted together) or ``"source"`` (each
         target in its own cutout with its neighbours); see `mbphot.photometry.measure_field`.
     n_workers : int
-        Worker processes for photometry (0 or None: one per core).
+        Worker processes for photometry (0 or None: one per CPU the run may use, within its container limit).
     data_dir, output_dir : path
         Where retrieved/derived data and the outputs go.
     files_manifest : path or None
@@ -239,7 +239,7 @@ class RunParameters:
         self.mode = _choice("mode", self.mode, MODES)
         self.seed = _whole("seed", self.seed, "seed of the simulated field")
         self.realism = _choice("realism", self.realism, REALISM_LEVELS)
-        self.n_workers = 0 if self.n_workers is None else _whole("n_workers", self.n_workers, "0 = one per core")
+        self.n_workers = 0 if self.n_workers is None else _whole("n_workers", self.n_workers, "0 = one per CPU the run may use")
         self.data_dir = _path("data_dir", self.data_dir)
         self.output_dir = _path("output_dir", self.output_dir)
         self.files_manifest = _path("files_manifest", self.files_manifest, allow_none=True)
