@@ -13,7 +13,7 @@ import pytest
 from mbphot.engine import build_prf_table, scene_photometry
 from mbphot.engine.epsf import fwhm_pixels, image_offset, measure_prf
 from mbphot.engine.prf import normalise_prf, prf_centre
-from epsf_fields import PIXEL_ARCSEC, effective_prf, file_prf, make_field
+from epsf_fields import PIXEL_ARCSEC, effective_prf, file_prf, make_field, render
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +310,51 @@ def test_real_galex_nuv_psf_measured_from_the_mosaic(real_data_dir):
     assert abs(centre_y - middle) / result.oversampling < 0.1
     assert result.fwhm_pix == pytest.approx(result.file_fwhm_pix, rel=0.3)
     assert result.rchisq_measured < result.rchisq_file
+
+
+# ---------------------------------------------------------------------------------------------
+# A crowded field: catalogued neighbours a few pixels from every star
+
+
+def test_a_crowded_fields_stars_give_the_sky_prf_not_the_files():
+    """At GALEX's COSMOS density every star has catalogued neighbours a few pixels out, whose
+    light there rivals the star's own. Fitted first with a file PRF broader than the sky's,
+    they come out too faint and leave light on the stars' profiles, which the PRF measured
+    from them keeps, near the file's: their fluxes are fitted again with each new PRF."""
+    rng = np.random.default_rng(4)
+    side, spacing, noise = 420, 35, 1.0
+    sky_core, file_core = (1.4, 1.4, 0.0), (1.6, 1.6, 0.0)
+    grid = np.arange(spacing, side - spacing + 1, spacing, dtype=np.float64)
+    star_x, star_y = (values.ravel() + rng.uniform(-0.5, 0.5, grid.size**2) for values in np.meshgrid(grid, grid))
+    star_flux = rng.uniform(300.0, 1000.0, star_x.size)  # S/N 60-200
+    # Per star: one neighbour 3.5-6 px out with a fifth to a third of its flux, and eight
+    # faint ones (3-10 %) 2-7 px out.
+    x, y, flux = [star_x], [star_y], [star_flux]
+    for count, distances, fractions in ((1, (3.5, 6.0), (0.2, 0.33)), (8, (2.0, 7.0), (0.03, 0.1))):
+        distance = rng.uniform(*distances, (star_x.size, count))
+        angle = rng.uniform(0, 2 * np.pi, (star_x.size, count))
+        x.append((star_x[:, None] + distance * np.cos(angle)).ravel())
+        y.append((star_y[:, None] + distance * np.sin(angle)).ravel())
+        flux.append((star_flux[:, None] * rng.uniform(*fractions, (star_x.size, count))).ravel())
+    x, y, flux = np.concatenate(x), np.concatenate(y), np.concatenate(flux)
+    image = render((side, side), x, y, flux, core=sky_core) + rng.normal(0.0, noise, (side, side))
+    offsets = np.arange(-8, 9, dtype=np.float64)
+    file_samples = effective_prf(offsets[None, :], offsets[:, None], core=file_core)
+    measured = measure_prf(image, 0.0, noise, x, y, file_samples, 1, candidates=np.arange(star_x.size),
+                           max_neighbour_fraction=0.5)
+
+    # What each PRF gives isolated sources of the sky's PRF, noise-free, at random phases.
+    test_x, test_y = (values.ravel() + rng.uniform(-0.5, 0.5, 100) for values in np.meshgrid(
+        np.arange(20.0, 220.0, 20.0), np.arange(20.0, 220.0, 20.0)))
+    test_image = render((240, 240), test_x, test_y, np.full(test_x.size, 1000.0), core=sky_core)
+    ratios = {}
+    for name, prf, oversampling in (("file", file_samples, 1), ("measured", measured.prf, measured.oversampling)):
+        fitted = scene_photometry(test_image, test_x, test_y, np.arange(test_x.size),
+                                  build_prf_table(prf, oversampling), 23, 0.0, 1.0)[0]
+        ratios[name] = float(np.median(fitted / 1000.0))
+    print(f"{measured.reason}; isolated sources' fitted / true flux: file PRF {ratios['file']:.4f}, "
+          f"measured PRF {ratios['measured']:.4f}")
+    assert measured.n_stars >= 50
+    assert ratios["file"] > 1.05
+    # Without the neighbours' refit, 1.089: the measured PRF stays near the file's.
+    assert abs(ratios["measured"] - 1) < 0.008

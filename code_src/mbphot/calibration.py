@@ -235,7 +235,8 @@ def calibrate_section(
     def stars_prf(prior, prior_oversampling, sky_map, fluxes, extend_wings):
         return measure_prf(
             image, sky_map, sigma, x, y, prior, prior_oversampling, candidates=candidates, fluxes=fluxes,
-            wing_radius_pix=wing_radius, extend_wings=extend_wings, min_snr=band.prf_star_min_snr,
+            wing_radius_pix=wing_radius, extend_wings=extend_wings, file_wings=wing_radius is None,
+            min_snr=band.prf_star_min_snr,
             max_neighbour_fraction=band.prf_star_max_neighbour_fraction, min_stars=band.prf_min_stars,
         )
 

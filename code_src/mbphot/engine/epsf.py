@@ -20,11 +20,14 @@ source is P(u)) from bright, isolated, unsaturated, compact sources:
    sub-pixel phase), regularised toward the file's PRF (a small ridge plus a curvature
    penalty on the difference), so that where samples are sparse the correction is smooth
    and the file's shape is kept, and constrained to put the same flux on the image at every
-   sub-pixel phase. Registration and solve alternate; stars whose fit stays poor (reduced
-   chi^2 or fit-to-aperture flux ratio off the others') are dropped and the PRF rebuilt.
+   sub-pixel phase. Registration, solve and a refit of the neighbours within R (jointly
+   with the star, with the new PRF) alternate, with Anderson mixing of the rounds; stars
+   whose fit stays poor (reduced chi^2 or fit-to-aperture flux ratio off the others') are
+   dropped and the PRF rebuilt.
 4. Wings and normalisation: beyond R the file's wing shape is kept, scaled to match the
    measured PRF in the annulus just inside R (blended linearly over the last pixel), out to
-   the pixel edges of the file's box. The result is normalised to unit total flux:
+   the pixel edges of the file's box; or, with ``file_wings``, at the file's own share of
+   the total flux. The result is normalised to unit total flux:
    ``aperture_correction`` reports total / within-R. Whether the true wings hold more light
    than that (IRAC's reach beyond the 17 x 17 files) is measured from the stars' growth
    curves between R and ``wing_radius_pix``, neighbours masked (``wing_excess``); with
@@ -60,6 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.linalg import splu
+from scipy.spatial import cKDTree
 
 from .kernels import add_interpolated_stamps
 from .prf import PRFTable, build_prf_table, normalise_prf, prf_centre
@@ -70,6 +74,8 @@ __all__ = ["ImageOffset", "MeasuredPRF", "fwhm_pixels", "image_offset", "measure
 
 _MAD_TO_SIGMA = 1.4826
 _MEDIAN_EFFICIENCY = 1.2533  # error of a median over that of a mean, Gaussian samples
+# Past registrations and PRF solves that the next PRF is extrapolated from (`_Mixing`).
+_MIXING_DEPTH = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -308,6 +314,10 @@ class _Stars:
     data: list  # data - sky - neighbours
     sigma: list
     neighbours: list  # the subtracted neighbour light on those pixels
+    # Per star: data - sky - the light of the neighbours beyond R (first-pass fluxes), and the
+    # offsets (dx, dy) of the neighbours within R, whose fluxes `_refit_neighbours` fits.
+    base: list = field(default_factory=list)
+    near: list = field(default_factory=list)
 
 
 def render_sources(shape, x, y, flux, table: PRFTable, skip=None) -> np.ndarray:
@@ -345,9 +355,23 @@ def _first_pass(image, sky, sigma, x, y, table, radius):
     return all_flux
 
 
-def _cutouts(image, sky, sigma, x, y, members, radius, neighbour_model, own_model_flux, table):
+def _stamp_on(table, x, y, rows, cols):
+    """A source's stamp (``table``, unit flux, at pixel position (x, y)) on the given pixels."""
+    stamp = table.stamp_at(x, y)
+    h = table.half_size
+    dr, dc = rows - int(np.rint(y)) + h, cols - int(np.rint(x)) + h
+    ok = (dr >= 0) & (dr <= 2 * h) & (dc >= 0) & (dc <= 2 * h)
+    values = np.zeros(rows.size)
+    values[ok] = stamp[dr[ok], dc[ok]]
+    return values
+
+
+def _cutouts(image, sky, sigma, x, y, members, radius, neighbour_model, own_model_flux, table, near_tree=None):
     """Aperture pixels (centres within ``radius`` of the catalogue position) of each member;
-    members whose aperture leaves the image or has unusable pixels are dropped."""
+    members whose aperture leaves the image or has unusable pixels are dropped.
+
+    With ``near_tree`` (a `cKDTree` of every source's position), the neighbours whose centres
+    lie within ``radius`` are listed for `_refit_neighbours`."""
     rows_n, cols_n = image.shape
     reach = int(np.ceil(radius)) + 1
     grid = np.arange(-reach, reach + 1)
@@ -367,28 +391,56 @@ def _cutouts(image, sky, sigma, x, y, members, radius, neighbour_model, own_mode
         if not (np.all(np.isfinite(values)) and np.all(np.isfinite(sky_values))
                 and np.all(np.isfinite(sigma_values)) and np.all(sigma_values > 0)):
             continue
-        own = own_model_flux[i] * table.stamp_at(x[i], y[i]) if np.isfinite(own_model_flux[i]) else None
         neighbours = neighbour_model[rr, cc].copy()
-        if own is not None:
-            h = table.half_size
-            dr, dc = rr - row + h, cc - col + h
-            ok = (dr >= 0) & (dr <= 2 * h) & (dc >= 0) & (dc <= 2 * h)
-            neighbours[ok] -= own[dr[ok], dc[ok]]
+        if np.isfinite(own_model_flux[i]):
+            neighbours -= own_model_flux[i] * _stamp_on(table, x[i], y[i], rr, cc)
         kept.append(i)
         stars.ux.append(ux)
         stars.uy.append(uy)
         stars.data.append(values - sky_values - neighbours)
         stars.sigma.append(sigma_values)
         stars.neighbours.append(neighbours)
+        if near_tree is not None:
+            near = np.array([j for j in near_tree.query_ball_point((x[i], y[i]), radius)
+                             if j != i and np.isfinite(own_model_flux[j])], dtype=np.intp)
+            far = neighbours.copy()
+            for j in near:
+                far -= own_model_flux[j] * _stamp_on(table, x[j], y[j], rr, cc)
+            stars.base.append(values - sky_values - far)
+            stars.near.append(np.column_stack([x[near] - x[i], y[near] - y[i]]))
     stars.index = np.asarray(kept, dtype=np.intp)
     stars.x, stars.y = x[stars.index], y[stars.index]
     return stars
 
 
+def _refit_neighbours(stars: _Stars, fit, profile):
+    """Fit each star's neighbours within R again, jointly with the star, with ``profile``, and
+    take their light off the star's data.
+
+    Their first-pass fluxes were fitted with the prior PRF; where it is too broad, a neighbour
+    a few pixels from a star is fitted too faint, and the light left on the star's profile
+    broadens the PRF measured from it, toward the prior. At GALEX's COSMOS density a star has
+    a dozen catalogued neighbours within R, and their light reaches that of the star's own
+    profile 5 pixels out: refitted with each new PRF, they stop holding it near the prior.
+    """
+    for k in range(stars.index.size):
+        offsets = stars.near[k]
+        if offsets.shape[0] == 0:
+            stars.data[k] = stars.base[k]
+            continue
+        ux, uy, weight = stars.ux[k], stars.uy[k], 1.0 / stars.sigma[k]
+        columns = [profile(ux - fit["sx"][k], uy - fit["sy"][k])]
+        columns += [profile(ux - dx, uy - dy) for dx, dy in offsets]
+        design = np.column_stack(columns)
+        flux, *_ = np.linalg.lstsq(design * weight[:, None], stars.base[k] * weight, rcond=None)
+        stars.data[k] = stars.base[k] - design[:, 1:] @ flux[1:]
+
+
 def _subset(stars: _Stars, keep) -> _Stars:
     keep = np.flatnonzero(keep)
+    lists = (stars.ux, stars.uy, stars.data, stars.sigma, stars.neighbours, stars.base, stars.near)
     return _Stars(stars.index[keep], stars.x[keep], stars.y[keep], *[
-        [values[k] for k in keep] for values in (stars.ux, stars.uy, stars.data, stars.sigma, stars.neighbours)
+        [values[k] for k in keep] if values else [] for values in lists
     ])
 
 
@@ -499,7 +551,8 @@ def _select(image, sky, sigma, x, y, file_profile, file_table, radius, *, candid
     pool = np.arange(x.size) if candidates is None else np.unique(np.asarray(candidates, dtype=np.intp))
     pool = pool[np.isfinite(fluxes[pool]) & (fluxes[pool] > 0) & np.isfinite(x[pool]) & np.isfinite(y[pool])]
     neighbour_model = render_sources(image.shape, x, y, np.nan_to_num(fluxes, nan=0.0), file_table)
-    stars = _cutouts(image, sky, sigma, x, y, pool, radius, neighbour_model, fluxes, file_table)
+    stars = _cutouts(image, sky, sigma, x, y, pool, radius, neighbour_model, fluxes, file_table,
+                     near_tree=cKDTree(np.column_stack([np.nan_to_num(x, nan=-1e9), np.nan_to_num(y, nan=-1e9)])))
     counts = [f"{pool.size} candidates", f"{stars.index.size} fully on data"]
     if stars.index.size == 0:
         return _Selection(stars, {}, "; ".join(counts))
@@ -621,9 +674,18 @@ def _solve_inner(stars, fit, composite, prior, ridge, smoothness, flatness=1e2):
     return _SplineProfile(solution.reshape(n, n), inner.oversampling)
 
 
-def _normalised(inner, file_profile, radius, oversampling, shift=(0.0, 0.0)):
-    """The composite PRF with its wings matched at R and unit total flux over the file's box."""
+def _normalised(inner, file_profile, radius, oversampling, shift=(0.0, 0.0), file_wings=False):
+    """The composite PRF with unit total flux over the file's box: its wings beyond R either
+    matched to the measured PRF at R, or (``file_wings``) holding the file's own share of the
+    total flux."""
     composite = _Composite(inner, file_profile, radius, shift=shift)
+    if file_wings:
+        composite.wing_scale = 0.0
+        inner_part = _sample(composite, oversampling, file_profile.grid_extent)[0].sum() / oversampling**2
+        composite.scale, composite.wing_scale = 0.0, 1.0
+        wing_part = _sample(composite, oversampling, file_profile.grid_extent)[0].sum() / oversampling**2
+        composite.scale = (1.0 - wing_part) / inner_part
+        return composite
     n = 2 * int(np.ceil((radius + 1) * oversampling)) + 1
     offsets = (np.arange(n) - (n - 1) / 2) / oversampling
     ux, uy = np.meshgrid(offsets, offsets)
@@ -705,6 +767,34 @@ def _with_extra_wings(samples, oversampling, excess, inner_radius, outer_radius)
     return normalise_prf(extended + wing, oversampling)
 
 
+class _Mixing:
+    """Anderson mixing of the PRF's alternation of registration, solve and neighbour refit.
+
+    Each round maps the PRF it was given to a new one, and the PRF is the fixed point of that
+    map. Where neighbours hold much of a star's light a few pixels out, the map moves the PRF
+    only part of the way each round (its neighbours' fluxes, fitted with the previous PRF,
+    keep some of its error), and plain iteration would take tens of rounds. Anderson mixing
+    (Walker & Ni 2011) takes the combination of the last rounds' outputs whose residual
+    (output - input) is least, which for a nearly linear map converges in a few rounds.
+    """
+
+    def __init__(self, depth):
+        self.depth, self.inputs, self.outputs = depth, [], []
+
+    def next(self, given: "_SplineProfile", returned: "_SplineProfile") -> "_SplineProfile":
+        """The PRF to continue from, after a round turned ``given`` into ``returned`` (both at
+        unit total flux)."""
+        self.inputs = (self.inputs + [given.coefficients.ravel()])[-(self.depth + 1):]
+        self.outputs = (self.outputs + [returned.coefficients.ravel()])[-(self.depth + 1):]
+        residuals = [out - inp for inp, out in zip(self.inputs, self.outputs)]
+        mixed = self.outputs[-1]
+        if len(residuals) > 1:
+            differences = np.column_stack([residuals[-1] - earlier for earlier in residuals[:-1]])
+            weights, *_ = np.linalg.lstsq(differences, residuals[-1], rcond=None)
+            mixed = mixed - sum(weight * (self.outputs[-1] - earlier) for weight, earlier in zip(weights, self.outputs[:-1]))
+        return _SplineProfile(mixed.reshape(returned.coefficients.shape), returned.oversampling)
+
+
 def _default_radius(file_fwhm, fit_radius_pix):
     return float(fit_radius_pix) if fit_radius_pix is not None else max(2.0 * file_fwhm, 3.0)
 
@@ -728,11 +818,12 @@ def measure_prf(
     compact_tolerance: float = 0.03,
     min_stars: int = 8,
     max_stars: int = 200,
-    iterations: int = 4,
+    iterations: int = 8,
     ridge: float = 1e-3,
     smoothness: float = 3e-2,
     wing_radius_pix: float | None = None,
     extend_wings: bool = False,
+    file_wings: bool = False,
 ) -> MeasuredPRF:
     """Measure the effective PRF of an image from its isolated stars (see the module docstring).
 
@@ -789,6 +880,11 @@ def measure_prf(
         ``wing_radius_pix`` on a larger grid, so fits with the PRF count it. Off by default:
         an error in the sky map or light of undetected neighbours enters the estimate as wing
         light, so check ``wing_excess`` against the instrument's aperture corrections first.
+    file_wings : bool
+        Keep the file's wings beyond R at their own share of the total flux (a file whose
+        wings were measured, as GALEX's were), scaling only the measured part within R. By
+        default the wings are matched to the measured PRF in the ring just inside R, which
+        a file whose core is broader than the sky's sets too high or too low.
 
     Returns
     -------
@@ -828,15 +924,19 @@ def measure_prf(
 
     prior = _SplineProfile.from_function(file_profile, oversampling, radius + 2)
     inner = prior
-    composite = _normalised(inner, file_profile, radius, oversampling)
+    composite = _normalised(inner, file_profile, radius, oversampling, file_wings=file_wings)
     for rebuild in range(2):
+        mixing = _Mixing(_MIXING_DEPTH)
         for _ in range(iterations if rebuild == 0 else max(1, iterations // 2)):
             fit = _register(stars, composite_inner(composite), fit["flux"], start=fit)
             usable = np.isfinite(fit["flux"]) & (fit["flux"] > 0)
             if not usable.all():
                 stars, fit = _subset(stars, usable), {k: v[usable] for k, v in fit.items()}
             inner = _solve_inner(stars, fit, composite, prior, ridge, smoothness)
-            composite = _normalised(inner, file_profile, radius, oversampling)
+            inner = mixing.next(composite_inner(composite), composite_inner(
+                _normalised(inner, file_profile, radius, oversampling, file_wings=file_wings)))
+            composite = _normalised(inner, file_profile, radius, oversampling, file_wings=file_wings)
+            _refit_neighbours(stars, fit, composite)
         fit = _register(stars, composite_inner(composite), fit["flux"], start=fit)
         good = np.isfinite(fit["flux"]) & (fit["flux"] > 0)
         chi_ok = fit["rchisq"] <= np.median(fit["rchisq"][good]) + 5 * max(_robust_sigma(fit["rchisq"][good]), 0.1)
