@@ -42,7 +42,7 @@ from matplotlib.lines import Line2D
 
 from .bands import BANDS, IRAC_BANDS, measured_columns, parse_bands
 from .io import atomic_path
-from .schema import flag_names
+from .schema import AB_ZEROPOINT_UJY, flag_names
 
 __all__ = [
     "SNR_MIN",
@@ -60,7 +60,6 @@ __all__ = [
 
 SNR_MIN = 3.0
 CATALOG_MISSING_AT_OR_BELOW = -90.0
-AB_ZEROPOINT_UJY = 23.9
 PULL_CORE_LIMIT = 5.0
 PULL_HISTOGRAM_LIMIT = 6.0
 SAVE_DPI = 120
