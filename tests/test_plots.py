@@ -421,6 +421,20 @@ def test_flux_pulls_states_and_uses_every_source_with_a_true_flux(catalog, truth
     assert "no S/N cut" in fig.get_suptitle() and "flag 0" in fig.get_suptitle()
 
 
+def test_flux_pulls_count_the_flagged_sources_under_the_statistics_with_no_legend_over_them(catalog, truth):
+    fig = flux_pulls(catalog, truth, bands="irac1")
+    table = catalog.merge(truth, on="id", how="left")
+    flux, error = table["irac1_flux_ujy"], table["irac1_flux_err_ujy"]
+    usable = (error > 0) & flux.notna() & (table["true_irac1_flux_ujy"] > 0)
+    flagged = int((usable & (table["irac1_flag"] != 0)).sum())
+    assert flagged > 0
+    ax = fig.axes[0]
+    assert ax.get_legend() is None
+    assert _panel_text(ax).splitlines()[-1].startswith("flag ≠ 0")
+    assert _panel_text(ax).endswith(f"({flagged})")
+    assert "unit Gaussian" in fig.get_suptitle()
+
+
 def test_uv_ir_axes_follow_bouquin_2015(catalog):
     ax = uv_ir_color(catalog).axes[0]
     assert ax.get_xlabel().startswith("NUV − [3.6]")

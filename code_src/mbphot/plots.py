@@ -42,7 +42,7 @@ from matplotlib.lines import Line2D
 
 from .bands import BANDS, IRAC_BANDS, measured_columns, parse_bands
 from .io import atomic_path
-from .schema import flag_names
+from .schema import AB_ZEROPOINT_UJY, flag_names
 
 __all__ = [
     "SNR_MIN",
@@ -60,7 +60,6 @@ __all__ = [
 
 SNR_MIN = 3.0
 CATALOG_MISSING_AT_OR_BELOW = -90.0
-AB_ZEROPOINT_UJY = 23.9
 PULL_CORE_LIMIT = 5.0
 PULL_HISTOGRAM_LIMIT = 6.0
 SAVE_DPI = 120
@@ -294,7 +293,10 @@ def _plot_pull(ax, pull: np.ndarray, flagged_pull: np.ndarray | None = None,
     """Pull histogram with a unit Gaussian, the pull spread and its core spread.
 
     ``pull`` holds the flag-0 sources (filled histogram, statistics); ``flagged_pull``
-    (optional) the flagged ones, drawn as an orange outline normalised to their own number.
+    (optional) the flagged ones, drawn as an orange outline normalised to their own number
+    and counted, with their flag bits, under the statistics. There is no legend: beside the
+    statistics it would hide them in a slide-sized panel, so the figure's title says what
+    each line is.
     """
     ax.set_xlabel("pull = (measured − true) / error")
     ax.set_ylabel("probability density")
@@ -305,19 +307,15 @@ def _plot_pull(ax, pull: np.ndarray, flagged_pull: np.ndarray | None = None,
     # Normalise to all sources, not only those inside the plotted range, so outliers
     # show up as missing area under the Gaussian instead of being renormalised away.
     weights = np.full(pull.size, 1.0 / (pull.size * np.diff(bins)[0]))
-    ax.hist(pull, bins=bins, weights=weights, histtype="stepfilled", alpha=0.6,
-            color=GOOD_COLOR, label=f"flag 0 ({pull.size})")
+    ax.hist(pull, bins=bins, weights=weights, histtype="stepfilled", alpha=0.6, color=GOOD_COLOR)
     if flagged_pull is not None and flagged_pull.size >= 2:
         flagged_weights = np.full(flagged_pull.size, 1.0 / (flagged_pull.size * np.diff(bins)[0]))
-        ax.hist(flagged_pull, bins=bins, weights=flagged_weights, histtype="step", lw=1.5,
-                color=FLAGGED_COLOR, label=f"{flagged_label} ({flagged_pull.size})")
+        ax.hist(flagged_pull, bins=bins, weights=flagged_weights, histtype="step", lw=1.5, color=FLAGGED_COLOR)
     grid = np.linspace(-PULL_HISTOGRAM_LIMIT, PULL_HISTOGRAM_LIMIT, 400)
-    ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), color="k", lw=1,
-            label="unit Gaussian")
+    ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), color="k", lw=1)
     ax.set_xlim(-PULL_HISTOGRAM_LIMIT, PULL_HISTOGRAM_LIMIT)
-    # Headroom above the peak so that the statistics and the legend do not hide the data.
-    ax.set_ylim(0, 1.7 * max(ax.get_ylim()[1], 1 / np.sqrt(2 * np.pi)))
-    ax.legend(loc="upper right", fontsize=TEXT_SIZE - 3, frameon=False, handlelength=1.2)
+    # Headroom above the peak so that the statistics do not hide the data.
+    ax.set_ylim(0, 1.9 * max(ax.get_ylim()[1], 1 / np.sqrt(2 * np.pi)))
 
     core = pull[np.abs(pull) < PULL_CORE_LIMIT]
     core_std = np.std(core, ddof=1) if core.size > 1 else np.nan
@@ -328,6 +326,8 @@ def _plot_pull(ax, pull: np.ndarray, flagged_pull: np.ndarray | None = None,
     outside = int(np.sum(np.abs(pull) > PULL_HISTOGRAM_LIMIT))
     if outside:
         lines.append(f"{outside} beyond ±{PULL_HISTOGRAM_LIMIT:g}")
+    if flagged_pull is not None and flagged_pull.size:
+        lines.append(f"{flagged_label} ({flagged_pull.size})")
     _annotate(ax, lines, size=TEXT_SIZE - 2)
 
 
@@ -486,7 +486,7 @@ def flux_pulls(catalog: pd.DataFrame, truth: pd.DataFrame, bands=None) -> Figure
         ax.set_title(band_label(band))
         _pull_panel(ax, table, band)
     fig.suptitle("Pull = (measured − true) / error: every source with a true flux > 0, no S/N cut\n"
-                 "filled: flag 0 (statistics); orange outline: flagged", fontsize=TITLE_SIZE)
+                 "filled: flag 0 (statistics); orange outline: flagged; line: unit Gaussian", fontsize=TITLE_SIZE)
     return _finish(fig)
 
 
@@ -554,7 +554,7 @@ def flux_validation(catalog: pd.DataFrame, bands=None, truth: pd.DataFrame | Non
     # Short lines: a single-band figure is only one panel wide.
     title = f"Measured vs COSMOS2015 flux\n(S/N > {SNR_MIN:g}; flag 0 blue,\nflagged orange)"
     if truth is not None:
-        title += "\nrow 2: vs true flux (same cut)\nrow 3: pulls, every S/N"
+        title += "\nrow 2: vs true flux (same cut)\nrow 3: pulls, every S/N\n(line: unit Gaussian)"
     fig.suptitle(title, fontsize="medium")
     return fig
 

@@ -74,7 +74,7 @@ def choose_tiles(ra_deg, dec_deg, image_paths, band_name) -> np.ndarray:
 def _has_data(data, col, row) -> np.ndarray:
     """Whether each (col, row) lies on the image and on data: a finite pixel that is not in a
     square of zeros (GALEX tiles are zero outside the detector's field of view, while a
-    shallow tile holds single zero-count pixels; see `mbphot.photometry._read_image`)."""
+    shallow tile holds single zero-count pixels; see `mbphot.photometry._images._read_image`)."""
     on = np.isfinite(col) & np.isfinite(row) & (col >= 0) & (col < data.shape[1]) & (row >= 0) & (row < data.shape[0])
     col, row = col[on].astype(np.intp), row[on].astype(np.intp)
     finite = np.isfinite(data[row, col])

@@ -1,0 +1,59 @@
+"""The PRF of each image: read from a file, tabulated for the image grid, and, once per worker
+process, loaded with the image's calibration."""
+
+import functools
+import json
+
+import numpy as np
+from astropy.io import fits
+
+from ..bands import BANDS, Band
+from ..calibration import Calibration
+from ..engine import PRFTable, build_prf_table
+
+
+def read_prf(path, band: Band) -> tuple[np.ndarray, int]:
+    """A PRF file's image and its samples per image pixel.
+
+    The sampling comes from the header: ``OVERSAMP`` if present, else the ratio of the band's
+    pixel scale to ``PIXSCALE`` (arcsec per PRF sample), else the image grid itself.
+    """
+    with fits.open(path) as hdul:
+        hdu = next(h for h in hdul if h.data is not None and h.data.ndim == 2)
+        prf = np.asarray(hdu.data, dtype=np.float64)
+        header = hdu.header
+    if "OVERSAMP" in header:
+        oversampling = int(header["OVERSAMP"])
+    elif "PIXSCALE" in header:
+        oversampling = max(1, int(round(band.pixel_scale_arcsec / float(header["PIXSCALE"]))))
+    else:
+        oversampling = 1
+    return prf, oversampling
+
+
+def tabulate_prf(prf, oversampling, band: Band, split_wings: bool = False, flux_fraction: float = 1.0) -> PRFTable:
+    """Tabulate a PRF for the band's image grid; with ``split_wings`` (scene mode), a PRF
+    reaching beyond the band's ``prf_core_radius_pixels`` is split into core stamps and a
+    wing kernel. A source of unit total flux puts ``flux_fraction`` on the image (the rest
+    lies beyond the PRF's reach; `mbphot.calibration.Calibration.flux_fraction`)."""
+    core_radius = band.prf_core_radius_pixels if split_wings else None
+    table = build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=core_radius)
+    if flux_fraction == 1.0:
+        return table
+    wings = None if table.wings is None else table.wings * flux_fraction
+    return PRFTable(stamps=table.stamps * flux_fraction, phases=table.phases, half_size=table.half_size, wings=wings)
+
+
+def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
+    """Read a PRF file and tabulate it for the band's image grid (`read_prf`, `tabulate_prf`)."""
+    return tabulate_prf(*read_prf(path, band), band, split_wings)
+
+
+# Worker processes measure many partitions of the same images: tabulate each image's PRF once.
+@functools.lru_cache(maxsize=16)
+def _calibrated(path, split_wings: bool) -> tuple[PRFTable, Calibration]:
+    """An image's calibration (saved by `_calibrate._calibrate_image`) and its PRF, tabulated."""
+    with np.load(path) as stored:
+        calibration = Calibration(prf=stored["prf"], **json.loads(str(stored["summary"])))
+        band = BANDS[str(stored["band"])]
+    return tabulate_prf(calibration.prf, calibration.oversampling, band, split_wings, calibration.flux_fraction), calibration

@@ -1,0 +1,67 @@
+"""Resolved sources in scene mode: each source's size bin from the catalogue, the PRF convolved
+with one disc per bin, and the flux error that a catalogue size adds."""
+
+import functools
+
+import numpy as np
+import pandas as pd
+
+from ..bands import BANDS, Band
+from ..engine import PRFTable
+from ..engine.scene import extended_profiles, size_sensitivity
+from ._prf import _calibrated
+
+SIZE_COLUMN = "flux_radius_arcsec"
+"""Catalogue column of each source's half-light radius in a high-resolution image (arcsec);
+where present, scene mode fits resolved sources with their PRF-convolved disc."""
+HIGH_RESOLUTION_PSF_ARCSEC = 0.06
+"""Half-light radius of the PSF of the image the sizes come from (HST/ACS F814W)."""
+SIZE_BINS_ARCSEC = np.geomspace(0.1, 1.6, 17)
+"""Edges of the bins of intrinsic half-light radius fitted with one disc each (at the bin's
+geometric centre, within 9 % of any radius in the bin); smaller sources are points."""
+CATALOGUE_SIZE_ERROR_DEX = 0.05
+"""Assumed error of a catalogue half-light radius (12 %, as for HST/ACS sizes of galaxies a
+few magnitudes above the limit): it enters the flux errors of resolved sources."""
+
+
+def size_radii_pix(band: Band) -> np.ndarray:
+    """The disc half-light radius each bin of `SIZE_BINS_ARCSEC` is fitted with, in ``band``'s
+    pixels: the bin's geometric centre."""
+    return np.sqrt(SIZE_BINS_ARCSEC[:-1] * SIZE_BINS_ARCSEC[1:]) / band.pixel_scale_arcsec
+
+
+def size_bins(catalog: pd.DataFrame) -> np.ndarray:
+    """Each source's bin of `SIZE_BINS_ARCSEC` by its intrinsic half-light radius, -1 for a
+    point source or where the catalogue has no `SIZE_COLUMN`.
+
+    The column is a half-light radius measured at high resolution (HST/ACS-like); the
+    intrinsic radius is sqrt(r^2 - r_psf^2), r_psf = `HIGH_RESOLUTION_PSF_ARCSEC`.
+    """
+    if SIZE_COLUMN not in catalog:
+        return np.full(len(catalog), -1, dtype=np.intp)
+    measured = catalog[SIZE_COLUMN].to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        intrinsic = np.sqrt(np.clip(measured**2 - HIGH_RESOLUTION_PSF_ARCSEC**2, 0.0, None))
+        index = np.searchsorted(SIZE_BINS_ARCSEC, intrinsic, side="right") - 1
+    resolved = np.isfinite(intrinsic) & (intrinsic >= SIZE_BINS_ARCSEC[0])
+    return np.where(resolved, np.minimum(index, SIZE_BINS_ARCSEC.size - 2), -1).astype(np.intp)
+
+
+@functools.lru_cache(maxsize=16)
+def _extended_tables(path, split_wings: bool, band_name: str) -> tuple[list, np.ndarray]:
+    """The image's PRF convolved with exponential discs of the `SIZE_BINS_ARCSEC` radii, and
+    how much a fitted flux depends on each disc's size (`size_sensitivity`)."""
+    table, calibration = _calibrated(path, split_wings)
+    band = BANDS[band_name]
+    core_radius = band.prf_core_radius_pixels if split_wings else None
+    tables = extended_profiles(calibration.prf, calibration.oversampling, size_radii_pix(band), table, core_radius)
+    scale = calibration.flux_fraction
+    tables = [PRFTable(t.stamps * scale, t.phases, t.half_size, None if t.wings is None else t.wings * scale) for t in tables]
+    return tables, size_sensitivity(tables, size_radii_pix(band))
+
+
+def _with_size_error(result, sensitivity, size_bin) -> np.ndarray:
+    """Flux errors of resolved targets with the error their catalogue size gives the fitted
+    flux (`CATALOGUE_SIZE_ERROR_DEX`; ``sensitivity`` from `_extended_tables`)."""
+    fractional = np.where(size_bin >= 0, CATALOGUE_SIZE_ERROR_DEX * np.log(10.0) * sensitivity[np.maximum(size_bin, 0)], 0.0)
+    return np.sqrt(result.flux_err**2 + (fractional * result.flux) ** 2)
