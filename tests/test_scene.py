@@ -305,3 +305,43 @@ def test_a_bright_neighbours_position_error_enters_a_faint_sources_error():
         pulls.append(((result.flux - flux) / result.flux_err)[n_pair:])
     pulls = np.concatenate(pulls)
     assert 0.75 < np.std(pulls) < 1.35
+
+
+def random_local_problem(rng, side=60, n=240, reach=6.0, n_tile=4):
+    """A symmetric positive definite matrix coupling point unknowns closer than ``reach`` (in
+    each axis), plus sky-tile-like unknowns coupled to every point within their square."""
+    centres = rng.uniform(0, side, (n, 2)).round()
+    tile_side = side / n_tile
+    tile_centres = (np.stack(np.meshgrid(np.arange(n_tile), np.arange(n_tile)), -1).reshape(-1, 2) + 0.5) * tile_side
+    all_centres = np.vstack([centres, tile_centres])
+    extents = np.concatenate([np.zeros(n), np.full(len(tile_centres), tile_side / 2)])
+    distance = np.abs(all_centres[:, None] - all_centres[None]).max(axis=2) - np.maximum(extents[:, None], extents[None])
+    coupled = (distance < reach) & ~((extents[:, None] > 0) & (extents[None] > 0))
+    factor = rng.normal(0, 1, coupled.shape) * coupled
+    matrix = np.where(coupled, factor @ factor.T, 0.0) + np.eye(len(all_centres)) * len(all_centres)
+    return matrix, all_centres, extents
+
+
+@pytest.mark.parametrize("piecewise_unknowns", [0, 10**6])
+def test_ring_by_ring_elimination_matches_the_dense_inverse_of_each_cells_block(monkeypatch, piecewise_unknowns):
+    """`_local_variances` eliminates a large cell's ring piece by piece, skipping zero
+    couplings: its variances are those of the inverse of the cell's whole block, whatever
+    couples to what, as with one dense factorisation."""
+    monkeypatch.setattr(scene, "_PIECEWISE_UNKNOWNS", piecewise_unknowns)
+    rng = np.random.default_rng(3)
+    matrix, centres, extents = random_local_problem(rng)
+    normal = scene.sparse.csr_matrix(matrix)
+    targets = np.arange(0, 240, 3)
+    cell_size, halo = 9, 7
+    variances = scene._local_variances(normal, centres, extents, targets, cell_size, halo)
+    expected = []
+    for target in targets:
+        low = np.floor(centres[target] / cell_size) * cell_size - halo
+        high = low + cell_size - 1 + 2 * halo
+        block = np.flatnonzero(np.all((centres + extents[:, None] >= low) & (centres - extents[:, None] <= high), axis=1))
+        expected.append(np.linalg.inv(matrix[np.ix_(block, block)])[block == target][0, block == target][0])
+    np.testing.assert_allclose(variances, expected, rtol=1e-12)
+    # A halo over the whole scene gives the exact diagonal of the inverse.
+    exact = scene._local_variances(normal, centres, extents, targets, cell_size, 100)
+    np.testing.assert_allclose(exact, np.diag(np.linalg.inv(matrix))[targets], rtol=1e-12)
+

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg, signal, sparse
+from scipy.linalg import blas
 from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
@@ -156,7 +157,10 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo)
     of A over every unknown within ``halo`` pixels of the cell (sources by position, sky tiles
     by overlap) is factorised once, with the cell's targets ordered last: then the targets'
     block of the inverse is L22^-T L22^-1, L22 the trailing block of the Cholesky factor, and
-    its diagonal is the column sums of squares of L22^-1.
+    its diagonal is the column sums of squares of L22^-1. The other unknowns are eliminated
+    in pieces of the ring around the cell, corners first (`_trailing_variances`): the ring is
+    as wide as the couplings reach, so opposite pieces never meet and most of the dense
+    factorisation's work, on zeros, is skipped.
 
     The result is the variance conditional on the unknowns outside the block, so it can only
     underestimate diag(A^-1). With a halo of the stamp-overlap reach (plus a sky tile's side
@@ -197,19 +201,61 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo)
         reach = np.abs(centres[candidates] - box_centre).max(axis=1) - extents[candidates]
         near = candidates[reach <= box_half]
         in_cell[members_in_cell] = True
-        block_index = np.concatenate([near[~in_cell[near]], members_in_cell])
+        others = near[~in_cell[near]]
         in_cell[members_in_cell] = False
-        block = _dense_block(normal, block_index, position_in_block)
-        k = members_in_cell.size
-        try:
-            factor = linalg.cholesky(block, lower=True, check_finite=False)
-            trailing_inverse = linalg.solve_triangular(factor[-k:, -k:], np.eye(k), lower=True, check_finite=False)
-            local = (trailing_inverse**2).sum(axis=0)
-        except linalg.LinAlgError:
-            # Not positive definite to working precision: these targets get fit_failed.
-            local = np.full(k, np.nan)
-        unique_variances[order[start:stop]] = local
+        bounds = [0]
+        if others.size >= _PIECEWISE_UNKNOWNS:
+            # Piece of the ring (or the cell itself) of each other unknown: -1, 0 or 1 per axis.
+            cell_low = box_centre - (cell_size - 1) / 2
+            side = np.clip(np.floor((centres[others] - cell_low) / cell_size), -1, 1).astype(np.intp) + 1
+            piece = _ELIMINATION_ORDER[side[:, 1], side[:, 0]]
+            sorted_pieces = np.argsort(piece, kind="stable")
+            others = others[sorted_pieces]
+            bounds = np.append(np.searchsorted(piece[sorted_pieces], np.arange(9)), others.size)
+        block = _dense_block(normal, np.concatenate([others, members_in_cell]), position_in_block)
+        unique_variances[order[start:stop]] = _trailing_variances(block, bounds, members_in_cell.size)
     return unique_variances[inverse]
+
+
+# Where each piece of a cell's ring is eliminated (indexed by row side, column side): the
+# corners, which meet only their two edges and the cell; then the top and bottom edges, the
+# left and right ones, and the cell's other unknowns.
+_ELIMINATION_ORDER = np.array([[0, 4, 1], [6, 8, 7], [2, 5, 3]])
+# Below this many unknowns around a cell, one dense factorisation is quicker than the Python
+# of a piecewise one.
+_PIECEWISE_UNKNOWNS = 600
+
+
+def _trailing_variances(block, bounds, n_target):
+    """Diagonal of the inverse of a symmetric positive definite ``block`` over its last
+    ``n_target`` unknowns.
+
+    The groups ``block[bounds[g]:bounds[g + 1]]`` are eliminated one at a time (block
+    Cholesky), each updating only the unknowns it is coupled to: zero couplings, whether zero
+    from the start or never filled in, cost nothing. What is left after the last group is
+    factorised whole. The result is that of one dense Cholesky factorisation of the whole
+    block, to rounding. Only the lower triangle is read and kept up to date; ``block`` is
+    overwritten.
+
+    Returns NaN for every target if the block is not positive definite to working precision
+    (they get fit_failed).
+    """
+    try:
+        for first, stop in zip(bounds[:-1], bounds[1:]):
+            if stop == first:
+                continue
+            factor = linalg.cholesky(block[first:stop, first:stop], lower=True, check_finite=False)
+            coupled = stop + np.flatnonzero((block[stop:, first:stop] != 0).any(axis=1))
+            if coupled.size == 0:
+                continue
+            # Rows of L^-1 times the coupling: the Schur update is their Gram matrix.
+            reduced = linalg.solve_triangular(factor, block[coupled, first:stop].T, lower=True, check_finite=False)
+            block[np.ix_(coupled, coupled)] -= blas.dsyrk(1.0, reduced, trans=1, lower=1)
+        factor = linalg.cholesky(block[bounds[-1] :, bounds[-1] :], lower=True, check_finite=False)
+    except linalg.LinAlgError:
+        return np.full(n_target, np.nan)
+    trailing_inverse = linalg.solve_triangular(factor[-n_target:, -n_target:], np.eye(n_target), lower=True, check_finite=False)
+    return (trailing_inverse**2).sum(axis=0)
 
 
 def _submatrix_entries(normal, index, position):
