@@ -6,6 +6,7 @@ FWHM 2.8 px, IRAC on the 0.6" grid.
 
 import numpy as np
 import pytest
+from scipy import signal
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.scene import scene_photometry
@@ -345,3 +346,22 @@ def test_ring_by_ring_elimination_matches_the_dense_inverse_of_each_cells_block(
     exact = scene._local_variances(normal, centres, extents, targets, cell_size, 100)
     np.testing.assert_allclose(exact, np.diag(np.linalg.inv(matrix))[targets], rtol=1e-12)
 
+
+@pytest.mark.parametrize("kernel_shape", [(41, 41), (75, 75), (9, 7)])
+def test_wing_convolutions_are_scipys_same_mode_and_adjoint_to_each_other(kernel_shape):
+    """`_Wings` convolves on a periodic grid only half a kernel larger than the image, with the
+    kernel's transforms kept: the same as ``fftconvolve(..., mode="same")``, also for kernels
+    larger than the image, and `adjoint` the transpose of `image`."""
+    rng = np.random.default_rng(5)
+    shape = (60, 71)
+    sqrt_weight = rng.uniform(0.5, 1.0, shape)
+    kernel = rng.normal(0, 1, kernel_shape)
+    x, y = rng.uniform(-1, shape[1], 40), rng.uniform(-1, shape[0], 40)
+    wings = scene._Wings(kernel, x, y, sqrt_weight, 0, rng.uniform(size=40) < 0.8)
+    image = rng.normal(0, 1, shape)
+    np.testing.assert_allclose(
+        wings._convolve(image, wings.kernel_transform), signal.fftconvolve(image, kernel, mode="same"),
+        atol=1e-12 * np.abs(image).sum() * np.abs(kernel).max(),
+    )
+    flux = rng.normal(0, 1, 40)
+    assert np.isclose(np.sum(wings.image(flux) * image), np.sum(flux * wings.adjoint(image)), rtol=1e-12)

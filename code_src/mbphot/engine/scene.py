@@ -21,7 +21,8 @@ GALEX-like sources with 21 x 21 stamps: 18 s and 11 kB per source; IRAC-like: 10
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg, signal, sparse
+from scipy import fft as sp_fft
+from scipy import linalg, sparse
 from scipy.linalg import blas
 from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
@@ -489,11 +490,23 @@ class _Wings:
     `image` spreads each flux over the four pixels around its source (bilinear) and
     convolves with the wing kernel; `adjoint` is its transpose. The wings are broad and
     smooth, so the bilinear placement errs by a small fraction of their own small value.
+
+    The convolutions are those of ``scipy.signal.fftconvolve(..., mode="same")``, with the
+    kernel's transforms computed once rather than at every product, and on a periodic grid
+    only half a kernel larger than the image: the wrap-around then lands outside the part
+    that is kept.
     """
 
     def __init__(self, kernel, x, y, sqrt_weight, margin, with_wings):
-        self.kernel = kernel
         self.sqrt_weight = sqrt_weight
+        # "same" keeps the full convolution from the kernel's centre on; a period as long as
+        # what is left of the full convolution never folds the kept part onto itself.
+        self.centre = tuple((k - 1) // 2 for k in kernel.shape)
+        self.fft_shape = tuple(
+            sp_fft.next_fast_len(n + k - 1 - c, real=True) for n, k, c in zip(sqrt_weight.shape, kernel.shape, self.centre)
+        )
+        self.kernel_transform = sp_fft.rfft2(kernel, self.fft_shape)
+        self.flipped_transform = sp_fft.rfft2(kernel[::-1, ::-1], self.fft_shape)
         self.with_wings = with_wings
         shape = sqrt_weight.shape
         left, top = np.floor(x).astype(np.intp), np.floor(y).astype(np.intp)
@@ -510,12 +523,18 @@ class _Wings:
     def image(self, flux):
         flux = np.where(self.with_wings, flux, 0.0)
         points = np.bincount(self.indices.ravel(), (self.shares * flux).ravel(), minlength=self.sqrt_weight.size)
-        wings = signal.fftconvolve(points.reshape(self.sqrt_weight.shape), self.kernel, mode="same")
+        wings = self._convolve(points.reshape(self.sqrt_weight.shape), self.kernel_transform)
         return wings * self.sqrt_weight
 
     def adjoint(self, image):
-        correlated = signal.fftconvolve(image * self.sqrt_weight, self.kernel[::-1, ::-1], mode="same").ravel()
+        correlated = self._convolve(image * self.sqrt_weight, self.flipped_transform).ravel()
         return np.where(self.with_wings, (correlated[self.indices] * self.shares).sum(axis=0), 0.0)
+
+    def _convolve(self, image, kernel_transform):
+        """``image`` convolved with the kernel whose transform is given, "same" mode."""
+        full = sp_fft.irfft2(sp_fft.rfft2(image, self.fft_shape) * kernel_transform, self.fft_shape)
+        (row, col), (n_row, n_col) = self.centre, image.shape
+        return full[row : row + n_row, col : col + n_col]
 
 
 def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape):
