@@ -118,8 +118,8 @@ def _overlap_couplings(weighted, col, row, half):
     tree = cKDTree(np.column_stack([col, row]))
     pairs = tree.query_pairs(2 * half, p=np.inf, output_type="ndarray")
     # Sorted pairs: the same sums in the same order whatever order the tree found them in.
-    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
-    first, second = pairs[:, 0], pairs[:, 1]
+    # (One integer key per pair sorts several times faster than a lexsort of the two.)
+    first, second = np.divmod(np.sort(pairs[:, 0].astype(np.int64) * col.size + pairs[:, 1]), col.size)
     return first, second, pair_overlaps(weighted, col, row, first, second)
 
 
@@ -336,7 +336,7 @@ class _Solver:
         self.factors = []
         for members in subdomains:
             rows, columns, values = _submatrix_entries(normal, members, position)
-            self.factors.append(_factorise(sparse.csr_matrix((values, (rows, columns)), shape=(members.size, members.size))))
+            self.factors.append(_factorise(sparse.csc_matrix((values, (rows, columns)), shape=(members.size, members.size))))
 
     def _precondition(self, residual):
         result = np.zeros_like(residual)
