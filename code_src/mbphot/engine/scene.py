@@ -693,9 +693,17 @@ def _gradient_tables(table: PRFTable) -> tuple[PRFTable, PRFTable]:
     )
 
 
-def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior=None, start=None):
+def _candidate_gradients(tables, profile, candidates):
+    """`_gradient_tables` of each table that some candidate uses (the table itself, unused,
+    for the others), for `_position_shifts`."""
+    return [_gradient_tables(t) if (profile[candidates] == k).any() else (t, t) for k, t in enumerate(tables)]
+
+
+def _position_shifts(solve, tables, gradients, profile, x, y, candidates, max_shift_pix, prior=None, start=None):
     """Per source of ``x``, the shift (pixels) onto its light: for the ``candidates`` whose
     fitted S/N is above `_SHIFT_MIN_SNR`, at most ``max_shift_pix`` long; zero for the others.
+
+    ``gradients``: `_candidate_gradients`, computed once for all the steps.
 
     ``start`` (shift_x, shift_y): the shifts of a previous step, from which this one goes on
     (a Gauss-Newton step: the derivatives are those at the shifted positions).
@@ -722,7 +730,6 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
         return shift_x, shift_y, None
     x, y = x + start_x, y + start_y
     n_table = len(tables)
-    gradients = [_gradient_tables(t) if (profile[candidates] == k).any() else (t, t) for k, t in enumerate(tables)]
     augmented_tables = [*tables, *(g[0] for g in gradients), *(g[1] for g in gradients)]
     augmented_profile = np.concatenate([profile, profile[candidates] + n_table, profile[candidates] + 2 * n_table])
     prior_sigma = prior_mean = None
@@ -900,9 +907,10 @@ def scene_photometry(
         shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
         snr = np.abs(first_solution[: first.n_source][bright])
         width_sq = _rms_width_sq(prf_table)
+        gradients = _candidate_gradients(tables, profile, candidates)
         for _ in range(_SHIFT_STEPS):
             shift_x, shift_y, augmented = _position_shifts(
-                solve, tables, profile, x, y, candidates, max_shift_pix, prior, (shift_x, shift_y)
+                solve, tables, gradients, profile, x, y, candidates, max_shift_pix, prior, (shift_x, shift_y)
             )
             if not np.any(snr * (shift_x[candidates] ** 2 + shift_y[candidates] ** 2) / width_sq > _NEXT_STEP_MIN):
                 break
