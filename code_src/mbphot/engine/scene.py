@@ -158,10 +158,11 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo)
     of A over every unknown within ``halo`` pixels of the cell (sources by position, sky tiles
     by overlap) is factorised once, with the cell's targets ordered last: then the targets'
     block of the inverse is L22^-T L22^-1, L22 the trailing block of the Cholesky factor, and
-    its diagonal is the column sums of squares of L22^-1. The other unknowns are eliminated
-    in pieces of the ring around the cell, corners first (`_trailing_variances`): the ring is
-    as wide as the couplings reach, so opposite pieces never meet and most of the dense
-    factorisation's work, on zeros, is skipped.
+    its diagonal is the column sums of squares of L22^-1. In a crowded block the other
+    unknowns are eliminated in pieces of the ring around the cell, corners first
+    (`_trailing_variances`): the ring is as wide as the couplings reach, so opposite pieces
+    never meet, and the dense factorisation's work on their zero couplings is skipped (a
+    third of the time at GALEX crowding).
 
     The result is the variance conditional on the unknowns outside the block, so it can only
     underestimate diag(A^-1). With a halo of the stamp-overlap reach (plus a sky tile's side
@@ -195,6 +196,7 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo)
     candidate_lists = tree.query_ball_point(box_centres, box_half + extents.max(), p=np.inf, return_sorted=True)
     unique_variances = np.empty(unique.size)
     position_in_block = np.full(normal.shape[0], -1, dtype=np.intp)
+    scratch = np.empty(0)
     in_cell = np.zeros(normal.shape[0], dtype=bool)
     for start, stop, box_centre, candidates in zip(bounds[:-1], bounds[1:], box_centres, candidate_lists):
         members_in_cell = unique[order[start:stop]]
@@ -213,7 +215,10 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo)
             sorted_pieces = np.argsort(piece, kind="stable")
             others = others[sorted_pieces]
             bounds = np.append(np.searchsorted(piece[sorted_pieces], np.arange(9)), others.size)
-        block = _dense_block(normal, np.concatenate([others, members_in_cell]), position_in_block)
+        block_index = np.concatenate([others, members_in_cell])
+        if scratch.size < block_index.size**2:
+            scratch = np.empty(block_index.size**2)
+        block = _dense_block(normal, block_index, position_in_block, scratch)
         unique_variances[order[start:stop]] = _trailing_variances(block, bounds, members_in_cell.size)
     return unique_variances[inverse]
 
@@ -275,9 +280,13 @@ def _submatrix_entries(normal, index, position):
     return rows[inside], columns[inside], normal.data[entries[inside]]
 
 
-def _dense_block(normal, index, position):
+def _dense_block(normal, index, position, scratch):
+    """``normal[index][:, index]`` as a dense array, written over the start of ``scratch``
+    (at least ``index.size**2`` long): a fresh array of tens of MB per block costs page faults
+    worth several times the block's own copying."""
+    block = scratch[: index.size**2].reshape(index.size, index.size)
+    block.fill(0.0)
     rows, columns, values = _submatrix_entries(normal, index, position)
-    block = np.zeros((index.size, index.size))
     block[rows, columns] = values
     return block
 
