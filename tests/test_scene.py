@@ -6,6 +6,7 @@ FWHM 2.8 px, IRAC on the 0.6" grid.
 
 import numpy as np
 import pytest
+from scipy import signal
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.scene import scene_photometry
@@ -305,3 +306,62 @@ def test_a_bright_neighbours_position_error_enters_a_faint_sources_error():
         pulls.append(((result.flux - flux) / result.flux_err)[n_pair:])
     pulls = np.concatenate(pulls)
     assert 0.75 < np.std(pulls) < 1.35
+
+
+def random_local_problem(rng, side=60, n=240, reach=6.0, n_tile=4):
+    """A symmetric positive definite matrix coupling point unknowns closer than ``reach`` (in
+    each axis), plus sky-tile-like unknowns coupled to every point within their square."""
+    centres = rng.uniform(0, side, (n, 2)).round()
+    tile_side = side / n_tile
+    tile_centres = (np.stack(np.meshgrid(np.arange(n_tile), np.arange(n_tile)), -1).reshape(-1, 2) + 0.5) * tile_side
+    all_centres = np.vstack([centres, tile_centres])
+    extents = np.concatenate([np.zeros(n), np.full(len(tile_centres), tile_side / 2)])
+    distance = np.abs(all_centres[:, None] - all_centres[None]).max(axis=2) - np.maximum(extents[:, None], extents[None])
+    coupled = (distance < reach) & ~((extents[:, None] > 0) & (extents[None] > 0))
+    factor = rng.normal(0, 1, coupled.shape) * coupled
+    matrix = np.where(coupled, factor @ factor.T, 0.0) + np.eye(len(all_centres)) * len(all_centres)
+    return matrix, all_centres, extents
+
+
+@pytest.mark.parametrize("piecewise_unknowns", [0, 10**6])
+def test_ring_by_ring_elimination_matches_the_dense_inverse_of_each_cells_block(monkeypatch, piecewise_unknowns):
+    """`_local_variances` eliminates a large cell's ring piece by piece, skipping zero
+    couplings: its variances are those of the inverse of the cell's whole block, whatever
+    couples to what, as with one dense factorisation."""
+    monkeypatch.setattr(scene, "_PIECEWISE_UNKNOWNS", piecewise_unknowns)
+    rng = np.random.default_rng(3)
+    matrix, centres, extents = random_local_problem(rng)
+    normal = scene.sparse.csr_matrix(matrix)
+    targets = np.arange(0, 240, 3)
+    cell_size, halo = 9, 7
+    variances = scene._local_variances(normal, centres, extents, targets, cell_size, halo)
+    expected = []
+    for target in targets:
+        low = np.floor(centres[target] / cell_size) * cell_size - halo
+        high = low + cell_size - 1 + 2 * halo
+        block = np.flatnonzero(np.all((centres + extents[:, None] >= low) & (centres - extents[:, None] <= high), axis=1))
+        expected.append(np.linalg.inv(matrix[np.ix_(block, block)])[block == target][0, block == target][0])
+    np.testing.assert_allclose(variances, expected, rtol=1e-12)
+    # A halo over the whole scene gives the exact diagonal of the inverse.
+    exact = scene._local_variances(normal, centres, extents, targets, cell_size, 100)
+    np.testing.assert_allclose(exact, np.diag(np.linalg.inv(matrix))[targets], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel_shape", [(41, 41), (75, 75), (9, 7)])
+def test_wing_convolutions_are_scipys_same_mode_and_adjoint_to_each_other(kernel_shape):
+    """`_Wings` convolves on a periodic grid only half a kernel larger than the image, with the
+    kernel's transforms kept: the same as ``fftconvolve(..., mode="same")``, also for kernels
+    larger than the image, and `adjoint` the transpose of `image`."""
+    rng = np.random.default_rng(5)
+    shape = (60, 71)
+    sqrt_weight = rng.uniform(0.5, 1.0, shape)
+    kernel = rng.normal(0, 1, kernel_shape)
+    x, y = rng.uniform(-1, shape[1], 40), rng.uniform(-1, shape[0], 40)
+    wings = scene._Wings(kernel, x, y, sqrt_weight, 0, rng.uniform(size=40) < 0.8)
+    image = rng.normal(0, 1, shape)
+    np.testing.assert_allclose(
+        wings._convolve(image, wings.kernel_transform), signal.fftconvolve(image, kernel, mode="same"),
+        atol=1e-12 * np.abs(image).sum() * np.abs(kernel).max(),
+    )
+    flux = rng.normal(0, 1, 40)
+    assert np.isclose(np.sum(wings.image(flux) * image), np.sum(flux * wings.adjoint(image)), rtol=1e-12)
