@@ -365,3 +365,29 @@ def test_wing_convolutions_are_scipys_same_mode_and_adjoint_to_each_other(kernel
     )
     flux = rng.normal(0, 1, 40)
     assert np.isclose(np.sum(wings.image(flux) * image), np.sum(flux * wings.adjoint(image)), rtol=1e-12)
+
+
+def test_faint_sources_off_their_catalogue_positions_lose_no_flux_on_average():
+    """Catalogue positions 0.3 px per axis off the light (about 0.18" on IRAC's grid) cost a
+    point source of this PRF 3 % of its fitted flux on average. At S/N 3-6 a source's own
+    residual measures its loss too noisily to correct the median (-2.5 % here); with the
+    catalogue's position error known, each is corrected by the loss it predicts."""
+    rng = np.random.default_rng(5)
+    side, spacing, position_error = 128, 12.0, 0.3
+    table = build_prf_table(gaussian_prf_file(), OVERSAMPLING)
+    grid = np.arange(spacing, side - spacing + 1, spacing)
+    ratios = {"without": [], "with": []}
+    for _ in range(12):
+        light_x, light_y = (values.ravel() + rng.uniform(-0.5, 0.5, grid.size**2) for values in np.meshgrid(grid, grid))
+        flux = rng.uniform(12.0, 25.0, light_x.size)  # S/N 3-6
+        image = render((side, side), light_x, light_y, flux) + rng.normal(0, 1.0, (side, side))
+        x = light_x + rng.normal(0, position_error, light_x.size)
+        y = light_y + rng.normal(0, position_error, light_x.size)
+        for name, error in (("without", None), ("with", position_error)):
+            result = scene_photometry(image, x, y, np.arange(x.size), table, 15, 0.0, 1.0, position_error_pix=error)
+            ratios[name].append(result.flux / flux)
+    bias = {name: float(np.median(np.concatenate(values)) - 1) for name, values in ratios.items()}
+    print(f"median flux bias: {bias['without']:+.4f} from each source's residual, {bias['with']:+.4f} with the "
+          f"catalogue's position error")
+    assert bias["without"] < -0.015
+    assert abs(bias["with"]) < 0.01

@@ -49,8 +49,9 @@ _VARIANCE_BLOCK_UNKNOWNS = 250
 # A flux is never corrected by more than this fraction for its position: larger offsets are
 # not the small catalogue errors the correction is made for.
 _MAX_POSITION_LOSS = 0.2
-# Below this signal-to-noise the correction's own noise (about 1 / (S/N)^2) outweighs the
-# loss it corrects (a few per cent for IRAC's 0.15" catalogue errors).
+# Without a known position error, below this signal-to-noise the correction's own noise
+# (about 1 / (S/N)^2) outweighs the loss it corrects (a few per cent for IRAC's 0.15"
+# catalogue errors).
 _POSITION_MIN_SNR = 5.0
 # A source this bright measures its own position to about FWHM / (2 S/N): a few hundredths of
 # an arcsecond, well inside the catalogue's errors.
@@ -662,22 +663,37 @@ def size_sensitivity(tables, radii) -> np.ndarray:
     return sensitivity
 
 
-def _position_corrections(sums, flux, diagonal, noise_scale):
+def _position_corrections(sums, flux, diagonal, noise_scale, expected_offset_sq=None):
     """Flux corrections for catalogue positions off the light, from the residual's gradient.
 
     A point source fitted at a position off by delta keeps the fraction
     rho = <P(delta), P> / <P, P> ~ 1 - delta^T G delta / (2 <P, P>) of its flux (G the
     weighted Fisher matrix of the position), and leaves a residual whose projection on the
-    PRF's gradient is b = flux G delta. The estimate of delta^T G delta = b^T G^-1 b / flux^2
-    is biased by the noise, by 2 noise_scale^2 / flux^2 on average: subtracting that keeps
-    the correction unbiased however faint the source. Returns the factor each flux is divided
-    by, and the fitted offsets (pixels).
+    PRF's gradient is b = flux G delta. The estimate of X = flux^2 delta^T G delta,
+    b^T G^-1 b, is biased by the noise, by 2 noise_scale^2 on average: subtracting that keeps
+    the correction unbiased however faint the source.
+
+    Unbiased, but for a faint source mostly noise, so that half of them are corrected too
+    little: with ``expected_offset_sq`` (per source, the catalogue's position variance per
+    axis in pixels^2; 0 for a source moved onto its light) the estimate is shrunk toward
+    what that variance predicts, flux^2 s^2 tr G, by the ratio of its prior variance
+    (2 flux^4 s^4 tr G^2) to that plus the noise's (4 noise_scale^2 (X + noise_scale^2)). A
+    faint source then loses the mean fraction s^2 tr G / (2 <P, P>) that its PRF and the
+    catalogue's errors predict, a bright one what its own light shows. Returns the factor
+    each flux is divided by, and the fitted offsets (pixels).
     """
     _, _, bx, by, gxx, gxy, gyy = sums.T
     determinant = gxx * gyy - gxy**2
     with np.errstate(invalid="ignore", divide="ignore"):
         quadratic = (gyy * bx**2 - 2 * gxy * bx * by + gxx * by**2) / determinant
-        loss = 0.5 * (quadratic - 2 * noise_scale**2) / (flux**2 * diagonal)
+        estimate = quadratic - 2 * noise_scale**2
+        if expected_offset_sq is not None:
+            prior_mean = flux**2 * expected_offset_sq * (gxx + gyy)
+            prior_variance = 2 * flux**4 * expected_offset_sq**2 * (gxx**2 + 2 * gxy**2 + gyy**2)
+            noise_variance = 4 * noise_scale**2 * (prior_mean + noise_scale**2)
+            weight = prior_variance / (prior_variance + noise_variance)
+            estimate = prior_mean + weight * (estimate - prior_mean)
+        loss = 0.5 * estimate / (flux**2 * diagonal)
         offset_x = (gyy * bx - gxy * by) / (determinant * flux)
         offset_y = (gxx * by - gxy * bx) / (determinant * flux)
     loss = np.where(np.isfinite(loss), np.clip(loss, -_MAX_POSITION_LOSS, _MAX_POSITION_LOSS), 0.0)
@@ -855,7 +871,8 @@ def scene_photometry(
         The catalogue positions' error per axis (pixels), e.g.
         `mbphot.calibration.Calibration.position_scatter_arcsec`: a Gaussian prior on the
         offsets, so that a source is moved by what its light tells against that error (see
-        `_position_shifts`). None: no prior, the offsets that fit best.
+        `_position_shifts`), and the flux each unmoved source is expected to lose to its
+        offset (`_position_corrections`). None: no prior, the offsets that fit best.
     extended : (list of PRFTable, ndarray of int), optional
         Resolved sources: tables of the PRF convolved with each galaxy profile (same
         ``half_size``, phases and wings as ``prf_table``; `extended_profiles`), and for each
@@ -927,6 +944,9 @@ def scene_photometry(
         col, row = np.rint(x), np.rint(y)
     else:
         augmented = None
+        candidates = np.zeros(0, dtype=np.intp)
+    moved = np.zeros(x.size, dtype=bool)
+    moved[candidates] = True
     scene, solution, wings = solve(x, y)
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
@@ -982,9 +1002,13 @@ def scene_photometry(
     with np.errstate(invalid="ignore", divide="ignore"):
         rchisq = sums[:, 1] / sums[:, 0]
     if correct_positions:
-        kept, _, _ = _position_corrections(sums, fitted, 1.0 / scale**2, noise_scale)
-        with np.errstate(invalid="ignore"):
-            kept = np.where(np.abs(fitted) > _POSITION_MIN_SNR * noise_scale * np.sqrt(variance), kept, 1.0)
+        expected_offset_sq = None
+        if position_error_pix is not None:
+            expected_offset_sq = np.where(moved[target_sources], 0.0, position_error_pix**2)
+        kept, _, _ = _position_corrections(sums, fitted, 1.0 / scale**2, noise_scale, expected_offset_sq)
+        if expected_offset_sq is None:
+            with np.errstate(invalid="ignore"):
+                kept = np.where(np.abs(fitted) > _POSITION_MIN_SNR * noise_scale * np.sqrt(variance), kept, 1.0)
         fitted = fitted / kept
         variance = variance / kept**2
     with np.errstate(invalid="ignore"):
