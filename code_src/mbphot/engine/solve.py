@@ -17,7 +17,6 @@ from .prf import PRFTable
 
 __all__ = [
     "FLAGS",
-    "FLAG_DESCRIPTIONS",
     "FRACFLUX_LIMIT",
     "MIN_COVERED_FRACTION",
     "Measurement",
@@ -45,17 +44,6 @@ FRACFLUX_LIMIT = 10.0
 """``blended`` where the light the neighbours' models put into the target's profile exceeds
 this many times the target's flux, or its 3-sigma noise level if larger (a non-detection's
 fracflux is a ratio of two noises): the flux rests on how well their models subtract."""
-
-FLAG_DESCRIPTIONS = {
-    "off_image": "the source is not on any image of the band",
-    "no_data": "less than half of the PRF (within the cutout) falls on usable pixels; no flux",
-    "partial_coverage": "part of the PRF falls off the image or on masked / no-data pixels",
-    "fit_failed": "the fit gave a non-finite flux or variance; no flux",
-    "blended": (f"neighbours put more light into the source's profile than {FRACFLUX_LIMIT:g} times its flux "
-                "(or its 3-sigma noise, if larger)"),
-    "poor_fit": f"profile-weighted reduced chi^2 above {RCHISQ_LIMIT:g} (rchisq): resolved, or a poor model",
-}
-
 
 class Measurement(NamedTuple):
     """What an engine returns, one value per target.
