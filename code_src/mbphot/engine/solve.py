@@ -45,6 +45,7 @@ FRACFLUX_LIMIT = 10.0
 this many times the target's flux, or its 3-sigma noise level if larger (a non-detection's
 fracflux is a ratio of two noises): the flux rests on how well their models subtract."""
 
+
 class Measurement(NamedTuple):
     """What an engine returns, one value per target.
 
