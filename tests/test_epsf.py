@@ -103,9 +103,11 @@ def test_common_offset_is_recovered_and_each_star_registered(field, measured):
     assert rms * PIXEL_ARCSEC < 0.02
     assert abs(error_x) < 0.02 and abs(error_y) < 0.02
     assert 0.005 < measured.offset_x_err_pix * PIXEL_ARCSEC < 0.02
-    # The median of the stars' own light offsets is what the data can tell: recovered closely.
-    assert abs(measured.offset_x_pix - np.median(true_shift_x)) * PIXEL_ARCSEC < 0.005
-    assert abs(measured.offset_y_pix - np.median(true_shift_y)) * PIXEL_ARCSEC < 0.005
+    # The median of the stars' own light offsets is what the data can tell: recovered to a
+    # small fraction of the registration's scatter (the PRF's centre, its core centroid, moves
+    # by a few thousandths of an arcsecond with the sampling of the measured PRF).
+    assert abs(measured.offset_x_pix - np.median(true_shift_x)) * PIXEL_ARCSEC < 0.01
+    assert abs(measured.offset_y_pix - np.median(true_shift_y)) * PIXEL_ARCSEC < 0.01
 
 
 def test_wings_that_follow_the_file_show_no_excess(measured):

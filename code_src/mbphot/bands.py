@@ -64,8 +64,9 @@ class Band:
     prf_star_min_snr, prf_star_max_neighbour_fraction : float
         The stars an image's PRF is measured from: at least this signal-to-noise, and at most
         this fraction of their light within the fit radius from modelled neighbours (which are
-        subtracted). At GALEX resolution and COSMOS density few bright sources are isolated:
-        fainter, more crowded stars are taken, as PSF photometry of crowded fields does.
+        subtracted, and fitted again with each new PRF). At COSMOS density few bright sources
+        are isolated, at GALEX resolution hardly any: crowded stars are taken, as PSF
+        photometry of crowded fields does, and at GALEX fainter ones too.
     prf_min_stars : int
         With fewer such stars the PRF file is used.
     resampled_noise : bool
@@ -89,7 +90,7 @@ class Band:
     prf_core_radius_pixels: float | None = None
     calibration_radius_arcsec: float | None = None
     prf_star_min_snr: float = 50.0
-    prf_star_max_neighbour_fraction: float = 0.1
+    prf_star_max_neighbour_fraction: float = 0.5
     prf_min_stars: int = 8
     resampled_noise: bool = False
 
@@ -131,9 +132,9 @@ BANDS: dict[str, Band] = {
         _irac(3, 5.8, 1.88),
         _irac(4, 8.0, 1.98),
         Band("nuv", "GALEX", 0.2267, 1.5, "count/s", 33.73, 40.0, 5.3, "flux_galex_nuv", "nd", 0.999, 8.0,
-             prf_star_min_snr=20.0, prf_star_max_neighbour_fraction=0.5),
+             prf_star_min_snr=20.0),
         Band("fuv", "GALEX", 0.1516, 1.5, "count/s", 107.6, 40.0, 4.2, "flux_galex_fuv", "fd", 0.999, 8.0,
-             prf_star_min_snr=20.0, prf_star_max_neighbour_fraction=0.5),
+             prf_star_min_snr=20.0),
     )
 }
 BAND_NAMES: tuple[str, ...] = tuple(BANDS)

@@ -795,6 +795,9 @@ class _Mixing:
         return _SplineProfile(mixed.reshape(returned.coefficients.shape), returned.oversampling)
 
 
+_SAMPLES_PER_FWHM = 5.0
+
+
 def _default_radius(file_fwhm, fit_radius_pix):
     return float(fit_radius_pix) if fit_radius_pix is not None else max(2.0 * file_fwhm, 3.0)
 
@@ -810,7 +813,7 @@ def measure_prf(
     *,
     candidates=None,
     fluxes=None,
-    oversampling: int = 4,
+    oversampling: int | None = None,
     fit_radius_pix: float | None = None,
     min_snr: float = 50.0,
     max_neighbour_fraction: float = 0.1,
@@ -847,8 +850,12 @@ def measure_prf(
     fluxes : ndarray, optional
         First-pass fluxes of every source (NaN where unknown). Default: a `scene_photometry`
         fit of the section with the file's PRF and a fitted sky.
-    oversampling : int
-        Samples per image pixel of the measured PRF.
+    oversampling : int, optional
+        Samples per image pixel of the measured PRF. Default: enough for
+        `_SAMPLES_PER_FWHM` samples across the file PRF's FWHM (2 for IRAC's 0.6" mosaics and
+        for GALEX). A finer grid than the PRF needs only adds freedom: from a few tens of
+        stars, each sampling one sub-pixel phase, its noise biases every flux fitted with it
+        low (by the noise's share of the PRF's power) and scatters them with their phase.
     fit_radius_pix : float, optional
         Radius R (image pixels) within which the stars are measured; the file's wing shape is
         used beyond it. Default: twice the file PRF's FWHM, at least 3.
@@ -897,6 +904,8 @@ def measure_prf(
     file_table = build_prf_table(file_prf, file_oversampling)
     file_fwhm = fwhm_pixels(file_profile.samples, file_oversampling)
     radius = _default_radius(file_fwhm, fit_radius_pix)
+    if oversampling is None:
+        oversampling = max(1, int(np.ceil(_SAMPLES_PER_FWHM / file_fwhm)))
     if radius + 1 > file_profile.half_extent:
         radius = file_profile.half_extent - 1
 
