@@ -53,6 +53,26 @@ def test_a_resolved_source_is_flagged_poor_fit(table, measure):
     assert np.all(result.flag & FLAGS["poor_fit"])
 
 
+def test_an_uncatalogued_neighbours_light_goes_into_the_error_it_causes(table, measure):
+    """Each source has an uncatalogued neighbour 1.5-3 px away with up to a fifth of its
+    flux: the fit takes part of that light, by far more than the noise. The residual shows
+    it (rchisq), and the errors scaled by sqrt(rchisq) cover it."""
+    rng = np.random.default_rng(24)
+    n_side = 10
+    centres = 15 + 20 * np.arange(n_side, dtype=float)
+    x, y = (c.ravel() + rng.uniform(-0.5, 0.5, n_side**2) for c in np.meshgrid(centres, centres))
+    angle, distance, share = rng.uniform(0, 2 * np.pi, x.size), rng.uniform(1.5, 3.0, x.size), rng.uniform(0, 0.2, x.size)
+    side = 20 * n_side + 10
+    image = render((side, side), np.r_[x, x + distance * np.cos(angle)], np.r_[y, y + distance * np.sin(angle)],
+                   np.r_[np.full(x.size, 5.0), 5.0 * share]) + rng.normal(0, 0.01, (side, side))
+    result = measure(image, x, y, np.arange(x.size), table, 17, sky=0.0, sigma=0.01)
+    pull = (result.flux - 5.0) / result.flux_err
+    noise_only = (result.flux - 5.0) / (result.flux_err / np.sqrt(np.maximum(result.rchisq, 1.0)))
+    print(f"pull sd {pull.std():.2f}, with the noise's error alone {noise_only.std():.2f}")
+    assert noise_only.std() > 3.0
+    assert 0.8 < pull.std() < 1.5
+
+
 def test_a_faint_source_beside_a_bright_one_is_flagged_blended(table, measure):
     rng = np.random.default_rng(22)
     x, y = np.array([30.0, 32.5]), np.array([30.0, 30.4])

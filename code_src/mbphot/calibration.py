@@ -211,7 +211,10 @@ def calibrate_section(
         flux, snr = np.full(x.size, np.nan), np.full(x.size, np.nan)
         clean = result.flag & _CLEAN == 0
         flux[everything] = np.where(clean, result.flux, np.nan)
-        snr[everything] = np.where(clean, result.flux / result.flux_err, np.nan)
+        # Brightness, not the quality of the fit, picks the bright sources: the S/N of the
+        # noise alone (a poor fit's error is scaled by sqrt(rchisq), `finish_measurement`).
+        noise_error = result.flux_err / np.sqrt(np.fmax(result.rchisq, 1.0))
+        snr[everything] = np.where(clean, result.flux / noise_error, np.nan)
         return _Fit(flux, snr, fitted_x, fitted_y)
 
     def render(fitted: _Fit, prf, oversampling):

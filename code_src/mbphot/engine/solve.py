@@ -115,8 +115,13 @@ def finish_measurement(
 
     All arrays after ``measured`` hold one value per measured target; ``rchisq``,
     ``fracflux`` and ``blended`` (see `is_blended`) are None for an engine that does not
-    measure them.
+    measure them. A target whose ``rchisq`` exceeds 1 has its error scaled by its square root
+    (the Birge ratio): its residual holds more than the noise and the PRF's calibrated pixel
+    error explain, a neighbour or a profile the model lacks, which its flux carries too.
     """
+    if rchisq is not None:
+        with np.errstate(invalid="ignore"):
+            variance = variance * np.where(rchisq > 1.0, rchisq, 1.0)
     flag = result.flag
     partial = (covered < 1.0 - 1e-9) | ~cutout_inside
     flag[measured[partial]] |= FLAGS["partial_coverage"]
