@@ -97,59 +97,116 @@ def _by_profile(tables, profile, kernel, *per_source):
     return tuple(results) if len(results) > 1 else results[0]
 
 
-def _source_terms(tables, profile, x, y, col, row, padded, half_cutout):
+def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, previous=None, old=None):
     """Whitened stamps, A diagonal, b and the per-source-engine coverage of each source.
 
     ``covered`` is the fraction of the stamp's flux inside the target's cutout that falls on
     usable pixels, as `solve.forced_photometry` computes it, so both engines flag alike.
+
+    With a ``previous`` scene, a source whose unknown there is ``old`` (-1: none) keeps its
+    terms from it; the others are computed, each table's sources at once.
     """
     whitened, sqrt_weight, valid = padded
-
-    def kernel(table, offset_x, offset_y, source_col, source_row):
-        return weighted_stamps(
+    n = col.size
+    size = tables[0].stamps.shape[-1]
+    weighted = np.empty((n, size, size))
+    rhs, diagonal, covered = np.empty(n), np.empty(n), np.empty(n)
+    fresh = np.arange(n)
+    if previous is not None:
+        kept = np.flatnonzero(old >= 0)
+        weighted[kept] = previous.weighted[old[kept]]
+        rhs[kept] = previous.terms.rhs[old[kept]]
+        diagonal[kept] = previous.terms.diagonal[old[kept]]
+        covered[kept] = previous.covered[old[kept]]
+        fresh = np.flatnonzero(old < 0)
+    for index in np.unique(profile[fresh]):
+        members = fresh[profile[fresh] == index]
+        table = tables[index]
+        weighted_stamps(
             table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
-            offset_x, offset_y, source_col, source_row, whitened, sqrt_weight, valid, min(table.half_size, half_cutout),
+            x[members] - col[members], y[members] - row[members], col[members], row[members],
+            whitened, sqrt_weight, valid, min(table.half_size, half_cutout), members, weighted, rhs, diagonal, covered,
         )
+    return weighted, rhs, diagonal, covered
 
-    return _by_profile(tables, profile, kernel, x - col, y - row, col, row)
 
+def _overlap_couplings(weighted, col, row, half, previous=None, old=None):
+    """Off-diagonal A elements of every pair of sources whose stamps overlap.
 
-def _overlap_couplings(weighted, col, row, half):
-    """Off-diagonal A elements of every pair of sources whose stamps overlap."""
+    With a ``previous`` scene (``old`` as in `_source_terms`), the pairs of two kept sources
+    are taken from it, and only those of a source new or moved are computed.
+    """
     tree = cKDTree(np.column_stack([col, row]))
-    pairs = tree.query_pairs(2 * half, p=np.inf, output_type="ndarray")
+    if previous is None:
+        pairs = tree.query_pairs(2 * half, p=np.inf, output_type="ndarray")
+        kept_first = kept_second = np.zeros(0, dtype=np.intp)
+        kept_values = np.zeros(0)
+    else:
+        new_of_old = np.full(previous.n_source, -1, dtype=np.intp)
+        new_of_old[old[old >= 0]] = np.flatnonzero(old >= 0)
+        old_first, old_second, old_values = previous.terms.pairs
+        kept_first, kept_second = new_of_old[old_first], new_of_old[old_second]
+        both = (kept_first >= 0) & (kept_second >= 0)
+        # Kept sources keep their order, so each kept pair stays (lower, higher).
+        kept_first, kept_second, kept_values = kept_first[both], kept_second[both], old_values[both]
+        fresh = np.flatnonzero(old < 0)
+        near = cKDTree(np.column_stack([col[fresh], row[fresh]])).sparse_distance_matrix(
+            tree, 2 * half, p=np.inf, output_type="ndarray"
+        )
+        one, other = fresh[near["i"]], near["j"].astype(np.intp)
+        # A pair of two fresh sources is found from both ends: keep it once.
+        once = (old[other] >= 0) | (one < other)
+        pairs = np.column_stack([np.minimum(one, other), np.maximum(one, other)])[once & (one != other)]
     # Sorted pairs: the same sums in the same order whatever order the tree found them in.
     # (One integer key per pair sorts several times faster than a lexsort of the two.)
     first, second = np.divmod(np.sort(pairs[:, 0].astype(np.int64) * col.size + pairs[:, 1]), col.size)
-    return first, second, pair_overlaps(weighted, col, row, first, second)
+    values = pair_overlaps(weighted, col, row, first, second)
+    return np.concatenate([kept_first, first]), np.concatenate([kept_second, second]), np.concatenate([kept_values, values])
 
 
-def _sky_couplings(weighted, col, row, padded, image_shape, tile_size, half):
+def _sky_couplings(weighted, col, row, padded, image_shape, tile_size, half, previous=None, old=None):
     """A and b terms of one constant sky offset per ``tile_size`` square tile of the image.
 
     Returns the source-tile couplings (source, tile, value), the tiles' diagonal and b, and
-    the number of tile columns.
+    the number of tile columns. With a ``previous`` scene (``old`` as in `_source_terms`),
+    the tiles' terms and those of kept sources are taken from it.
     """
     whitened, sqrt_weight, _ = padded
     n_rows = -(-image_shape[0] // tile_size)
     n_cols = -(-image_shape[1] // tile_size)
-    margin = 2 * half
-    rows, cols = np.indices(image_shape)
-    tile = ((rows // tile_size) * n_cols + cols // tile_size).ravel()
-    inner = (slice(margin, margin + image_shape[0]), slice(margin, margin + image_shape[1]))
-    tile_diagonal = np.bincount(tile, (sqrt_weight[inner] ** 2).ravel(), minlength=n_rows * n_cols)
-    tile_rhs = np.bincount(tile, (sqrt_weight[inner] * whitened[inner]).ravel(), minlength=n_rows * n_cols)
+    fresh = np.arange(col.size)
+    if previous is None:
+        margin = 2 * half
+        rows, cols = np.indices(image_shape)
+        tile = ((rows // tile_size) * n_cols + cols // tile_size).ravel()
+        inner = (slice(margin, margin + image_shape[0]), slice(margin, margin + image_shape[1]))
+        tile_diagonal = np.bincount(tile, (sqrt_weight[inner] ** 2).ravel(), minlength=n_rows * n_cols)
+        tile_rhs = np.bincount(tile, (sqrt_weight[inner] * whitened[inner]).ravel(), minlength=n_rows * n_cols)
+        kept_sources = kept_tiles = np.zeros(0, dtype=np.intp)
+        kept_values = np.zeros(0)
+    else:
+        old_sources, old_tiles, old_values, tile_diagonal, tile_rhs, _ = previous.terms.sky
+        new_of_old = np.full(previous.n_source, -1, dtype=np.intp)
+        new_of_old[old[old >= 0]] = np.flatnonzero(old >= 0)
+        kept_sources = new_of_old[old_sources]
+        kept_tiles, kept_values = old_tiles[kept_sources >= 0], old_values[kept_sources >= 0]
+        kept_sources = kept_sources[kept_sources >= 0]
+        fresh = np.flatnonzero(old < 0)
 
     size = 2 * half + 1
     span = (size - 1) // tile_size + 2  # tiles per axis a stamp can meet
-    sums, first_tile_row, first_tile_col = tile_sums(weighted, col, row, sqrt_weight, tile_size, span)
+    stamps = weighted if previous is None else weighted[fresh]
+    sums, first_tile_row, first_tile_col = tile_sums(stamps, col[fresh], row[fresh], sqrt_weight, tile_size, span)
     local = np.arange(span)
     tile_row = first_tile_row[:, None, None] + local[None, :, None]
     tile_col = first_tile_col[:, None, None] + local[None, None, :]
     keep = (sums != 0) & (tile_row >= 0) & (tile_row < n_rows) & (tile_col >= 0) & (tile_col < n_cols)
-    sources = np.broadcast_to(np.arange(col.size)[:, None, None], keep.shape)[keep]
+    sources = np.broadcast_to(fresh[:, None, None], keep.shape)[keep]
     tiles = (tile_row * n_cols + tile_col)[keep]
-    return sources, tiles, sums[keep], tile_diagonal, tile_rhs, n_cols
+    return (
+        np.concatenate([kept_sources, sources]), np.concatenate([kept_tiles, tiles]), np.concatenate([kept_values, sums[keep]]),
+        tile_diagonal, tile_rhs, n_cols,
+    )
 
 
 def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo):
@@ -391,7 +448,7 @@ class _Scene:
     ``modelled``, ``col``, ``row`` and ``weighted`` are the modelled sources' catalogue
     indices, central pixels and whitened stamps; ``padded`` the whitened data, square-root
     weights and usability (`_pixel_arrays`); ``tile_of_pixel`` the sky tile of each image
-    pixel (None without sky tiles).
+    pixel (None without sky tiles); ``terms`` what the next scene of the image reuses.
     """
 
     normal: sparse.csr_matrix
@@ -409,10 +466,55 @@ class _Scene:
     weighted: np.ndarray
     padded: tuple
     tile_of_pixel: np.ndarray | None
+    terms: "_Terms"
 
 
-def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile) -> _Scene:
-    """Assemble the scene's normal equations from stamp overlaps (see `scene_photometry`)."""
+@dataclass
+class _Terms:
+    """A scene's unscaled terms that `_normal_equations` reuses in the next scene of the same
+    image: each modelled source's position (``x``, ``y``) and table (``tables[profile]``), b
+    and A diagonal; the A elements of overlapping pairs of sources (first, second, value) and,
+    with sky tiles, `_sky_couplings`' result (else None)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    tables: list
+    profile: np.ndarray
+    rhs: np.ndarray
+    diagonal: np.ndarray
+    pairs: tuple
+    sky: tuple | None
+
+
+def _previous_unknowns(previous, modelled, x, y, tables, profile):
+    """Each modelled source's unknown in the ``previous`` scene if it is there with the same
+    position and table, else -1."""
+    old = np.full(modelled.size, -1, dtype=np.intp)
+    if previous is None:
+        return old
+    known = modelled < previous.unknown_of_source.size
+    old[known] = previous.unknown_of_source[modelled[known]]
+    there = np.flatnonzero(old >= 0)
+    source, unknown = modelled[there], old[there]
+    # A table is the same object, not only the same index: the scenes of a position step
+    # add gradient tables after the profiles.
+    previous_tables = previous.terms.tables
+    same_table = np.array([[a is b for b in tables] for a in previous_tables])
+    same = (
+        (previous.terms.x[unknown] == x[source]) & (previous.terms.y[unknown] == y[source])
+        & same_table[previous.terms.profile[unknown], profile[source]]
+    )
+    old[there[~same]] = -1
+    return old
+
+
+def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous=None) -> _Scene:
+    """Assemble the scene's normal equations from stamp overlaps (see `scene_photometry`).
+
+    ``previous``: a scene of the same image, sky, noise and PRF. Its terms are reused for
+    every source at the same index, position and table: the scenes of one `scene_photometry`
+    call differ only in the bright sources moved onto their light and their gradients.
+    """
     ny, nx = image.shape
     half = prf_table.half_size
     col = np.rint(x)
@@ -427,19 +529,21 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     unknown_of_source[modelled] = np.arange(modelled.size)
     m_col = col[modelled].astype(np.intp)
     m_row = row[modelled].astype(np.intp)
-    padded = _pixel_arrays(image, sky, sigma, margin=2 * half)
+    padded = _pixel_arrays(image, sky, sigma, margin=2 * half) if previous is None else previous.padded
+    old = _previous_unknowns(previous, modelled, x, y, tables, profile)
     weighted, rhs, diagonal, covered = _source_terms(
-        tables, profile[modelled], x[modelled], y[modelled], m_col, m_row, padded, cutout_size // 2
+        tables, profile[modelled], x[modelled], y[modelled], m_col, m_row, padded, cutout_size // 2, previous, old
     )
-    first, second, values = _overlap_couplings(weighted, m_col, m_row, half)
+    pairs = first, second, values = _overlap_couplings(weighted, m_col, m_row, half, previous, old)
+    terms = _Terms(x[modelled], y[modelled], tables, profile[modelled], rhs, diagonal, pairs, None)
 
     n_source = modelled.size
     centres = np.column_stack([m_col, m_row]).astype(np.float64)
     extents = np.zeros(n_source)
     tile_of_pixel = None
     if fit_sky:
-        sources, tiles, sky_values, tile_diagonal, tile_rhs, n_tile_cols = _sky_couplings(
-            weighted, m_col, m_row, padded, (ny, nx), cutout_size, half
+        terms.sky = sources, tiles, sky_values, tile_diagonal, tile_rhs, n_tile_cols = _sky_couplings(
+            weighted, m_col, m_row, padded, (ny, nx), cutout_size, half, previous, old
         )
         first = np.concatenate([first, sources])
         second = np.concatenate([second, n_source + tiles])
@@ -472,7 +576,7 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     ).tocsr()
     return _Scene(
         normal, rhs, scale, unconstrained, covered, unknown_of_source, n_source, centres, extents,
-        modelled, m_col, m_row, weighted, padded, tile_of_pixel,
+        modelled, m_col, m_row, weighted, padded, tile_of_pixel, terms,
     )
 
 
@@ -902,8 +1006,13 @@ def scene_photometry(
 
     tables, profile = _profiles(prf_table, extended, x.size)
 
+    previous = None
+
     def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None, prior_mean=None):
-        scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile)
+        nonlocal previous
+        scene = previous = _normal_equations(
+            image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous
+        )
         if prior_sigma is not None:
             # A Gaussian prior N(m, s^2) on an unknown adds 1 / s^2 to its diagonal and m / s^2
             # to its right-hand side: in the scaled unknowns, scale^2 / s^2 and scale m / s^2.
