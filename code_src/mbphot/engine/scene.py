@@ -683,19 +683,20 @@ class _Wings:
         return full[row : row + n_row, col : col + n_col]
 
 
-def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape):
+def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, cores=None):
     """The scene's solution with its PRFs whole: cores as stamps, wings by FFT (`_Wings`).
 
     Without wings, the normal equations of the cores. With them, the full least-squares
     problem (C + G)^T W (C + G) f = (C + G)^T W d, C the cores and G the wings, solved by
     conjugate gradients with the operator applied through images (stamps and FFTs) and the
-    cores' subdomain factorisations as the preconditioner, started from the cores' solution
-    of the data less the wings of the cores' fluxes. Returns the solution (scaled unknowns)
-    and the `_Wings` (None without wings).
+    cores' subdomain factorisations as the preconditioner. It starts from the cores' solution
+    (``cores``, scaled unknowns, where the caller knows it; else solved here) fitted again to
+    the data less the wings of its fluxes. Returns the solution (scaled unknowns) and the
+    `_Wings` (None without wings).
     """
-    solution = solver.solve(scene.rhs)
     if prf_table.wings is None:
-        return solution, None
+        return solver.solve(scene.rhs, start=cores), None
+    solution = solver.solve(scene.rhs) if cores is None else cores
     # `_pixel_arrays` pads by two stamp half-widths.
     ny, nx = shape
     with np.errstate(invalid="ignore"):
@@ -1050,12 +1051,12 @@ def scene_photometry(
 
     tables, profile = _profiles(prf_table, extended, x.size)
 
-    fitted = None, None  # the last fit's scene and solver
+    fitted = None, None, None  # the last fit's scene, solver and solution
     width_sq = _rms_width_sq(prf_table)
 
     def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None, prior_mean=None):
         nonlocal fitted
-        previous, previous_solver = fitted
+        previous, previous_solver, previous_solution = fitted
         scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous)
         if prior_sigma is not None:
             # A Gaussian prior N(m, s^2) on an unknown adds 1 / s^2 to its diagonal and m / s^2
@@ -1066,12 +1067,17 @@ def scene_photometry(
             scene.normal = (scene.normal + sparse.diags(extra)).tocsr()
             if prior_mean is not None:
                 scene.rhs[: scene.n_source] += source_scale * prior_mean[scene.modelled] / prior_sigma[scene.modelled] ** 2
+        if previous is not None:
+            # Each unknown's counterpart in the last fit (by catalogue index; sky tiles alike).
+            known = np.full(x.size, -1, dtype=np.intp)
+            common = min(x.size, previous.unknown_of_source.size)
+            known[:common] = previous.unknown_of_source[:common]
+            n_tile = scene.normal.shape[0] - scene.n_source
+            old_of_new = np.concatenate([known[scene.modelled], previous.n_source + np.arange(n_tile)])
         near = previous is not None and previous.unknown_of_source.size == x.size
         if near:
             # The same sources as the last fit (the next position step): if none has moved by
             # much of the PRF's width, the last fit's factorisations precondition this one.
-            n_tile = scene.normal.shape[0] - scene.n_source
-            old_of_new = np.concatenate([previous.unknown_of_source[scene.modelled], previous.n_source + np.arange(n_tile)])
             there = old_of_new[: scene.n_source] >= 0
             old = old_of_new[: scene.n_source][there]
             move = np.hypot(previous.terms.x[old] - x[scene.modelled[there]], previous.terms.y[old] - y[scene.modelled[there]])
@@ -1080,10 +1086,18 @@ def scene_photometry(
             solver = previous_solver.near(scene.normal, old_of_new)
         else:
             solver = _Solver(scene.normal, _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source))
-        fitted = scene, solver
         if cores_only:
-            return scene, solver.solve(scene.rhs), None
-        return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape))
+            solution = solver.solve(scene.rhs)
+            fitted = scene, solver, solution
+            return scene, solution, None
+        cores = None
+        if previous is not None:
+            # The last position step's fluxes are those of the cores at these positions, to
+            # first order in the moves: the wings' fit takes them for its start.
+            mapped = (old_of_new >= 0) & ~scene.unconstrained
+            cores = np.zeros(scene.normal.shape[0])
+            cores[mapped] = previous_solution[old_of_new[mapped]] * previous.scale[old_of_new[mapped]] / scene.scale[mapped]
+        return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape, cores))
 
     if max_shift_pix > 0:
         # Which sources are bright enough to move, and where to, the PRFs' cores tell: their
