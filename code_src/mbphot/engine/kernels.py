@@ -54,9 +54,13 @@ def _phase(offset, first_phase, phase_step, n_phase):
 
 
 @njit(cache=True, nogil=True)
-def weighted_stamps(table, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight, valid, reach):
+def weighted_stamps(
+    table, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight, valid, reach,
+    slots, weighted, rhs, diagonal, covered,
+):
     """Each source's PRF stamp, interpolated between tabulated phases and multiplied by the
-    square-root weights of the pixels it lands on, with its terms of the normal equations.
+    square-root weights of the pixels it lands on, with its terms of the normal equations,
+    written into the given arrays (in place).
 
     Parameters
     ----------
@@ -73,25 +77,21 @@ def weighted_stamps(table, first_phase, phase_step, offset_x, offset_y, col, row
         unusable); ``valid`` marks usable pixels.
     reach : int
         Half-side of the square (around the centre) over which the coverage is measured.
-
-    Returns
-    -------
-    weighted : ndarray, shape (n, size, size)
+    slots : ndarray of int
+        Where each source's results go in the arrays below: the sources sharing one table are
+        computed together, and the scene's arrays hold every table's sources.
+    weighted : ndarray, shape (n_slot, size, size)
         Stamp times sqrt(weight).
-    rhs, diagonal : ndarray
+    rhs, diagonal : ndarray, shape (n_slot,)
         ``weighted . whitened`` and ``weighted . weighted`` per source.
-    covered : ndarray
+    covered : ndarray, shape (n_slot,)
         Fraction of the stamp's flux within ``reach`` that falls on usable pixels.
     """
     n_phase = table.shape[0]
     size = table.shape[2]
     half = size // 2
-    n = col.size
-    weighted = np.empty((n, size, size))
-    rhs = np.empty(n)
-    diagonal = np.empty(n)
-    covered = np.empty(n)
-    for source in range(n):
+    for source in range(col.size):
+        slot = slots[source]
         low_x, weight_x = _phase(offset_x[source], first_phase, phase_step, n_phase)
         low_y, weight_y = _phase(offset_y[source], first_phase, phase_step, n_phase)
         # The padding is size - 1, so a stamp centred on pixel (row, col) starts at row + half.
@@ -107,17 +107,16 @@ def weighted_stamps(table, first_phase, phase_step, offset_x, offset_y, col, row
                     (1 - weight_x) * table[low_y, low_x, a, b] + weight_x * table[low_y, low_x + 1, a, b]
                 ) + weight_y * ((1 - weight_x) * table[low_y + 1, low_x, a, b] + weight_x * table[low_y + 1, low_x + 1, a, b])
                 w = value * sqrt_weight[first_row + a, first_col + b]
-                weighted[source, a, b] = w
+                weighted[slot, a, b] = w
                 b_sum += w * whitened[first_row + a, first_col + b]
                 a_sum += w * w
                 if abs(a - half) <= reach and abs(b - half) <= reach:
                     core_total += value
                     if valid[first_row + a, first_col + b]:
                         core_on_data += value
-        rhs[source] = b_sum
-        diagonal[source] = a_sum
-        covered[source] = core_on_data / core_total if core_total > 0 else 0.0
-    return weighted, rhs, diagonal, covered
+        rhs[slot] = b_sum
+        diagonal[slot] = a_sum
+        covered[slot] = core_on_data / core_total if core_total > 0 else 0.0
 
 
 @njit(cache=True, nogil=True)
