@@ -66,7 +66,8 @@ class CutoutFit:
         The constant sky offset fitted with the fluxes, on top of the sky map.
     flux, flux_err : float
         The target's flux (image unit times pixels) and its 1-sigma error from the fit's
-        covariance, which includes the covariance with blended neighbours and the sky.
+        covariance, which includes the covariance with blended neighbours and the sky (the
+        engine scales a poor fit's by sqrt(rchisq), `mbphot.engine.solve.finish_measurement`).
     prf : ndarray
         The target's PRF (unit flux) on the cutout's pixels.
     target_xy : tuple of float
