@@ -18,7 +18,6 @@ GALEX-like sources with 21 x 21 stamps: 18 s and 11 kB per source; IRAC-like: 10
 - Variances: diag(A^-1) from local dense blocks, see `_local_variances`.
 """
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,12 +63,6 @@ _SHIFT_MIN_SNR = 20.0
 # another step is taken only where some source's S/N (shift / width)^2 exceeds this.
 _SHIFT_STEPS = 2
 _NEXT_STEP_MIN = 0.5
-# The second step is preconditioned by the first step's factorisations when no source has
-# moved by more than this fraction of the PRF's rms width between them. At GALEX (moves of at
-# most 0.27 px, 0.16 widths) the extra iterations cost less than factorising again (bench
-# field, NUV: 429 preconditioner applications instead of 311, 77 factorisations instead of
-# 102); at IRAC (0.67 px, 0.37 widths) they cost more (395 applications instead of 194).
-_NEAR_MOVE = 0.2
 
 
 def _pixel_arrays(image, sky, sigma, margin):
@@ -406,38 +399,13 @@ class _Solver:
     def __init__(self, normal, subdomains):
         self.normal = normal
         self.subdomains = subdomains
-        self.n_factorised = normal.shape[0]
-        self.factorised_of_unknown = None
         position = np.full(normal.shape[0], -1, dtype=np.intp)
         self.factors = []
         for members in subdomains:
             rows, columns, values = _submatrix_entries(normal, members, position)
             self.factors.append(_factorise(sparse.csc_matrix((values, (rows, columns)), shape=(members.size, members.size))))
 
-    def near(self, normal, old_of_new):
-        """A solver of ``normal``, a matrix close to this one (its unknown k is unknown
-        ``old_of_new[k]`` here, -1 if none), preconditioned by these factorisations: a few
-        more iterations instead of new factorisations. An unknown without a counterpart is
-        preconditioned by its own (unit) diagonal."""
-        solver = copy.copy(self)
-        solver.normal = normal
-        if self.factorised_of_unknown is not None:
-            old_of_new = np.where(old_of_new >= 0, self.factorised_of_unknown[old_of_new], -1)
-        solver.factorised_of_unknown = old_of_new
-        return solver
-
     def _precondition(self, residual):
-        mapping = self.factorised_of_unknown
-        if mapping is None:
-            return self._schwarz(residual)
-        mapped = mapping >= 0
-        factorised = np.zeros(self.n_factorised)
-        factorised[mapping[mapped]] = residual[mapped]
-        result = residual.copy()
-        result[mapped] = self._schwarz(factorised)[mapping[mapped]]
-        return result
-
-    def _schwarz(self, residual):
         result = np.zeros_like(residual)
         for members, factor in zip(self.subdomains, self.factors):
             result[members] += factor.solve(residual[members])
@@ -1051,12 +1019,14 @@ def scene_photometry(
 
     tables, profile = _profiles(prf_table, extended, x.size)
 
-    fitted = None, None, None  # the last fit's scene, solver and solution
-    width_sq = _rms_width_sq(prf_table)
+    # The last fit's scene and solution: the next fit reuses the terms of the sources that did
+    # not move, and starts from its fluxes. (Not its factorisations: kept alive through the
+    # next assembly they double a GALEX fit's peak memory.)
+    last_fit = None, None
 
     def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None, prior_mean=None):
-        nonlocal fitted
-        previous, previous_solver, previous_solution = fitted
+        nonlocal last_fit
+        previous, previous_solution = last_fit
         scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous)
         if prior_sigma is not None:
             # A Gaussian prior N(m, s^2) on an unknown adds 1 / s^2 to its diagonal and m / s^2
@@ -1074,21 +1044,10 @@ def scene_photometry(
             known[:common] = previous.unknown_of_source[:common]
             n_tile = scene.normal.shape[0] - scene.n_source
             old_of_new = np.concatenate([known[scene.modelled], previous.n_source + np.arange(n_tile)])
-        near = previous is not None and previous.unknown_of_source.size == x.size
-        if near:
-            # The same sources as the last fit (the next position step): if none has moved by
-            # much of the PRF's width, the last fit's factorisations precondition this one.
-            there = old_of_new[: scene.n_source] >= 0
-            old = old_of_new[: scene.n_source][there]
-            move = np.hypot(previous.terms.x[old] - x[scene.modelled[there]], previous.terms.y[old] - y[scene.modelled[there]])
-            near = move.size == 0 or move.max() ** 2 < _NEAR_MOVE**2 * width_sq
-        if near:
-            solver = previous_solver.near(scene.normal, old_of_new)
-        else:
-            solver = _Solver(scene.normal, _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source))
+        solver = _Solver(scene.normal, _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source))
         if cores_only:
             solution = solver.solve(scene.rhs)
-            fitted = scene, solver, solution
+            last_fit = scene, solution
             return scene, solution, None
         cores = None
         if previous is not None:
@@ -1112,6 +1071,7 @@ def scene_photometry(
             prior = (first_solution[: first.n_source][bright] * first.scale[: first.n_source][bright], position_error_pix)
         shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
         snr = np.abs(first_solution[: first.n_source][bright])
+        width_sq = _rms_width_sq(prf_table)
         gradients = _candidate_gradients(tables, profile, candidates)
         for _ in range(_SHIFT_STEPS):
             shift_x, shift_y, augmented = _position_shifts(
