@@ -1037,13 +1037,6 @@ def scene_photometry(
             scene.normal = (scene.normal + sparse.diags(extra)).tocsr()
             if prior_mean is not None:
                 scene.rhs[: scene.n_source] += source_scale * prior_mean[scene.modelled] / prior_sigma[scene.modelled] ** 2
-        if previous is not None:
-            # Each unknown's counterpart in the last fit (by catalogue index; sky tiles alike).
-            known = np.full(x.size, -1, dtype=np.intp)
-            common = min(x.size, previous.unknown_of_source.size)
-            known[:common] = previous.unknown_of_source[:common]
-            n_tile = scene.normal.shape[0] - scene.n_source
-            old_of_new = np.concatenate([known[scene.modelled], previous.n_source + np.arange(n_tile)])
         solver = _Solver(scene.normal, _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source))
         if cores_only:
             solution = solver.solve(scene.rhs)
@@ -1052,7 +1045,13 @@ def scene_photometry(
         cores = None
         if previous is not None:
             # The last position step's fluxes are those of the cores at these positions, to
-            # first order in the moves: the wings' fit takes them for its start.
+            # first order in the moves: the wings' fit takes them for its start. Each unknown's
+            # counterpart in that step is found by catalogue index (sky tiles alike).
+            known = np.full(x.size, -1, dtype=np.intp)
+            common = min(x.size, previous.unknown_of_source.size)
+            known[:common] = previous.unknown_of_source[:common]
+            n_tile = scene.normal.shape[0] - scene.n_source
+            old_of_new = np.concatenate([known[scene.modelled], previous.n_source + np.arange(n_tile)])
             mapped = (old_of_new >= 0) & ~scene.unconstrained
             cores = np.zeros(scene.normal.shape[0])
             cores[mapped] = previous_solution[old_of_new[mapped]] * previous.scale[old_of_new[mapped]] / scene.scale[mapped]
