@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mbphot.engine import build_prf_table, forced_photometry
+from mbphot.engine.solve import fit_quality_scale
 from mbphot.method_figures import crossmatch_figure, field_cutouts, field_images, fit_cutout, method_figure
 from synthetic import OVERSAMPLING, gaussian_prf_file, render
 
@@ -50,7 +51,7 @@ def test_target_flux_and_error_are_the_engines(table):
     engine = forced_photometry(image, x, y, np.array([0]), table, CUTOUT, sky, sigma, fit_sky=True)
     assert fit.flux == pytest.approx(engine.flux[0], rel=1e-5)
     # The fit's statistical error: the engine's before it scales a poor fit's by sqrt(rchisq).
-    assert fit.flux_err == pytest.approx(engine.flux_err[0] / np.sqrt(max(engine.rchisq[0], 1.0)), rel=1e-5)
+    assert fit.flux_err == pytest.approx(engine.flux_err[0] / fit_quality_scale(engine.rchisq[0]), rel=1e-5)
     assert fit.sky_offset == pytest.approx(0.003, abs=3 * NOISE / CUTOUT)
 
 

@@ -10,7 +10,7 @@ from scipy.special import erf
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene_photometry
 from mbphot.engine.scene import extended_profiles
-from mbphot.engine.solve import FRACFLUX_LIMIT, RCHISQ_LIMIT
+from mbphot.engine.solve import FRACFLUX_LIMIT, RCHISQ_LIMIT, fit_quality_scale
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
 
 
@@ -67,7 +67,7 @@ def test_an_uncatalogued_neighbours_light_goes_into_the_error_it_causes(table, m
                    np.r_[np.full(x.size, 5.0), 5.0 * share]) + rng.normal(0, 0.01, (side, side))
     result = measure(image, x, y, np.arange(x.size), table, 17, sky=0.0, sigma=0.01)
     pull = (result.flux - 5.0) / result.flux_err
-    noise_only = (result.flux - 5.0) / (result.flux_err / np.sqrt(np.maximum(result.rchisq, 1.0)))
+    noise_only = (result.flux - 5.0) / (result.flux_err / fit_quality_scale(result.rchisq))
     print(f"pull sd {pull.std():.2f}, with the noise's error alone {noise_only.std():.2f}")
     assert noise_only.std() > 3.0
     assert 0.8 < pull.std() < 1.5

@@ -10,6 +10,7 @@ from scipy import signal
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.scene import scene_photometry
+from mbphot.engine.solve import fit_quality_scale
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
 
 FWHM = 2.3548 * SIGMA_PIX
@@ -87,7 +88,7 @@ def test_fluxes_and_errors_match_a_dense_least_squares_fit(table, fit_sky):
     result = scene_photometry(image, x, y, targets, table, 17, sky=0.0, sigma=noise, fit_sky=fit_sky, correct_positions=False)
     flux, flag = result.flux, result.flag
     # The statistical error, before a poor fit's is scaled by sqrt(rchisq) (finish_measurement).
-    err = result.flux_err / np.sqrt(np.fmax(result.rchisq, 1.0))
+    err = result.flux_err / fit_quality_scale(result.rchisq)
     exact_flux, exact_err = dense_least_squares(image, x, y, table, noise, sky_tile=17 if fit_sky else None)
     good = (flag & (FLAGS["no_data"] | FLAGS["fit_failed"])) == 0
     assert good.sum() > 0.9 * targets.size

@@ -43,7 +43,7 @@ from .engine.calibrate import correlated_noise_scale, prf_model_error
 from .engine.epsf import measure_prf, render_sources
 from .engine.prf import build_prf_table
 from .engine.scene import disc_images, disc_tables, scene_photometry
-from .engine.solve import FLAGS
+from .engine.solve import FLAGS, fit_quality_scale
 from .engine.wings import fit_radial_correction, flux_image, wing_nodes, with_radial_correction
 
 __all__ = ["Calibration", "DEFAULT_POSITION_SCATTER_ARCSEC", "DEFAULT_PRF_ERROR", "POSITION_PRIOR_ARCSEC", "calibrate_section"]
@@ -213,7 +213,7 @@ def calibrate_section(
         flux[everything] = np.where(clean, result.flux, np.nan)
         # Brightness, not the quality of the fit, picks the bright sources: the S/N of the
         # noise alone (a poor fit's error is scaled by sqrt(rchisq), `finish_measurement`).
-        noise_error = result.flux_err / np.sqrt(np.fmax(result.rchisq, 1.0))
+        noise_error = result.flux_err / fit_quality_scale(result.rchisq)
         snr[everything] = np.where(clean, result.flux / noise_error, np.nan)
         return _Fit(flux, snr, fitted_x, fitted_y)
 

@@ -107,6 +107,12 @@ def start_measurement(shape, x, y, targets, cutout_size):
     return x, y, targets, result, np.flatnonzero(on_image)
 
 
+def fit_quality_scale(rchisq):
+    """The factor a flux error is scaled by for its fit's quality: sqrt(``rchisq``) where that
+    exceeds 1 (the Birge ratio), else 1, also where ``rchisq`` is NaN."""
+    return np.sqrt(np.fmax(np.asarray(rchisq, dtype=np.float64), 1.0))
+
+
 def finish_measurement(
     result: Measurement, measured, fitted, variance, covered, cutout_inside, unconstrained,
     rchisq=None, fracflux=None, blended=None,
@@ -120,8 +126,7 @@ def finish_measurement(
     error explain, a neighbour or a profile the model lacks, which its flux carries too.
     """
     if rchisq is not None:
-        with np.errstate(invalid="ignore"):
-            variance = variance * np.where(rchisq > 1.0, rchisq, 1.0)
+        variance = variance * fit_quality_scale(rchisq) ** 2
     flag = result.flag
     partial = (covered < 1.0 - 1e-9) | ~cutout_inside
     flag[measured[partial]] |= FLAGS["partial_coverage"]
