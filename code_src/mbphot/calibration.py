@@ -31,7 +31,8 @@ errors (`mbphot.engine.solve.total_variance`). Everything here is pure: arrays i
 `Calibration` out.
 """
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -44,6 +45,7 @@ from .engine.epsf import measure_prf, render_sources
 from .engine.prf import build_prf_table
 from .engine.scene import disc_images, disc_tables, scene_photometry
 from .engine.solve import FLAGS, fit_quality_scale
+from .engine.variation import PRFVariation, measure_variation, profile_indices
 from .engine.wings import fit_radial_correction, flux_image, wing_nodes, with_radial_correction
 
 __all__ = ["Calibration", "DEFAULT_POSITION_SCATTER_ARCSEC", "DEFAULT_PRF_ERROR", "POSITION_PRIOR_ARCSEC", "calibrate_section"]
@@ -117,6 +119,10 @@ class Calibration:
         Median of the section's residual (data - sky - model), in image units: what the sky
         estimate left or took of the sky, with the diffuse light of the sources' far wings.
         The engine adds it to the sky.
+    variation : PRFVariation or None
+        How the PRF changes across the section (`mbphot.engine.variation`), measured from the
+        residuals of its bright point sources after the fit with ``prf``; None where no
+        change predicts them better than ``prf`` itself.
     """
 
     prf: np.ndarray
@@ -134,12 +140,42 @@ class Calibration:
     pixel_error: float = DEFAULT_PRF_ERROR
     neighbour_error: float = DEFAULT_PRF_ERROR
     position_scatter_arcsec: float = 0.0
+    variation: PRFVariation | None = None
 
     def summary(self) -> dict:
-        """The scalars, for the catalogue's provenance."""
-        return {key: value for key, value in asdict(self).items() if key != "prf"} | {
-            "oversampling": int(self.oversampling)
+        """The scalars, for the catalogue's provenance: the PRF's variants are counted."""
+        scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prf", "variation")}
+        variation = self.variation
+        return scalars | {
+            "oversampling": int(self.oversampling),
+            "prf_variants": 0 if variation is None else int(variation.coefficients.shape[0]),
         }
+
+    def arrays(self) -> dict:
+        """Everything, as arrays and a JSON string, for `numpy.savez` (`from_arrays` reads them)."""
+        arrays = {"prf": self.prf, "summary": json.dumps(self.summary())}
+        if self.variation is not None:
+            variation = self.variation
+            arrays |= {
+                "variation_coefficients": variation.coefficients, "variation_basis": variation.basis,
+                "variation_cells": variation.cells,
+                "variation_scalars": json.dumps({"cell_pix": variation.cell_pix, "smoothing_pix": variation.smoothing_pix,
+                                                 "gain": variation.gain, "n_sources": variation.n_sources}),
+            }
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, stored) -> "Calibration":
+        """The calibration `arrays` saved (a mapping such as an open ``.npz``)."""
+        known = {f.name for f in fields(cls)}
+        scalars = {key: value for key, value in json.loads(str(stored["summary"])).items() if key in known}
+        variation = None
+        if "variation_cells" in stored:
+            variation = PRFVariation(
+                coefficients=stored["variation_coefficients"], basis=stored["variation_basis"],
+                cells=stored["variation_cells"], **json.loads(str(stored["variation_scalars"])),
+            )
+        return cls(prf=stored["prf"], variation=variation, **scalars)
 
 
 def calibrate_section(
@@ -185,24 +221,32 @@ def calibrate_section(
         size_bin = None
 
     tabulated = {}
+    variation = None
 
     def tables(prf, oversampling):
-        """The PRF's table (cores and wings) and its discs' tables, built once per PRF: a fit
-        and the render of its residual use the same."""
-        if tabulated.get("prf") is not prf:
+        """The PRF's table (cores and wings), the tables of its other profiles (its variants
+        across the section, then its discs: ``extended`` of `scene_photometry`) and each
+        source's index into them, built once per PRF: a fit and the render of its residual
+        use the same."""
+        if tabulated.get("prf") is not prf or tabulated.get("variation") is not variation:
             table = build_prf_table(
                 prf, oversampling, n_phase=_PHASES, enclosed_fraction=band.prf_enclosed_fraction,
                 core_radius=band.prf_core_radius_pixels,
             )
-            discs = None
+            others, variant = [], np.full(x.size, -1, dtype=np.intp)
+            if variation is not None:
+                others += disc_tables(list(variation.variant_prfs(prf)), oversampling, table, band.prf_core_radius_pixels)
+                variant = variation.variant_at(x, y)
             if size_bin is not None:
-                discs = disc_tables(disc_images(prf, oversampling, radii_pix), oversampling, table, band.prf_core_radius_pixels)
-            tabulated.update(prf=prf, table=table, discs=discs)
-        return tabulated["table"], tabulated["discs"]
+                others += disc_tables(disc_images(prf, oversampling, radii_pix), oversampling, table, band.prf_core_radius_pixels)
+            n_variants = 0 if variation is None else variation.coefficients.shape[0]
+            tabulated.update(prf=prf, variation=variation, table=table, others=others,
+                             profile=profile_indices(variant, size_bin, n_variants))
+        return tabulated["table"], tabulated["others"], tabulated["profile"]
 
     def fit(prf, oversampling, fit_x, fit_y, correct_positions, sky_level=0.0, move=True, position_error_pix=None) -> _Fit:
-        table, discs = tables(prf, oversampling)
-        options = {} if discs is None else {"extended": (discs, size_bin)}
+        table, others, profile = tables(prf, oversampling)
+        options = {"extended": (others, profile)} if others else {}
         result, fitted_x, fitted_y = scene_photometry(
             image, fit_x, fit_y, everything, table, band.cutout_size_pixels, sky + sky_level, sigma, fit_sky=True,
             correct_positions=correct_positions, max_shift_pix=max_shift_pix if correct_positions and move else 0.0,
@@ -218,15 +262,14 @@ def calibrate_section(
         return _Fit(flux, snr, fitted_x, fitted_y)
 
     def render(fitted: _Fit, prf, oversampling):
-        """The image of a fit's sources as the engine models them: each source's core (a point's
-        or its disc's) and the PRF's wings of every source."""
-        table, discs = tables(prf, oversampling)
+        """The image of a fit's sources as the engine models them: each source's core (its
+        profile's) and the PRF's wings of every source."""
+        table, others, profile = tables(prf, oversampling)
         known = np.nan_to_num(fitted.flux, nan=0.0)
-        profile = np.full(x.size, -1) if size_bin is None else size_bin
-        model = render_sources(image.shape, fitted.x, fitted.y, np.where(profile < 0, known, 0.0), table)
-        for index, disc in enumerate(discs or []):
+        model = np.zeros(image.shape)
+        for index, core in enumerate([table, *others], start=-1):
             if (profile == index).any():
-                model += render_sources(image.shape, fitted.x, fitted.y, np.where(profile == index, known, 0.0), disc)
+                model += render_sources(image.shape, fitted.x, fitted.y, np.where(profile == index, known, 0.0), core)
         if table.wings is not None:
             model += signal.fftconvolve(flux_image(image.shape, fitted.x, fitted.y, known), table.wings, mode="same")
         return model
@@ -286,6 +329,17 @@ def calibrate_section(
             )
             sky_level = sky_level + more
         sky = sky + sky_level
+    # How the PRF changes across the section, from the residuals of its bright point
+    # sources; the fit with its variants is the one the errors and the quality are read from.
+    bright_points = np.flatnonzero(point_like & (np.nan_to_num(current.snr) > _VARIATION_MIN_SNR))
+    residual = np.asarray(image, dtype=np.float64) - sky - render(current, prf, oversampling)
+    variation = measure_variation(
+        residual, sigma, current.x, current.y, current.flux, bright_points, prf, oversampling, file_prf,
+        file_oversampling, radius_pix=measured.fit_radius_pix, cell_pix=_VARIATION_CELL_ARCSEC / band.pixel_scale_arcsec,
+        scales_pix=np.asarray(_VARIATION_SCALES_ARCSEC) / band.pixel_scale_arcsec,
+    )
+    if variation is not None:
+        current = fit(prf, oversampling, current.x, current.y, True, move=False)
     whole = build_prf_table(prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction)
     flux_fraction = 1.0
     if band.calibration_radius_arcsec is not None and measured.star_indices.size >= _MIN_STARS:
@@ -332,6 +386,7 @@ def calibrate_section(
         pixel_error=pixel_error,
         neighbour_error=float(np.hypot(pixel_error, position_scatter_arcsec / (band.fwhm_arcsec / _FWHM_PER_SIGMA))),
         position_scatter_arcsec=position_scatter_arcsec,
+        variation=variation,
     )
 
 
@@ -433,6 +488,11 @@ class _Fit(NamedTuple):
 
 
 _PROFILE_MIN_SNR = 20.0
+_VARIATION_MIN_SNR = 30.0
+_VARIATION_CELL_ARCSEC = 12.0
+_VARIATION_SCALES_ARCSEC = (15.0, 25.0, 40.0, 60.0, 90.0)
+"""Gaussian sigmas over which the PRF's variation may be averaged; the data choose (the
+change between two rolls' mixes over 5' on the realistic field is best followed at 25")."""
 _PIXEL_ERROR_MIN_SNR = 100.0
 # The profile's first node off the centre, in units of the stars' fit radius.
 _PROFILE_START = 0.25

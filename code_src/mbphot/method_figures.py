@@ -14,7 +14,6 @@ neighbours, the sky and what is left. A test checks that both give the same flux
 circles and their nway counterparts over an image.
 """
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +29,7 @@ from .engine.background import source_mask
 from .io import read_header, read_wcs
 from .manifest import Manifest
 from .photometry import load_prf, tabulate_prf
+from .photometry._prf import read_calibration
 from .plots import LABEL_SIZE, TEXT_SIZE, TICK_SIZE, TITLE_SIZE, InlineFigure, band_label
 from .retrieve import load_catalog
 
@@ -192,8 +192,7 @@ def _image_calibration(manifest: Manifest, image, band: str) -> Calibration | No
                    key=lambda path: path.stat().st_mtime)
     if not saved:
         return None
-    with np.load(saved[-1]) as stored:
-        return Calibration(prf=stored["prf"], **json.loads(str(stored["summary"])))
+    return read_calibration(saved[-1])[0]
 
 
 def field_cutouts(manifest: Manifest, band: str, source_ids) -> dict:

@@ -3,7 +3,6 @@ and PRF-model error, from a section around the field (`mbphot.calibration.calibr
 saved beside the image's other derived files."""
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from ._partitions import _warm_up
 from ._prf import read_prf
 from ._sizes import size_bins, size_radii_pix
 
-CALIBRATION_VERSION = 15
+CALIBRATION_VERSION = 16
 """Bumped when the calibration changes, so that images are calibrated afresh."""
 CALIBRATION_ARCMIN = 10.0
 """Side of the largest section of an image its calibration is measured on (about 15,000
@@ -66,7 +65,8 @@ def _calibrate_image(task: _CalibrationTask):
     )
     with atomic_path(task.path) as temporary:
         with open(temporary, "wb") as handle:
-            np.savez(handle, prf=calibration.prf, summary=json.dumps(calibration.summary()), band=plan.band.name)
+            np.savez(handle, **calibration.arrays(), band=plan.band.name,
+                     section_origin=np.array([task.cols.start, task.rows.start]))
     return time.process_time() - started
 
 

@@ -17,12 +17,13 @@ from ..bands import Band, measured_columns, quality_columns
 from ..calibration import POSITION_PRIOR_ARCSEC
 from ..engine import build_prf_table, forced_photometry
 from ..engine.solve import FLAGS, Measurement
+from ..engine.variation import profile_indices
 from ..io import read_wcs
 from ..params import MODES
 from ._background import _SMOOTHING_REACH, _read_section, _sky_and_sigma
 from ._executors import peak_rss_gb
 from ._images import _cached_header
-from ._prf import _calibrated
+from ._prf import _calibrated, _variant_tables
 from ._sizes import _extended_tables, _with_size_error
 
 CHUNK_SIZE = 500
@@ -116,22 +117,26 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
     # Targets off the whole image stay off the section, whatever the section is.
     local_x[targets[~on_image]] = np.nan
     started = time.process_time()
-    options = {}
+    options, sensitivity = {}, None
     if task.engine == "mbphot":
         options["pixel_error"] = calibration.pixel_error
         options["neighbour_error"] = calibration.neighbour_error
     if task.mode == "scene" and task.engine == "mbphot":
         options["max_shift_pix"] = POSITION_PRIOR_ARCSEC / band.pixel_scale_arcsec
         options["position_error_pix"] = calibration.position_scatter_arcsec / band.pixel_scale_arcsec
+        variants, variation, origin = _variant_tables(calibration_path, job_split)
+        discs = []
         if (task.size_bin >= 0).any():
-            tables, sensitivity = _extended_tables(calibration_path, job_split, band.name)
-            options["extended"] = (tables, task.size_bin)
+            discs, sensitivity = _extended_tables(calibration_path, job_split, band.name)
+        if variants or discs:
+            variant = -1 if variation is None else variation.variant_at(x - origin[0], y - origin[1])
+            options["extended"] = (variants + discs, profile_indices(variant, task.size_bin, len(variants)))
     result = _engine_function(task.engine, task.mode)(
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner] + calibration.sky_offset, sigma=sigma[inner], fit_sky=fit_sky,
         noise_scale=calibration.noise_scale, prf_error=calibration.prf_error, **options,
     )
-    if "extended" in options:
+    if sensitivity is not None:
         result = result._replace(flux_err=_with_size_error(result, sensitivity, task.size_bin[targets]))
     engine_cpu_s = time.process_time() - started
     in_ujy = result._replace(flux=result.flux * band.ujy_per_pixel_unit, flux_err=result.flux_err * band.ujy_per_pixel_unit)

@@ -2,7 +2,6 @@
 process, loaded with the image's calibration."""
 
 import functools
-import json
 
 import numpy as np
 from astropy.io import fits
@@ -10,6 +9,7 @@ from astropy.io import fits
 from ..bands import BANDS, Band
 from ..calibration import Calibration
 from ..engine import PRFTable, build_prf_table
+from ..engine.scene import disc_tables
 
 
 def read_prf(path, band: Band) -> tuple[np.ndarray, int]:
@@ -53,7 +53,26 @@ def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
 @functools.lru_cache(maxsize=16)
 def _calibrated(path, split_wings: bool) -> tuple[PRFTable, Calibration]:
     """An image's calibration (saved by `_calibrate._calibrate_image`) and its PRF, tabulated."""
-    with np.load(path) as stored:
-        calibration = Calibration(prf=stored["prf"], **json.loads(str(stored["summary"])))
-        band = BANDS[str(stored["band"])]
+    calibration, band, _ = read_calibration(path)
     return tabulate_prf(calibration.prf, calibration.oversampling, band, split_wings, calibration.flux_fraction), calibration
+
+
+def read_calibration(path) -> tuple[Calibration, Band, np.ndarray]:
+    """A saved calibration, its band, and the image pixel (x, y) of its section's corner."""
+    with np.load(path) as stored:
+        origin = stored["section_origin"] if "section_origin" in stored else np.zeros(2)
+        return Calibration.from_arrays(stored), BANDS[str(stored["band"])], np.asarray(origin, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=16)
+def _variant_tables(path, split_wings: bool) -> tuple[list, object, np.ndarray]:
+    """The tables of the PRF's variants across the image (`mbphot.engine.variation`), the
+    variation and its section's corner; no tables where the PRF does not vary."""
+    table, calibration = _calibrated(path, split_wings)
+    variation = calibration.variation
+    _, band, origin = read_calibration(path)
+    if variation is None:
+        return [], None, origin
+    core_radius = band.prf_core_radius_pixels if split_wings else None
+    tables = disc_tables(list(variation.variant_prfs(calibration.prf)), calibration.oversampling, table, core_radius)
+    return tables, variation, origin
