@@ -16,14 +16,18 @@ image is therefore calibrated on a section around the field before the photometr
    holds; then the stars' PRF is measured again against that sky, with the corrected PRF as
    its prior, and the profile again. Stars alone cannot measure wings a few per cent of the
    flux spread over a 12" radius; a PRF without them fits every flux several per cent low;
-4. a fit with that PRF, at the offset positions, bright sources moved onto their light
+4. how the PRF changes across the section, from the residuals of its bright point sources
+   around their fit with the mean PRF (`mbphot.engine.variation`: the mix of rolls of a
+   mosaic's frames changes across it); where it measurably does, a few variants of the PRF,
+   and a map of which holds where, which every later fit and the photometry use;
+5. a fit with that PRF (and its variants), at the offset positions, bright sources moved onto their light
    (at most `POSITION_PRIOR_ARCSEC`; how far the brightest move gives the catalogue's
    position error, the prior of every later move), leaves the residual image; for a mosaic
    resampled from larger pixels (`Band.resampled_noise`: IRAC), its autocovariance gives the factor
    ``noise_scale`` by which the true flux error exceeds the white-noise one
    (`mbphot.engine.calibrate.correlated_noise_scale`: correlated noise, unresolved faint
    sources); GALEX's Poisson noise is independent from pixel to pixel;
-5. the scatter of the stars' PRF-fit fluxes about their aperture fluxes gives ``prf_error``,
+6. the scatter of the stars' PRF-fit fluxes about their aperture fluxes gives ``prf_error``,
    the fractional error every PRF-fit flux carries (`mbphot.engine.calibrate.prf_model_error`).
 
 The engine then fits with the measured PRF at the offset positions and adds both terms to its

@@ -5,6 +5,7 @@ local sky and noise from source-masked pixels, `solve` fits PRF-shaped point sou
 fixed positions to batches of cutouts (per-source mode), `scene` fits all sources of a region
 together (scene mode), and `tractor` runs The Tractor on the same problem where installed.
 `epsf` measures an image's effective PRF and its offset from the catalogue from its own stars;
+`variation` how that PRF changes across the image;
 `calibrate` measures what correlated noise and PRF-model errors add to the flux errors.
 """
 

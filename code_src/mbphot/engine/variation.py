@@ -56,7 +56,9 @@ _OUTLIER_CHI2 = 5.0
 left out of it."""
 _MIN_GAIN_PER_COEFFICIENT = 4.0
 """The map is used only if it lowers the bright sources' chi^2 (each predicted from the
-others) by this much per coefficient of the basis, in all: well beyond what noise gives."""
+others) by this much per coefficient of the basis, in all, more than one change common to the
+whole section does: well beyond what noise gives. (A common change is the mean PRF's own
+error, not a variation.)"""
 
 
 @dataclass
@@ -216,7 +218,8 @@ def variation_map(x, y, fisher, rhs, shape, basis, oversampling, *, cell_pix, sc
                   n_variants=12, seed=0):
     """The map of PRF variants from `source_terms` of sources at ``x``, ``y`` (section
     pixels), or None where no smoothing scale of ``scales_pix`` predicts the sources'
-    residuals better than the mean PRF by `_MIN_GAIN_PER_COEFFICIENT` per coefficient.
+    residuals better than one change common to all of them, by `_MIN_GAIN_PER_COEFFICIENT`
+    per coefficient.
 
     Each source's coefficients scatter about the map by their noise and by what is the
     source's own (an unresolved pair, a faint galaxy, a neighbour's residual): that scatter is
@@ -244,13 +247,16 @@ def variation_map(x, y, fisher, rhs, shape, basis, oversampling, *, cell_pix, sc
             predicted = _smoothed(x[keep], y[keep], x[keep], y[keep], weight[keep], weighted[keep], trial, exclusion_pix)
             gains.append(float(np.sum(2 * np.einsum("nk,nk->n", predicted, weighted[keep])
                                       - np.einsum("nk,nkl,nl->n", predicted, weight[keep], predicted))))
+        constant = _smoothed(x[keep], y[keep], x[keep], y[keep], weight[keep], weighted[keep], np.inf, exclusion_pix)
+        gain_of_constant = float(np.sum(2 * np.einsum("nk,nk->n", constant, weighted[keep])
+                                        - np.einsum("nk,nkl,nl->n", constant, weight[keep], constant)))
         scale = float(scales[int(np.argmax(gains))])
         predicted = _smoothed(x, y, x[keep], y[keep], weight[keep], weighted[keep], scale, exclusion_pix)
         deviation = estimate - predicted
         keep = np.einsum("nk,nkl,nl->n", deviation, weight, deviation) < _OUTLIER_CHI2 * k
         own = np.mean(deviation[keep] ** 2, axis=0) - np.mean(np.einsum("nkk->nk", covariance[keep]), axis=0)
         scatter = np.maximum(own, 0.0)
-    gain = max(gains)
+    gain = max(gains) - max(gain_of_constant, 0.0)
     if not gain > _MIN_GAIN_PER_COEFFICIENT * k:
         return None
     weight = np.linalg.inv(covariance + np.diag(scatter))

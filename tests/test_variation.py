@@ -1,0 +1,96 @@
+"""The PRF's change across an image, measured from the residuals of its bright point sources
+(`mbphot.engine.variation`), and what fitting with its variants gives."""
+
+import numpy as np
+import pytest
+
+from mbphot.engine import build_prf_table, scene_photometry
+from mbphot.engine.epsf import measure_prf, render_sources
+from mbphot.engine.scene import disc_tables
+from mbphot.engine.variation import measure_variation, profile_indices, variation_basis
+from epsf_fields import TRUE_CORE, file_prf, make_field
+
+SIDE = 400
+
+
+def turning_core(x, y):
+    """The sky's core ellipse turns by 90 degrees across the field (a mosaic whose mix of two
+    rolls changes from one side to the other)."""
+    return (1.45, 1.05, np.radians(90.0) * x / SIDE)
+
+
+def fit_and_measure(field):
+    """The field fitted with its stars' mean PRF; the variation measured from the residual."""
+    stars = np.flatnonzero(field.is_star)
+    measured = measure_prf(field.image, 0.0, field.sigma, field.x_true, field.y_true, file_prf(), 1, fluxes=field.flux)
+    table = build_prf_table(measured.prf, measured.oversampling)
+    everything = np.arange(field.flux.size)
+    mean_fit = scene_photometry(field.image, field.x_true, field.y_true, everything, table, 23, 0.0, field.sigma,
+                                fit_sky=False, correct_positions=False)
+    residual = field.image - render_sources(field.image.shape, field.x_true, field.y_true,
+                                            np.nan_to_num(mean_fit.flux), table)
+    variation = measure_variation(
+        residual, field.sigma, field.x_true, field.y_true, mean_fit.flux, stars, measured.prf, measured.oversampling,
+        file_prf(), 1, radius_pix=4.0, cell_pix=20.0, scales_pix=(25.0, 50.0, 100.0),
+    )
+    return measured, table, mean_fit, variation
+
+
+def star_figures(field, result):
+    stars = np.flatnonzero(field.is_star & (field.x_true > 10) & (field.x_true < SIDE - 10)
+                           & (field.y_true > 10) & (field.y_true < SIDE - 10))
+    return float(np.median(result.rchisq[stars])), float(np.std(result.flux[stars] / field.flux[stars] - 1.0))
+
+
+def test_a_turning_prf_is_mapped_and_its_variants_fit_the_stars():
+    field = make_field(31, side=SIDE, core_of=turning_core, jitter_arcsec=0.0, offset=(0.0, 0.0))
+    measured, table, mean_fit, variation = fit_and_measure(field)
+    assert variation is not None
+    variant = variation.variant_at(field.x_true, field.y_true)
+    on_image = (field.x_true >= 0) & (field.x_true < SIDE) & (field.y_true >= 0) & (field.y_true < SIDE)
+    assert (variant[on_image] >= 0).all() and (variant[~on_image] == -1).all()
+    assert np.unique(variant).size >= 4
+    tables = disc_tables(list(variation.variant_prfs(measured.prf)), measured.oversampling, table)
+    everything = np.arange(field.flux.size)
+    variant_fit = scene_photometry(field.image, field.x_true, field.y_true, everything, table, 23, 0.0, field.sigma,
+                                   fit_sky=False, correct_positions=False, extended=(tables, variant))
+    rchisq_mean, scatter_mean = star_figures(field, mean_fit)
+    rchisq_variants, scatter_variants = star_figures(field, variant_fit)
+    print(f"{variation.coefficients.shape[0]} variants from {variation.n_sources} stars at "
+          f"{variation.smoothing_pix:.0f} px (gain {variation.gain:.0f}); stars' median rchisq "
+          f"{rchisq_mean:.2f} -> {rchisq_variants:.2f}, flux scatter {scatter_mean:.4f} -> {scatter_variants:.4f}")
+    assert rchisq_variants < 0.6 * rchisq_mean
+    assert scatter_variants < 0.8 * scatter_mean
+
+
+def test_a_constant_prf_is_not_mapped():
+    field = make_field(32, side=SIDE, jitter_arcsec=0.0, offset=(0.0, 0.0))
+    assert fit_and_measure(field)[3] is None
+
+
+def test_the_basis_spans_a_turned_ellipse_and_holds_no_flux():
+    oversampling = 2
+    offsets = (np.arange(-20, 21) / oversampling)
+    ux, uy = offsets[None, :], offsets[:, None]
+
+    def ellipse(angle):
+        from epsf_fields import effective_prf
+
+        return effective_prf(ux, uy, core=(TRUE_CORE[0], TRUE_CORE[1], angle)) / oversampling**0
+
+    mean = 0.5 * (ellipse(0.2) + ellipse(1.4))
+    basis = variation_basis(mean, oversampling, file_prf(), 1)
+    change = ellipse(0.2) - mean
+    design = basis.reshape(basis.shape[0], -1).T
+    coefficients, *_ = np.linalg.lstsq(design, change.ravel(), rcond=None)
+    left = change.ravel() - design @ coefficients
+    assert left @ left < 0.05 * (change.ravel() @ change.ravel())
+    assert np.abs(basis.sum(axis=(1, 2))).max() < 1e-3 * mean.sum()
+
+
+def test_profile_indices_put_points_on_their_variant_and_galaxies_on_their_disc():
+    variant = np.array([0, 2, -1, 1])
+    size_bin = np.array([-1, 3, -1, -1])
+    assert profile_indices(variant, size_bin, 3).tolist() == [0, 6, -1, 1]
+    assert profile_indices(variant, None, 3).tolist() == variant.tolist()
+    assert profile_indices(-1, size_bin, 0).tolist() == [-1, 3, -1, -1]
