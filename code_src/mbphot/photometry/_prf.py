@@ -75,4 +75,7 @@ def _variant_tables(path, split_wings: bool) -> tuple[list, object, np.ndarray]:
         return [], None, origin
     core_radius = band.prf_core_radius_pixels if split_wings else None
     tables = disc_tables(list(variation.variant_prfs(calibration.prf)), calibration.oversampling, table, core_radius)
+    # As the point table (`tabulate_prf`): a unit source puts the calibrated fraction on the image.
+    scale = calibration.flux_fraction
+    tables = [PRFTable(t.stamps * scale, t.phases, t.half_size) for t in tables]
     return tables, variation, origin
