@@ -63,6 +63,13 @@ _SHIFT_MIN_SNR = 20.0
 # another step is taken only where some source's S/N (shift / width)^2 exceeds this.
 _SHIFT_STEPS = 2
 _NEXT_STEP_MIN = 0.5
+# A resolved source this bright may change its size bin (`_size_steps`). With a catalogue size
+# error of about one bin, a one-bin change of a disc as large as the PRF changes the fit of a
+# source at S/N 10 by a chi^2 of about one, below the prior's cost: fainter sources could only
+# be moved by their noise.
+_RESIZE_MIN_SNR = 10.0
+# How far (bins) a source may move from its catalogue size: three times the prior's sigma.
+_MAX_RESIZE_BINS = 2
 
 
 def _pixel_arrays(image, sky, sigma, margin):
@@ -908,6 +915,63 @@ def _position_shifts(solve, tables, gradients, profile, x, y, candidates, max_sh
     return shift_x, shift_y, augmented
 
 
+def _size_steps(scene, solution, owner, tables, profile, sequence, prior_sigma_bins):
+    """Each source's profile after the bright resolved ones move along their size sequence.
+
+    ``scene`` and ``solution``: a fit of the PRFs' cores (the wings are broad and the same for
+    every size), whose unknowns belong to the catalogue sources ``owner`` (a position step's
+    gradient coefficients to the source they move). ``sequence`` (first, stop): the profiles
+    ``tables[first:stop]`` are sizes in increasing order at equal log spacing; each source
+    with one of them, its flux at S/N above `_RESIZE_MIN_SNR`, may move by up to
+    `_MAX_RESIZE_BINS` within them.
+
+    Its neighbours held, a source's model f u_j is replaced by the best-fitting f' u_k: the
+    data less the neighbours, s = r + f u_j (r the residual, all weighted), fit u_k with
+    chi^2 = |s|^2 - (u_k . s)^2 / (u_k . u_k). The bin that minimises this plus the prior's
+    ((k - j) / prior_sigma_bins)^2, j the catalogue's bin, is taken. Neighbours resized in the
+    same step are compared against each other's old sizes: the final joint fit settles their
+    fluxes. Returns the new ``profile``.
+    """
+    first, stop = sequence
+    unknown = scene.unknown_of_source[: profile.size]
+    in_sequence = (profile >= first) & (profile < stop) & (unknown >= 0)
+    in_sequence[in_sequence] = ~scene.unconstrained[unknown[in_sequence]]
+    # In the unit-diagonal equations a source's solution is its flux in units of its error.
+    in_sequence[in_sequence] = solution[unknown[in_sequence]] > _RESIZE_MIN_SNR
+    resized = np.flatnonzero(in_sequence)
+    if resized.size == 0:
+        return profile
+    own = unknown[resized]
+    slot_of_source = np.full(profile.size, -1, dtype=np.intp)
+    slot_of_source[resized] = np.arange(resized.size)
+    # Each source's whole model in the scene (its flux's stamp and any gradient terms, all on
+    # its pixels): s over its stamp is the residual plus this.
+    parts = np.flatnonzero(slot_of_source[owner] >= 0)
+    own_model = np.zeros((resized.size, *scene.weighted.shape[1:]))
+    np.add.at(own_model, slot_of_source[owner[parts]], (solution * scene.scale)[parts, None, None] * scene.weighted[parts])
+    residual = np.where(scene.padded[2], scene.padded[0] - _whitened_model(scene, solution), 0.0)
+    col, row = scene.col[own], scene.row[own]
+    source_x, source_y = scene.terms.x[own], scene.terms.y[own]
+    catalogue = profile[resized]
+    cost = np.full((2 * _MAX_RESIZE_BINS + 1, resized.size), np.inf)
+    for step in range(-_MAX_RESIZE_BINS, _MAX_RESIZE_BINS + 1):
+        candidate = catalogue + step
+        inside = np.flatnonzero((candidate >= first) & (candidate < stop))
+        weighted, _, diagonal, _ = _source_terms(
+            tables, candidate[inside], source_x[inside], source_y[inside], col[inside], row[inside], scene.padded,
+            tables[0].half_size,
+        )
+        projection = stamp_dots(weighted, col[inside], row[inside], residual) + np.einsum(
+            "nij,nij->n", weighted, own_model[inside]
+        )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            explained = np.where(diagonal > 0, projection**2 / diagonal, -np.inf)
+        cost[step + _MAX_RESIZE_BINS, inside] = (step / prior_sigma_bins) ** 2 - explained
+    new_profile = profile.copy()
+    new_profile[resized] = catalogue + np.argmin(cost, axis=0) - _MAX_RESIZE_BINS
+    return new_profile
+
+
 def scene_photometry(
     image: np.ndarray,
     x: np.ndarray,
@@ -927,7 +991,9 @@ def scene_photometry(
     max_shift_pix: float = 0.0,
     position_error_pix: float | None = None,
     extended=None,
+    sizes=None,
     return_positions: bool = False,
+    return_profiles: bool = False,
 ):
     """Forced PRF photometry of ``targets``, fitting every source on the image at once.
 
@@ -994,9 +1060,20 @@ def scene_photometry(
         Resolved sources: tables of the PRF convolved with each galaxy profile (same
         ``half_size``, phases and wings as ``prf_table``; `extended_profiles`), and for each
         source of ``x`` the index of its table, -1 for a point source.
+    sizes : (int, int, float), optional
+        ``(first, stop, prior_sigma_bins)``: the tables ``extended[0][first:stop]`` are one
+        sequence of sizes (increasing, equally spaced in log size), and ``prior_sigma_bins``
+        the catalogue size's error in units of that spacing. Sources with one of these
+        profiles and S/N above `_RESIZE_MIN_SNR` may move up to `_MAX_RESIZE_BINS` bins
+        within the sequence, where the fit of their light and a Gaussian prior about the
+        catalogue's bin prefer it (`_size_steps`); the scene is then fitted with the new
+        profiles. Other profiles (e.g. PRF variants before ``first``) never change.
     return_positions : bool
         Also return the positions of every source of ``x`` as fitted (moved by
         ``max_shift_pix``).
+    return_profiles : bool
+        Also return each source's profile as fitted (index into ``extended``'s tables, -1 for
+        the point PRF; changed by ``sizes``).
 
     Returns
     -------
@@ -1005,12 +1082,21 @@ def scene_photometry(
         `_local_variances` for their accuracy), flags and quality metrics of the targets.
     x, y : ndarray
         With ``return_positions``: the fitted positions.
+    profiles : ndarray of int
+        With ``return_profiles``: the fitted profiles.
     """
     pixel_error = prf_error if pixel_error is None else pixel_error
     neighbour_error = pixel_error if neighbour_error is None else neighbour_error
     x, y, targets, result, measured = start_measurement(image.shape, x, y, targets, cutout_size)
+
+    def outputs(result, x, y, profile):
+        extra = ((x, y) if return_positions else ()) + ((profile - 1,) if return_profiles else ())
+        return (result, *extra) if extra else result
+
+    if sizes is not None and extended is None:
+        raise ValueError("sizes needs the extended profiles")
     if measured.size == 0:
-        return (result, x, y) if return_positions else result
+        return outputs(result, x, y, _profiles(prf_table, extended, x.size)[1])
     ny, nx = image.shape
     half = prf_table.half_size
     half_cutout = cutout_size // 2
@@ -1083,9 +1169,21 @@ def scene_photometry(
     else:
         augmented = None
         candidates = np.zeros(0, dtype=np.intp)
+    if sizes is not None:
+        first_size, stop_size, prior_sigma_bins = sizes
+        last_scene, last_solution = last_fit
+        if last_scene is None:
+            last_scene, last_solution = solve(x, y, cores_only=True)[:2]
+        # The unknowns of a position step's scene after the sources' own are the coefficients
+        # of the moved sources' gradients: part of their model.
+        owner_of = np.concatenate([np.arange(x.size), candidates, candidates])
+        profile = _size_steps(
+            last_scene, last_solution, owner_of[last_scene.modelled], tables, profile,
+            (first_size + 1, stop_size + 1), prior_sigma_bins,
+        )
     moved = np.zeros(x.size, dtype=bool)
     moved[candidates] = True
-    scene, solution, wings = solve(x, y)
+    scene, solution, wings = solve(x, y, profile=profile)
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
     fitted = solution[target_unknowns] * scale
@@ -1163,4 +1261,4 @@ def scene_photometry(
         result, measured, fitted, variance,
         scene.covered[target_unknowns], cutout_inside, scene.unconstrained[target_unknowns], rchisq, fracflux, blended,
     )
-    return (result, x, y) if return_positions else result
+    return outputs(result, x, y, profile)
