@@ -939,8 +939,8 @@ def _size_steps(scene, solution, tables, profile, sequence, prior_sigma_bins, no
     unknown = scene.unknown_of_source[: profile.size]
     in_sequence = (profile >= first) & (profile < stop) & (unknown >= 0)
     in_sequence[in_sequence] = ~scene.unconstrained[unknown[in_sequence]]
-    # In the unit-diagonal equations a source's solution is its flux in units of its error
-    # (the pixels' part of it).
+    # In the unit-diagonal equations a source's solution is its flux over its error from the
+    # pixels' noise alone, which noise_scale scales to its flux error.
     in_sequence[in_sequence] = solution[unknown[in_sequence]] > _RESIZE_MIN_SNR * noise_scale
     resized = np.flatnonzero(in_sequence)
     if resized.size == 0:
@@ -1065,7 +1065,8 @@ def scene_photometry(
         profiles and S/N above `_RESIZE_MIN_SNR` may move up to `_MAX_RESIZE_BINS` bins
         within the sequence, where the fit of their light (its chi^2 over ``noise_scale``^2)
         and a Gaussian prior about the catalogue's bin prefer it (`_size_steps`); the scene
-        is then fitted with the new profiles. Other profiles (e.g. PRF variants before ``first``) never change.
+        is then fitted with the new profiles. Other profiles (e.g. PRF variants before
+        ``first``) never change.
     return_positions : bool
         Also return the positions of every source of ``x`` as fitted (moved by
         ``max_shift_pix``).
