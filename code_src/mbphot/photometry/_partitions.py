@@ -24,7 +24,7 @@ from ._background import _SMOOTHING_REACH, _read_section, _sky_and_sigma
 from ._executors import peak_rss_gb
 from ._images import _cached_header
 from ._prf import _calibrated, _variant_tables
-from ._sizes import _extended_tables, _with_size_error
+from ._sizes import SIZE_PRIOR_SIGMA_BINS, _extended_tables, _with_size_error
 
 CHUNK_SIZE = 500
 """Source mode: targets per engine call."""
@@ -131,6 +131,8 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
         if variants or discs:
             variant = -1 if variation is None else variation.variant_at(x - origin[0], y - origin[1])
             options["extended"] = (variants + discs, profile_indices(variant, task.size_bin, len(variants)))
+            if discs:
+                options["sizes"] = (len(variants), len(variants) + len(discs), SIZE_PRIOR_SIGMA_BINS)
     result = _engine_function(task.engine, task.mode)(
         padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner] + calibration.sky_offset, sigma=sigma[inner], fit_sky=fit_sky,

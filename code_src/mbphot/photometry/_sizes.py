@@ -22,6 +22,9 @@ geometric centre, within 9 % of any radius in the bin); smaller sources are poin
 CATALOGUE_SIZE_ERROR_DEX = 0.05
 """Assumed error of a catalogue half-light radius (12 %, as for HST/ACS sizes of galaxies a
 few magnitudes above the limit): it enters the flux errors of resolved sources."""
+SIZE_PRIOR_SIGMA_BINS = CATALOGUE_SIZE_ERROR_DEX / np.log10(SIZE_BINS_ARCSEC[1] / SIZE_BINS_ARCSEC[0])
+"""`CATALOGUE_SIZE_ERROR_DEX` in units of the bins: the prior's sigma when scene mode refits
+the size bins of bright resolved sources (``sizes`` of `mbphot.engine.scene.scene_photometry`)."""
 
 
 def size_radii_pix(band: Band) -> np.ndarray:
