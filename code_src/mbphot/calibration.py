@@ -20,8 +20,8 @@ image is therefore calibrated on a section around the field before the photometr
    around their fit with the mean PRF (`mbphot.engine.variation`: the mix of rolls of a
    mosaic's frames changes across it); where it measurably does, a few variants of the PRF,
    and a map of which holds where, which every later fit and the photometry use;
-5. a fit with that PRF (and its variants), at the offset positions, bright sources moved onto their light
-   (at most `POSITION_PRIOR_ARCSEC`; how far the brightest move gives the catalogue's
+5. a fit with that PRF (and its variants), at the offset positions, bright sources moved onto
+   their light (at most `POSITION_PRIOR_ARCSEC`; how far the brightest move gives the catalogue's
    position error, the prior of every later move), leaves the residual image; for a mosaic
    resampled from larger pixels (`Band.resampled_noise`: IRAC), its autocovariance gives the factor
    ``noise_scale`` by which the true flux error exceeds the white-noise one
@@ -107,7 +107,11 @@ class Calibration:
         model: with it the engine's ``rchisq`` of the brighter half of the section's bright
         point sources (S/N > 100), where the model's error outweighs the noise, is 1 at the
         median, so that ``poor_fit`` flags sources fitted worse than they are, not the PRF's
-        own variation across the image.
+        own variation across the image. Measured with the mean PRF, which fits sources off
+        the ``variation`` map.
+    variant_pixel_error : float
+        The same for the fit with the PRF's variants (`variation`), which fits the sources on
+        its map more closely; ``pixel_error`` without variants.
     position_scatter_arcsec : float
         Scatter (per axis) of the catalogue's positions about the light: measured from how
         far the best fit moves the bright point sources (S/N > 100; their positions fitted
@@ -142,6 +146,7 @@ class Calibration:
     flux_fraction: float = 1.0
     sky_offset: float = 0.0
     pixel_error: float = DEFAULT_PRF_ERROR
+    variant_pixel_error: float = DEFAULT_PRF_ERROR
     neighbour_error: float = DEFAULT_PRF_ERROR
     position_scatter_arcsec: float = 0.0
     variation: PRFVariation | None = None
@@ -335,39 +340,49 @@ def calibrate_section(
         sky = sky + sky_level
     # How the PRF changes across the section, from the residuals of its bright point
     # sources; the fit with its variants is the one the errors and the quality are read from.
-    bright_points = np.flatnonzero(point_like & (np.nan_to_num(current.snr) > _VARIATION_MIN_SNR))
-    residual = np.asarray(image, dtype=np.float64) - sky - render(current, prf, oversampling)
+    whole = build_prf_table(prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction)
+    data = np.asarray(image, dtype=np.float64) - sky
+    full_sigma = np.broadcast_to(sigma, np.shape(image))
+
+    def pixel_error_of(fitted: _Fit, model) -> float:
+        """`_pixel_error` of a fit: the PRF's share of a residual grows with brightness until
+        it outweighs the noise, so its size is read where it does, on the brighter half of the
+        bright points."""
+        bright = np.flatnonzero(point_like & (np.nan_to_num(fitted.snr) > _PIXEL_ERROR_MIN_SNR))
+        snr = np.nan_to_num(fitted.snr)[bright]
+        brightest = bright[snr >= np.median(snr)] if bright.size >= 2 * _MIN_STARS else bright
+        return _pixel_error(_inner(data - model, whole, band), model, full_sigma, fitted, brightest, whole,
+                            measured.fit_radius_pix)
+
+    # How the PRF changes across the section, from the residuals of its bright point
+    # sources; the fit with its variants is the one the errors and the quality are read from.
+    # Sources beyond the section are fitted with the mean PRF: its own pixel error is kept.
+    model = render(current, prf, oversampling)
     variation = measure_variation(
-        residual, sigma, current.x, current.y, current.flux, bright_points, prf, oversampling, file_prf,
+        data - model, sigma, current.x, current.y, current.flux,
+        np.flatnonzero(point_like & (np.nan_to_num(current.snr) > _VARIATION_MIN_SNR)), prf, oversampling, file_prf,
         file_oversampling, radius_pix=measured.fit_radius_pix, cell_pix=_VARIATION_CELL_ARCSEC / band.pixel_scale_arcsec,
         scales_pix=np.asarray(_VARIATION_SCALES_ARCSEC) / band.pixel_scale_arcsec,
     )
+    pixel_error = variant_pixel_error = pixel_error_of(current, model)
     if variation is not None:
         current = fit(prf, oversampling, current.x, current.y, True, move=False)
-    whole = build_prf_table(prf, oversampling, enclosed_fraction=band.prf_enclosed_fraction)
+        model = render(current, prf, oversampling)
+        variant_pixel_error = pixel_error_of(current, model)
     flux_fraction = 1.0
     if band.calibration_radius_arcsec is not None and measured.star_indices.size >= _MIN_STARS:
         fraction = _model_flux_fraction(
-            np.asarray(image, dtype=np.float64), np.broadcast_to(sigma, np.shape(image)), current.x, current.y,
+            np.asarray(image, dtype=np.float64), full_sigma, current.x, current.y,
             current.flux, measured.star_indices, whole, wing_radius,
         )
         flux_fraction = fraction if np.isfinite(fraction) else 1.0
-    model = render(current, prf, oversampling)
-    residual = _inner(np.asarray(image, dtype=np.float64) - sky - model, whole, band)
+    residual = _inner(data - model, whole, band)
     # The engine's sky is the map plus one number: the calibration's correction to the map, at
     # its median, and what the residual still holds.
     sky_offset = float(np.median(sky - np.broadcast_to(original_sky, np.shape(image))))
     sky_offset += float(np.nanmedian(residual)) if np.isfinite(residual).any() else 0.0
     noise_scale = _noise_scale(residual, sigma, model, whole, band) if band.resampled_noise else 1.0
-    bright_points = np.flatnonzero(point_like & (np.nan_to_num(current.snr) > _PIXEL_ERROR_MIN_SNR))
     position_scatter_arcsec = position_scatter_pix * band.pixel_scale_arcsec
-    # The PRF's share of a residual grows with brightness until it outweighs the noise: its
-    # size is read where it does, on the brighter half of the bright points.
-    snr = np.nan_to_num(current.snr)[bright_points]
-    brightest = bright_points[snr >= np.median(snr)] if bright_points.size >= 2 * _MIN_STARS else bright_points
-    pixel_error = _pixel_error(
-        residual, model, np.broadcast_to(sigma, np.shape(image)), current, brightest, whole, measured.fit_radius_pix,
-    )
     prf_error = float("nan")
     if measured.star_indices.size >= _MIN_STARS:
         prf_error = prf_model_error(
@@ -388,6 +403,7 @@ def calibrate_section(
         flux_fraction=float(flux_fraction),
         sky_offset=sky_offset,
         pixel_error=pixel_error,
+        variant_pixel_error=variant_pixel_error,
         neighbour_error=float(np.hypot(pixel_error, position_scatter_arcsec / (band.fwhm_arcsec / _FWHM_PER_SIGMA))),
         position_scatter_arcsec=position_scatter_arcsec,
         variation=variation,

@@ -252,10 +252,10 @@ def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, 
         The padded residual image divided by the noise: (data - sky - model) / sigma.
     model : ndarray
         The padded model divided by the noise.
-    model_error : float
-        Fractional error of the model: a pixel's chi^2 counts against sigma^2 plus
-        (model_error * model)^2, so that a PRF known to 1 % does not make every bright source
-        a poor fit.
+    model_error : ndarray
+        Per source, the fractional error of its model: a pixel's chi^2 counts against sigma^2
+        plus (model_error * model)^2, so that a PRF known to 1 % does not make every bright
+        source a poor fit.
 
     Returns
     -------
@@ -290,7 +290,7 @@ def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, 
                 grad_y = ((1 - weight_x) * (t10 - t00) + weight_x * (t11 - t01)) / phase_step
                 s = sqrt_weight[first_row + a, first_col + b]
                 c = chi[first_row + a, first_col + b]
-                m = model_error * model[first_row + a, first_col + b]
+                m = model_error[source] * model[first_row + a, first_col + b]
                 sums[source, 0] += value
                 sums[source, 1] += value * c * c / (1.0 + m * m)
                 sums[source, 2] += grad_x * c * s

@@ -831,21 +831,10 @@ def _rms_width_sq(table: PRFTable) -> float:
     return float(0.5 * ((rows**2 + cols**2) * stamp).sum() / stamp.sum())
 
 
-def _gradient_tables(table: PRFTable) -> tuple[PRFTable, PRFTable]:
-    """How a unit source's stamps change as it moves by one pixel in x and in y: central
-    differences between the table's phases (one-sided at the +-0.5 ends), cores only."""
-    step = float(table.phases[1] - table.phases[0])
-    stamps = np.asarray(table.stamps)
-    return tuple(
-        PRFTable(np.gradient(stamps, step, axis=axis).astype(stamps.dtype), table.phases, table.half_size)
-        for axis in (1, 0)
-    )
-
-
 def _candidate_gradients(tables, profile, candidates):
-    """`_gradient_tables` of each table that some candidate uses (the table itself, unused,
+    """`PRFTable.gradients` of each table that some candidate uses (the table itself, unused,
     for the others), for `_position_shifts`."""
-    return [_gradient_tables(t) if (profile[candidates] == k).any() else (t, t) for k, t in enumerate(tables)]
+    return [t.gradients if (profile[candidates] == k).any() else (t, t) for k, t in enumerate(tables)]
 
 
 def _position_shifts(solve, tables, gradients, profile, x, y, candidates, max_shift_pix, prior=None, start=None):
@@ -1030,10 +1019,12 @@ def scene_photometry(
         uncertainties.
     noise_scale, prf_error : float
         Added to the uncertainties, see `mbphot.engine.solve.total_variance`.
-    pixel_error : float, optional
+    pixel_error : float or ndarray, optional
         ``rchisq`` counts each pixel's residual against its noise and ``pixel_error`` times
         its model: how well the PRF model fits a point source pixel by pixel
-        (`mbphot.calibration.Calibration.pixel_error`). Default ``prf_error``.
+        (`mbphot.calibration.Calibration.pixel_error`); one value, or one per source of ``x``
+        (a source fitted with a variant of the PRF, `mbphot.engine.variation`, is fitted
+        better than with the mean PRF). Default ``prf_error``.
     neighbour_error : float, optional
         Fractional error of the light the neighbours' models put into a target's profile
         (`mbphot.engine.solve.total_variance`; `mbphot.calibration.Calibration.neighbour_error`).
@@ -1085,7 +1076,8 @@ def scene_photometry(
         With ``return_profiles``: the fitted profiles.
     """
     pixel_error = prf_error if pixel_error is None else pixel_error
-    neighbour_error = pixel_error if neighbour_error is None else neighbour_error
+    neighbour_error = float(np.max(pixel_error)) if neighbour_error is None else neighbour_error
+    source_pixel_error = np.broadcast_to(np.asarray(pixel_error, dtype=np.float64), np.shape(x))
     x, y, targets, result, measured = start_measurement(image.shape, x, y, targets, cutout_size)
 
     def outputs(result, x, y, profile):
@@ -1222,15 +1214,16 @@ def scene_photometry(
         fracflux = neighbour_flux / np.abs(fitted)
     target_sources = targets[measured]
 
-    def kernel(table, offset_x, offset_y, source_col, source_row):
+    def kernel(table, offset_x, offset_y, source_col, source_row, model_error):
         return residual_sums(
             table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
-            offset_x, offset_y, source_col, source_row, chi, model, pixel_error, scene.padded[1], scene.padded[2],
+            offset_x, offset_y, source_col, source_row, chi, model, model_error, scene.padded[1], scene.padded[2],
         )
 
     sums = _by_profile(
         tables, profile[target_sources], kernel, x[target_sources] - col[target_sources],
         y[target_sources] - row[target_sources], col[target_sources].astype(np.intp), row[target_sources].astype(np.intp),
+        np.ascontiguousarray(source_pixel_error[target_sources]),
     )
     with np.errstate(invalid="ignore", divide="ignore"):
         rchisq = sums[:, 1] / sums[:, 0]

@@ -52,7 +52,7 @@ SCENE_ARCMIN = 6.0
 density)."""
 PARTITION_ARCMIN = 6.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
-RESULTS_VERSION = 10
+RESULTS_VERSION = 11
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
 
 

@@ -130,7 +130,10 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
             discs, sensitivity = _extended_tables(calibration_path, job_split, band.name)
         if variants or discs:
             variant = -1 if variation is None else variation.variant_at(x - origin[0], y - origin[1])
-            options["extended"] = (variants + discs, profile_indices(variant, task.size_bin, len(variants)))
+            profile = profile_indices(variant, task.size_bin, len(variants))
+            options["extended"] = (variants + discs, profile)
+            on_map = (profile >= 0) & (profile < len(variants))
+            options["pixel_error"] = np.where(on_map, calibration.variant_pixel_error, calibration.pixel_error)
             if discs:
                 options["sizes"] = (len(variants), len(variants) + len(discs), SIZE_PRIOR_SIGMA_BINS)
     result = _engine_function(task.engine, task.mode)(
