@@ -7,7 +7,7 @@ import pytest
 from mbphot.engine import build_prf_table, scene_photometry
 from mbphot.engine.epsf import measure_prf, render_sources
 from mbphot.engine.scene import disc_tables
-from mbphot.engine.variation import measure_variation, profile_indices, variation_basis
+from mbphot.engine.variation import measure_variation, profile_indices, variation_basis, variation_map
 from epsf_fields import TRUE_CORE, file_prf, make_field
 
 SIDE = 400
@@ -94,3 +94,21 @@ def test_profile_indices_put_points_on_their_variant_and_galaxies_on_their_disc(
     assert profile_indices(variant, size_bin, 3).tolist() == [0, 6, -1, 1]
     assert profile_indices(variant, None, 3).tolist() == variant.tolist()
     assert profile_indices(-1, size_bin, 0).tolist() == [-1, 3, -1, -1]
+
+
+def test_cells_far_from_every_source_keep_the_mean_prf():
+    # Sources in the first 50 x 50 pixels of a 50 x 5000 section; their first coefficient
+    # grows with x (0.05 to 0.15, each measured to 0.01).
+    rng = np.random.default_rng(5)
+    n, k = 60, 2
+    x, y = rng.uniform(0, 50, n), rng.uniform(0, 50, n)
+    fisher = np.tile(np.eye(k), (n, 1, 1)) * 1e4
+    truth = np.column_stack([0.05 + 0.1 * x / 50, np.zeros(n)])
+    rhs = 1e4 * (truth + rng.normal(0, 0.01, (n, k)))
+    basis = np.stack([np.eye(9), np.fliplr(np.eye(9))])
+    variation = variation_map(x, y, fisher, rhs, (5000, 50), basis, 1, cell_pix=25.0, scales_pix=(10.0, 20.0),
+                              exclusion_pix=0.0)
+    assert variation is not None
+    assert np.allclose(variation.coefficients[variation.cells[-1]], 0.0)
+    near = variation.coefficients[variation.cells[0]][:, 0]
+    assert near[0] < near[1] and 0.05 < near[0] < 0.15 and 0.05 < near[1] < 0.15

@@ -209,8 +209,11 @@ def _smoothed(at_x, at_y, x, y, weight, weighted_estimate, scale, exclusion=0.0,
         rows = slice(start, min(at_x.size, start + chunk))
         kernel = _kernel(at_x[rows], at_y[rows], x, y, scale, exclusion)
         sums = (kernel @ flat).reshape(-1, k, k)
-        ridge = _RIDGE * np.trace(sums, axis1=-2, axis2=-1)[:, None, None] / k
-        out[rows] = np.linalg.solve(sums + ridge * np.eye(k) + 1e-300, (kernel @ weighted_estimate)[..., None])[..., 0]
+        trace = np.trace(sums, axis1=-2, axis2=-1)
+        # Where no source is near enough to weigh (the Gaussian underflows), no change.
+        near = np.flatnonzero(trace > 0)
+        ridge = _RIDGE * trace[near, None, None] / k
+        out[start + near] = np.linalg.solve(sums[near] + ridge * np.eye(k), (kernel[near] @ weighted_estimate)[..., None])[..., 0]
     return out
 
 
