@@ -16,7 +16,6 @@ their sum is the whole PRF at every sub-pixel phase.
 """
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -106,18 +105,6 @@ class PRFTable:
     @property
     def n_phase(self) -> int:
         return self.phases.size
-
-    @cached_property
-    def gradients(self) -> tuple["PRFTable", "PRFTable"]:
-        """How a unit source's stamps change as it moves by one pixel in x and in y: central
-        differences between the phases (one-sided at the +-0.5 ends), cores only. Kept with
-        the table: a worker fits many scenes with the same tables."""
-        step = float(self.phases[1] - self.phases[0])
-        stamps = np.asarray(self.stamps)
-        return tuple(
-            PRFTable(np.gradient(stamps, step, axis=axis).astype(stamps.dtype), self.phases, self.half_size)
-            for axis in (1, 0)
-        )
 
     def stamps_for(self, offset_x: np.ndarray, offset_y: np.ndarray) -> np.ndarray:
         """Stamps for sources at sub-pixel offsets (from their nearest pixel centre).

@@ -831,10 +831,21 @@ def _rms_width_sq(table: PRFTable) -> float:
     return float(0.5 * ((rows**2 + cols**2) * stamp).sum() / stamp.sum())
 
 
+def _gradient_tables(table: PRFTable) -> tuple[PRFTable, PRFTable]:
+    """How a unit source's stamps change as it moves by one pixel in x and in y: central
+    differences between the table's phases (one-sided at the +-0.5 ends), cores only."""
+    step = float(table.phases[1] - table.phases[0])
+    stamps = np.asarray(table.stamps)
+    return tuple(
+        PRFTable(np.gradient(stamps, step, axis=axis).astype(stamps.dtype), table.phases, table.half_size)
+        for axis in (1, 0)
+    )
+
+
 def _candidate_gradients(tables, profile, candidates):
-    """`PRFTable.gradients` of each table that some candidate uses (the table itself, unused,
+    """`_gradient_tables` of each table that some candidate uses (the table itself, unused,
     for the others), for `_position_shifts`."""
-    return [t.gradients if (profile[candidates] == k).any() else (t, t) for k, t in enumerate(tables)]
+    return [_gradient_tables(t) if (profile[candidates] == k).any() else (t, t) for k, t in enumerate(tables)]
 
 
 def _position_shifts(solve, tables, gradients, profile, x, y, candidates, max_shift_pix, prior=None, start=None):
