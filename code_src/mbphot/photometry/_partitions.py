@@ -16,6 +16,7 @@ from astropy.wcs import WCS
 from ..bands import Band, measured_columns, quality_columns
 from ..calibration import POSITION_PRIOR_ARCSEC
 from ..engine import build_prf_table, forced_photometry
+from ..engine.epsf import render_sources
 from ..engine.solve import FLAGS, Measurement
 from ..engine.variation import profile_indices
 from ..io import read_wcs
@@ -158,6 +159,15 @@ def _tiny_fits() -> None:
     for mode in MODES:
         _engine_function("mbphot", mode)(np.zeros((15, 15)), x, y, np.arange(2), table, 5, sky=0.0, sigma=1.0, fit_sky=True)
     _engine_function("mbphot", "scene")(np.zeros((15, 15)), x, y, np.arange(2), split, 5, sky=0.0, sigma=1.0, fit_sky=True)
+    # Bright sources, one resolved, as the photometry fits them: the position and size steps
+    # and per-source pixel errors load their kernels too.
+    wider = build_prf_table(np.exp(-radius2 / 4.0), n_phase=3, max_half_size=3)
+    bright = render_sources((15, 15), x, y, np.array([1000.0, 800.0]), table)
+    _engine_function("mbphot", "scene")(
+        bright, x + 0.1, y, np.arange(2), table, 5, sky=0.0, sigma=1.0, fit_sky=True, max_shift_pix=0.5,
+        position_error_pix=0.1, extended=([table, wider], np.array([0, -1])), sizes=(0, 2, 0.7),
+        pixel_error=np.array([0.01, 0.02]),
+    )
 
 
 def _warm_up() -> float:
