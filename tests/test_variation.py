@@ -112,3 +112,23 @@ def test_cells_far_from_every_source_keep_the_mean_prf():
     assert np.allclose(variation.coefficients[variation.cells[-1]], 0.0)
     near = variation.coefficients[variation.cells[0]][:, 0]
     assert near[0] < near[1] and 0.05 < near[0] < 0.15 and 0.05 < near[1] < 0.15
+
+
+def test_a_calibration_with_variants_is_saved_and_read_back(tmp_path):
+    from mbphot.calibration import Calibration
+    from mbphot.engine.variation import PRFVariation
+
+    variation = PRFVariation(coefficients=np.array([[0.01, -0.02], [0.03, 0.0]]), basis=np.ones((2, 5, 5)),
+                             cells=np.array([[0, 1], [1, 1]]), cell_pix=20.0, smoothing_pix=45.0, gain=120.0,
+                             n_sources=300)
+    calibration = Calibration(prf=np.full((5, 5), 0.04), oversampling=1, offset_x_pix=0.1, offset_y_pix=-0.2,
+                              noise_scale=2.5, prf_error=0.005, n_stars=40, used_file=False, reason="test",
+                              aperture_correction=1.04, pixel_error=0.019, variant_pixel_error=0.009,
+                              variation=variation)
+    np.savez(tmp_path / "calibration.npz", **calibration.arrays())
+    with np.load(tmp_path / "calibration.npz") as stored:
+        read = Calibration.from_arrays(stored)
+    assert read.summary() == calibration.summary() and read.summary()["prf_variants"] == 2
+    assert np.array_equal(read.variation.cells, variation.cells)
+    assert np.allclose(read.variation.variant_prfs(read.prf), variation.variant_prfs(calibration.prf))
+    assert read.variation.variant_at(np.array([5.0, 30.0, -1.0]), np.array([5.0, 5.0, 5.0])).tolist() == [0, 1, -1]
