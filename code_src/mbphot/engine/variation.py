@@ -22,8 +22,9 @@ each bright point source it holds the source's flux times the PRF's local error
 least-squares average over the sources near each cell of a grid gives the map
 (`variation_map`), at the smoothing scale that predicts each source's residual best from the
 others (leave-one-out), or no map at all where none predicts better than one change common
-to the whole section (which is the mean PRF's own error, not a variation). The cells' coefficients are grouped into a few variants (k-means in the metric of the PRF's
-pixel values), which the engine fits as one table each (``extended`` of
+to the whole section (which is the mean PRF's own error, not a variation). The cells'
+coefficients are grouped into a few variants (k-means in the metric of the PRF's pixel
+values), which the engine fits as one table each (``extended`` of
 `mbphot.engine.scene.scene_photometry`).
 
 Everything here is pure: arrays in, arrays out.
