@@ -53,7 +53,7 @@ def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
 @functools.lru_cache(maxsize=16)
 def _calibrated(path, split_wings: bool) -> tuple[PRFTable, Calibration]:
     """An image's calibration (saved by `_calibrate._calibrate_image`) and its PRF, tabulated."""
-    calibration, band, _ = read_calibration(path)
+    calibration, band, _ = _stored_calibration(path)
     return tabulate_prf(calibration.prf, calibration.oversampling, band, split_wings, calibration.flux_fraction), calibration
 
 
@@ -64,18 +64,26 @@ def read_calibration(path) -> tuple[Calibration, Band, np.ndarray]:
         return Calibration.from_arrays(stored), BANDS[str(stored["band"])], np.asarray(origin, dtype=np.float64)
 
 
+# The worker's tables of one image all come from one reading of its calibration.
+_stored_calibration = functools.lru_cache(maxsize=16)(read_calibration)
+
+
+def scaled_tables(tables, flux_fraction: float) -> list:
+    """Core tables scaled as the point table (`tabulate_prf`): a unit source puts the
+    calibrated ``flux_fraction`` on the image (wings, if any, alike)."""
+    return [PRFTable(t.stamps * flux_fraction, t.phases, t.half_size, None if t.wings is None else t.wings * flux_fraction)
+            for t in tables]
+
+
 @functools.lru_cache(maxsize=16)
 def _variant_tables(path, split_wings: bool) -> tuple[list, object, np.ndarray]:
     """The tables of the PRF's variants across the image (`mbphot.engine.variation`), the
     variation and its section's corner; no tables where the PRF does not vary."""
     table, calibration = _calibrated(path, split_wings)
     variation = calibration.variation
-    _, band, origin = read_calibration(path)
+    _, band, origin = _stored_calibration(path)
     if variation is None:
         return [], None, origin
     core_radius = band.prf_core_radius_pixels if split_wings else None
     tables = disc_tables(list(variation.variant_prfs(calibration.prf)), calibration.oversampling, table, core_radius)
-    # As the point table (`tabulate_prf`): a unit source puts the calibrated fraction on the image.
-    scale = calibration.flux_fraction
-    tables = [PRFTable(t.stamps * scale, t.phases, t.half_size) for t in tables]
-    return tables, variation, origin
+    return scaled_tables(tables, calibration.flux_fraction), variation, origin

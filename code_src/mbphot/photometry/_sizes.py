@@ -7,9 +7,8 @@ import numpy as np
 import pandas as pd
 
 from ..bands import BANDS, Band
-from ..engine import PRFTable
 from ..engine.scene import extended_profiles, size_sensitivity
-from ._prf import _calibrated
+from ._prf import _calibrated, scaled_tables
 
 SIZE_COLUMN = "flux_radius_arcsec"
 """Catalogue column of each source's half-light radius in a high-resolution image (arcsec);
@@ -58,8 +57,7 @@ def _extended_tables(path, split_wings: bool, band_name: str) -> tuple[list, np.
     band = BANDS[band_name]
     core_radius = band.prf_core_radius_pixels if split_wings else None
     tables = extended_profiles(calibration.prf, calibration.oversampling, size_radii_pix(band), table, core_radius)
-    scale = calibration.flux_fraction
-    tables = [PRFTable(t.stamps * scale, t.phases, t.half_size, None if t.wings is None else t.wings * scale) for t in tables]
+    tables = scaled_tables(tables, calibration.flux_fraction)
     return tables, size_sensitivity(tables, size_radii_pix(band))
 
 
