@@ -355,6 +355,18 @@ def test_confusion_sources_are_in_the_images_but_not_in_the_catalogue(real_field
     assert extra.min() > -1e-6
 
 
+def test_confusion_keeps_only_the_sources_the_detection_image_misses():
+    from mbphot.sample import _sources
+
+    flux36_ujy = np.array([0.10, 0.05, 0.05, 0.10, 0.50, 0.05])
+    flux_nuv_ujy = np.array([0.05, 0.20, 0.05, 2.00, 0.10, 5.00])
+    # Red or flat sources below the limit at 3.6 um stay; a blue one stays while its light at
+    # 1 um (0.05 uJy lifted 1.9 times) is below the limit; one 20 or 100 times brighter in NUV
+    # is seen at 1 um (0.4 uJy), one above the limit at 3.6 um (a star the counts made 5 times
+    # brighter) is seen anyway.
+    assert _sources.undetected(flux36_ujy, flux_nuv_ujy).tolist() == [True, True, True, False, False, False]
+
+
 def test_galex_mis_tile_has_zero_counts_inside_and_no_exposure_outside_its_footprint(real_field):
     for band in ("nd", "fd"):
         intensity = fits.getdata(real_field / f"galex/COSMOS_SIM_02-{band}-int.fits")

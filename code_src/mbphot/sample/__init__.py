@@ -86,7 +86,7 @@ __all__ = ["SampleSpec", "Realism", "REALISM_LEVELS", "make_sample_field", "samp
 
 SAMPLE_VERSION = 2
 """Bumped whenever the simulator changes, so that fields made by an older one are rebuilt."""
-REALISTIC_VERSION = 3
+REALISTIC_VERSION = 4
 """Bumped whenever the realistic effects change: only non-ideal fields are then rebuilt."""
 SOURCES_PER_ARCMIN2 = 150.0
 HALO_ARCMIN = 1.0
@@ -1289,6 +1289,7 @@ def _make_realistic(spec, rng, out, n_workers):
         primary = _sources.detection_primaries(sources["ra"], sources["dec"], flux36, true_re)
     if realism.confusion:
         faint = _draw_sources(spec, _sources.stream(spec, "confusion"), flux_range_ujy=_sources.CONFUSION_FLUX_RANGE_UJY)
+        faint = faint[_sources.undetected(faint["true_irac1_flux_ujy"], faint["true_nuv_flux_ujy"])]
         # Faint galaxies are drawn as points: at r_e <~ 0.2" and S/N < 1 their shape is lost in the noise.
     else:
         faint = Table({"ra": np.zeros(0), "dec": np.zeros(0), **{f"true_{b}_flux_ujy": np.zeros(0) for b in BANDS}})
