@@ -122,6 +122,28 @@ def test_autocovariance_scale_ignores_bright_residuals_and_masked_areas(stamp):
     assert correlated_noise_scale(noise, 1.0, stamp, mask=mask) == pytest.approx(1.0, abs=0.06)
 
 
+def test_noise_scale_reads_the_noise_inside_the_catalogue_and_not_the_light_beyond(stamp):
+    from mbphot.calibration import _noise_scale
+    from mbphot.engine.epsf import render_sources
+
+    rng = np.random.default_rng(31)
+    side = 400
+    noise = np.kron(rng.normal(0.0, 1.0, (side // 2, side // 2)), np.ones((2, 2)))
+    table = build_prf_table(file_prf(), 1)
+    # A round catalogue in a square section: the corners hold sources the catalogue lacks.
+    cat_x, cat_y = rng.uniform(0, side, (2, 8000))
+    in_field = np.hypot(cat_x - side / 2, cat_y - side / 2) < 0.4 * side
+    far_x, far_y = rng.uniform(0, side, (2, 3000))
+    corners = np.hypot(far_x - side / 2, far_y - side / 2) > 0.45 * side
+    light = render_sources(noise.shape, far_x[corners], far_y[corners], np.full(corners.sum(), 20.0), table)
+    model = np.zeros(noise.shape)
+    measured = _noise_scale(noise + light, 1.0, model, table, BANDS["irac1"], cat_x[in_field], cat_y[in_field])
+    assert measured == pytest.approx(block_replication_factor(stamp), rel=0.05)
+    everywhere_x, everywhere_y = rng.uniform(0, side, (2, 8000))
+    unaware = _noise_scale(noise + light, 1.0, model, table, BANDS["irac1"], everywhere_x, everywhere_y)
+    assert unaware > 1.1 * measured
+
+
 def test_calibration_measures_the_prf_offset_and_correlated_noise():
     field = make_field(21, side=300, n_stars=160, n_galaxies=150, n_faint=600)
     coarse = np.random.default_rng(22).normal(0.0, 1.0, (150, 150))
