@@ -1062,7 +1062,8 @@ def scene_photometry(
     neighbour_error : float, optional
         Fractional error of the light the neighbours' models put into a target's profile
         (`mbphot.engine.solve.total_variance`; `mbphot.calibration.Calibration.neighbour_error`).
-        Default ``pixel_error``.
+        Default ``pixel_error``. A neighbour whose position is fitted (``max_shift_pix``) has
+        its ``pixel_error`` instead: the target's variance is marginalised over its position.
     correct_positions : bool
         Correct each target's flux for the offset of its catalogue position from its light,
         measured from the residuals (`_position_corrections`).
@@ -1240,8 +1241,28 @@ def scene_photometry(
     chi = np.where(scene.padded[2], scene.padded[0] - model, 0.0)
     sources_only = np.where(np.arange(solution.size) < scene.n_source, solution, 0.0)
     neighbour_signal = (scene.normal @ sources_only)[target_unknowns] - (1.0 + _RIDGE) * solution[target_unknowns]
-    absolute = abs(scene.normal[target_unknowns][:, : scene.n_source]) @ np.abs(sources_only[: scene.n_source])
+    couplings = abs(scene.normal[target_unknowns][:, : scene.n_source])
+    light = np.abs(sources_only[: scene.n_source])
+    absolute = couplings @ light
     neighbour_light = (absolute - (1.0 + _RIDGE) * np.abs(solution[target_unknowns])) * scale
+    # The light of each neighbour, times its model's fractional error: ``neighbour_error``
+    # (its PRF and its catalogue position) for most, but only its pixel error for a bright
+    # point source whose position was fitted, when the target's variance is marginalised over
+    # that position (counted twice, the errors of IRAC1 targets whose neighbours put 0.5-2
+    # times their flux into their profiles were 1.3 times their scatter). A resolved
+    # neighbour's size is not marginalised: it keeps ``neighbour_error``.
+    neighbour_model_error = np.full(scene.n_source, neighbour_error)
+    point_like = np.ones(x.size, dtype=bool)
+    if sizes is not None:
+        point_like = (profile < sizes[0] + 1) | (profile >= sizes[1] + 1)
+    fitted_position = (moved & point_like)[scene.modelled]
+    neighbour_model_error[fitted_position] = source_pixel_error[scene.modelled[fitted_position]]
+    light_error = np.where(
+        marginal,
+        couplings @ (light * neighbour_model_error) - (1.0 + _RIDGE) * np.abs(solution[target_unknowns])
+        * neighbour_model_error[target_unknowns],
+        neighbour_error * neighbour_light / scale,
+    ) * scale
     neighbour_flux = neighbour_signal * scale
     with np.errstate(invalid="ignore", divide="ignore"):
         fracflux = neighbour_flux / np.abs(fitted)
@@ -1272,7 +1293,7 @@ def scene_photometry(
         variance = variance / kept**2
     with np.errstate(invalid="ignore"):
         blended = is_blended(neighbour_flux, fitted, noise_scale * np.sqrt(variance))
-    variance = total_variance(variance, fitted, neighbour_light, noise_scale, prf_error, neighbour_error)
+    variance = total_variance(variance, fitted, light_error, noise_scale, prf_error, 1.0)
 
     target_col = col[target_sources]
     target_row = row[target_sources]
