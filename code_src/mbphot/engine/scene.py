@@ -1257,12 +1257,9 @@ def scene_photometry(
         point_like = (profile < sizes[0] + 1) | (profile >= sizes[1] + 1)
     fitted_position = (moved & point_like)[scene.modelled]
     neighbour_model_error[fitted_position] = source_pixel_error[scene.modelled[fitted_position]]
-    light_error = np.where(
-        marginal,
-        couplings @ (light * neighbour_model_error) - (1.0 + _RIDGE) * np.abs(solution[target_unknowns])
-        * neighbour_model_error[target_unknowns],
-        neighbour_error * neighbour_light / scale,
-    ) * scale
+    own = (1.0 + _RIDGE) * np.abs(solution[target_unknowns]) * neighbour_model_error[target_unknowns]
+    marginalised_light_error = (couplings @ (light * neighbour_model_error) - own) * scale
+    light_error = np.where(marginal, marginalised_light_error, neighbour_error * neighbour_light)
     neighbour_flux = neighbour_signal * scale
     with np.errstate(invalid="ignore", divide="ignore"):
         fracflux = neighbour_flux / np.abs(fitted)

