@@ -131,6 +131,42 @@ def test_positions_are_forced_not_refitted(table):
     assert flux[0] < 0.9
 
 
+@pytest.mark.parametrize("oversampling", [1, OVERSAMPLING])
+def test_table_is_the_prf_spline_at_every_phase(oversampling):
+    """The table is built by one sparse product per axis; it must be the cubic spline of the
+    PRF samples that `scipy.ndimage.map_coordinates` evaluates, edges included: the wing
+    kernel of a PRF file no larger than the enclosed radius reaches the file's edge."""
+    from scipy import ndimage
+
+    from mbphot.engine.prf import _core_taper, prf_centre
+
+    rng = np.random.default_rng(5)
+    shape = (10 * oversampling + 3, 10 * oversampling + 1)
+    prf = np.outer(np.hanning(shape[0]), np.hanning(shape[1])) + 0.01 * rng.random(shape)
+    core_radius = 2.5
+    table = build_prf_table(prf, oversampling=oversampling, n_phase=7, enclosed_fraction=1.0, core_radius=core_radius)
+    normalised = normalise_prf(prf, oversampling)
+    coefficients = ndimage.spline_filter(normalised, order=3, mode="constant")
+    centre_y, centre_x = prf_centre(normalised)
+
+    def spline(rows, cols):
+        coords = [centre_y + oversampling * rows, centre_x + oversampling * cols]
+        return ndimage.map_coordinates(coefficients, coords, order=3, mode="constant", cval=0.0, prefilter=False)
+
+    grid = np.arange(-table.half_size, table.half_size + 1)
+    for i, phase_y in enumerate(table.phases):
+        for j, phase_x in enumerate(table.phases):
+            rows, cols = np.meshgrid(grid - phase_y, grid - phase_x, indexing="ij")
+            expected = spline(rows, cols) * _core_taper(np.hypot(rows, cols), core_radius)
+            np.testing.assert_allclose(table.stamps[i, j], expected, rtol=0, atol=1e-12)
+    wing_half = table.wings.shape[0] // 2
+    wing_grid = np.arange(-wing_half, wing_half + 1)
+    rows, cols = np.meshgrid(wing_grid, wing_grid, indexing="ij")
+    assert wing_half * oversampling >= normalised.shape[1] // 2, "the wings reach the file's edge"
+    expected = spline(rows, cols) * (1.0 - _core_taper(np.hypot(rows, cols), core_radius))
+    np.testing.assert_allclose(table.wings, expected, rtol=0, atol=1e-12)
+
+
 def test_prf_wider_than_the_cutout_keeps_its_normalisation():
     """Cropping the PRF to the cutout and renormalising would inflate fluxes; we fit the
     part of the unit-flux PRF that falls in the cutout."""

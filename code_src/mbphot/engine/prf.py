@@ -18,7 +18,7 @@ their sum is the whole PRF at every sub-pixel phase.
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
 
 __all__ = ["PRFTable", "normalise_prf", "prf_centre", "build_prf_table"]
 
@@ -191,22 +191,43 @@ def build_prf_table(
     size = grid.size
     # Offsets of every phase's stamp pixels from the source, shape (phase, pixel).
     offsets = grid[None, :] - phases[:, None]
-    coords = np.stack(
-        [
-            np.broadcast_to((centre_y + oversampling * offsets)[:, None, :, None], (n_phase, n_phase, size, size)),
-            np.broadcast_to((centre_x + oversampling * offsets)[None, :, None, :], (n_phase, n_phase, size, size)),
-        ]
+    stamps = (
+        _spline_samples(coefficients, (centre_y + oversampling * offsets).ravel(), (centre_x + oversampling * offsets).ravel())
+        .reshape(n_phase, size, n_phase, size)
+        .transpose(0, 2, 1, 3)
     )
-    stamps = ndimage.map_coordinates(coefficients, coords, order=3, mode="constant", cval=0.0, prefilter=False)
     if not split:
         return PRFTable(stamps=stamps, phases=phases, half_size=half_size)
     radius = np.hypot(offsets[:, None, :, None], offsets[None, :, None, :])
     stamps *= _core_taper(radius, core_radius)
     wing_grid = np.arange(-wing_half_size, wing_half_size + 1, dtype=np.float64)
-    wing_coords = np.stack(np.meshgrid(centre_y + oversampling * wing_grid, centre_x + oversampling * wing_grid, indexing="ij"))
-    whole = ndimage.map_coordinates(coefficients, wing_coords, order=3, mode="constant", cval=0.0, prefilter=False)
+    whole = _spline_samples(coefficients, centre_y + oversampling * wing_grid, centre_x + oversampling * wing_grid)
     wings = whole * (1.0 - _core_taper(np.hypot(*np.meshgrid(wing_grid, wing_grid, indexing="ij")), core_radius))
     return PRFTable(stamps=stamps, phases=phases, half_size=half_size, wings=wings)
+
+
+def _spline_weights(coordinates, n):
+    """The cubic B-spline's weights on ``n`` coefficients at each of ``coordinates``, as a
+    sparse matrix: ``ndimage.map_coordinates(..., order=3, mode="constant", prefilter=False)``
+    along one axis (mirrored coefficients beyond an edge, zero outside [0, n - 1])."""
+    low = np.floor(coordinates).astype(np.intp)
+    t = coordinates - low
+    weights = np.stack([(1 - t) ** 3, 3 * t**3 - 6 * t**2 + 4, -3 * t**3 + 3 * t**2 + 3 * t + 1, t**3], axis=1) / 6.0
+    taps = low[:, None] + np.arange(-1, 3)
+    period = 2 * (n - 1) if n > 1 else 1
+    taps = np.abs(np.mod(taps, period))
+    taps = np.where(taps > n - 1, period - taps, taps)
+    weights[(coordinates < 0) | (coordinates > n - 1)] = 0.0
+    rows = np.repeat(np.arange(coordinates.size), 4)
+    return sparse.csr_matrix((weights.ravel(), (rows, taps.ravel())), shape=(coordinates.size, n))
+
+
+def _spline_samples(coefficients, rows, cols):
+    """The spline of ``coefficients`` at every (row, col) of the grid ``rows`` x ``cols``:
+    ``map_coordinates`` on that grid, by one sparse product per axis (the cubic B-spline is
+    separable), tens of times quicker for a table's n_phase^2 stamps."""
+    along_rows = _spline_weights(np.asarray(rows, dtype=np.float64), coefficients.shape[0]) @ coefficients
+    return np.asarray((_spline_weights(np.asarray(cols, dtype=np.float64), coefficients.shape[1]) @ along_rows.T).T)
 
 
 _TAPER_WIDTH = 3.0
