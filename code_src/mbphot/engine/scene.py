@@ -1150,24 +1150,24 @@ def scene_photometry(
             if prior_mean is not None:
                 scene.rhs[: scene.n_source] += source_scale * prior_mean[scene.modelled] / prior_sigma[scene.modelled] ** 2
         solver = _Solver(scene.normal, _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source))
-        if cores_only:
-            solution = solver.solve(scene.rhs)
-            last_fit = scene, solution
-            return scene, solution, None
-        cores = None
+        start = None
         if previous is not None:
-            # The last position step's fluxes are those of the cores at these positions, to
-            # first order in the moves: the wings' fit takes them for its start. Each unknown's
-            # counterpart in that step is found by catalogue index (sky tiles alike).
+            # The last fit's fluxes are those at these positions to first order in the moves.
+            # Each unknown's counterpart there is found by catalogue index (sky tiles alike); a
+            # new unknown (a position step's gradient) starts at zero.
             known = np.full(x.size, -1, dtype=np.intp)
             common = min(x.size, previous.unknown_of_source.size)
             known[:common] = previous.unknown_of_source[:common]
             n_tile = scene.normal.shape[0] - scene.n_source
             old_of_new = np.concatenate([known[scene.modelled], previous.n_source + np.arange(n_tile)])
             mapped = (old_of_new >= 0) & ~scene.unconstrained
-            cores = np.zeros(scene.normal.shape[0])
-            cores[mapped] = previous_solution[old_of_new[mapped]] * previous.scale[old_of_new[mapped]] / scene.scale[mapped]
-        return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape, cores))
+            start = np.zeros(scene.normal.shape[0])
+            start[mapped] = previous_solution[old_of_new[mapped]] * previous.scale[old_of_new[mapped]] / scene.scale[mapped]
+        if cores_only:
+            solution = solver.solve(scene.rhs, start=start)
+            last_fit = scene, solution
+            return scene, solution, None
+        return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape, start))
 
     if max_shift_pix > 0 or sizes is not None:
         # Which sources are bright enough to move or resize, and where to, the PRFs' cores
