@@ -1135,6 +1135,7 @@ def scene_photometry(
     # not move, and starts from its fluxes. (Not its factorisations: kept alive through the
     # next assembly they double a GALEX fit's peak memory.)
     last_fit = None, None
+    n_catalogue = x.size
 
     def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None, prior_mean=None):
         nonlocal last_fit
@@ -1154,9 +1155,9 @@ def scene_photometry(
         if previous is not None:
             # The last fit's fluxes are those at these positions to first order in the moves.
             # Each unknown's counterpart there is found by catalogue index (sky tiles alike); a
-            # new unknown (a position step's gradient) starts at zero.
+            # position step's gradients start at zero, the step being what is left to move.
             known = np.full(x.size, -1, dtype=np.intp)
-            common = min(x.size, previous.unknown_of_source.size)
+            common = min(n_catalogue, x.size, previous.unknown_of_source.size)
             known[:common] = previous.unknown_of_source[:common]
             n_tile = scene.normal.shape[0] - scene.n_source
             old_of_new = np.concatenate([known[scene.modelled], previous.n_source + np.arange(n_tile)])
