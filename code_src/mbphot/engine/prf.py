@@ -215,7 +215,7 @@ def _spline_weights(coordinates, n):
     weights = np.stack([(1 - t) ** 3, 3 * t**3 - 6 * t**2 + 4, -3 * t**3 + 3 * t**2 + 3 * t + 1, t**3], axis=1) / 6.0
     taps = low[:, None] + np.arange(-1, 3)
     period = 2 * (n - 1) if n > 1 else 1
-    taps = np.abs(np.mod(taps, period))
+    taps = np.mod(taps, period)
     taps = np.where(taps > n - 1, period - taps, taps)
     weights[(coordinates < 0) | (coordinates > n - 1)] = 0.0
     rows = np.repeat(np.arange(coordinates.size), 4)
@@ -227,7 +227,7 @@ def _spline_samples(coefficients, rows, cols):
     ``map_coordinates`` on that grid, by one sparse product per axis (the cubic B-spline is
     separable), tens of times quicker for a table's n_phase^2 stamps."""
     along_rows = _spline_weights(np.asarray(rows, dtype=np.float64), coefficients.shape[0]) @ coefficients
-    return np.asarray((_spline_weights(np.asarray(cols, dtype=np.float64), coefficients.shape[1]) @ along_rows.T).T)
+    return (_spline_weights(np.asarray(cols, dtype=np.float64), coefficients.shape[1]) @ along_rows.T).T
 
 
 _TAPER_WIDTH = 3.0
