@@ -7,7 +7,10 @@ the machine code beside this file, so worker processes start without compiling a
 import numpy as np
 from numba import njit
 
-__all__ = ["add_interpolated_stamps", "add_stamps", "pair_overlaps", "residual_sums", "stamp_dots", "tile_sums", "weighted_stamps"]
+__all__ = [
+    "add_interpolated_stamps", "add_stamps", "pair_overlaps", "phase_gradients", "residual_sums", "stamp_dots", "tile_sums",
+    "weighted_stamps",
+]
 
 
 @njit(cache=True, nogil=True)
@@ -193,6 +196,27 @@ def stamp_dots(weighted, col, row, image):
                 total += weighted[source, a, b] * image[first_row + a, first_col + b]
         dots[source] = total
     return dots
+
+
+@njit(cache=True, nogil=True)
+def phase_gradients(table, phase_step, phase_y, phase_x, along_x, along_y):
+    """How ``table``'s stamps change per pixel of phase in x and in y: central differences
+    between neighbouring phases (one-sided at the first and last), at the phases
+    (``phase_y[k]``, ``phase_x[k]``) only, written into ``along_x`` and ``along_y`` (same shape
+    as ``table``, in place)."""
+    n_phase = table.shape[0]
+    size = table.shape[2]
+    for k in range(phase_y.size):
+        py = phase_y[k]
+        px = phase_x[k]
+        right, left = min(px + 1, n_phase - 1), max(px - 1, 0)
+        up, down = min(py + 1, n_phase - 1), max(py - 1, 0)
+        step_x = (right - left) * phase_step
+        step_y = (up - down) * phase_step
+        for a in range(size):
+            for b in range(size):
+                along_x[py, px, a, b] = (table[py, right, a, b] - table[py, left, a, b]) / step_x
+                along_y[py, px, a, b] = (table[up, px, a, b] - table[down, px, a, b]) / step_y
 
 
 @njit(cache=True, nogil=True)

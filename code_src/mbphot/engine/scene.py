@@ -27,7 +27,7 @@ from scipy.linalg import blas
 from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
-from .kernels import add_stamps, pair_overlaps, residual_sums, stamp_dots, tile_sums, weighted_stamps
+from .kernels import add_stamps, pair_overlaps, phase_gradients, residual_sums, stamp_dots, tile_sums, weighted_stamps
 from .prf import PRFTable, build_prf_table
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
@@ -854,14 +854,14 @@ def _gradient_tables(table: PRFTable, offset_x, offset_y) -> tuple[PRFTable, PRF
         return np.concatenate(lows)
 
     low_x, low_y = lower_phases(offset_x), lower_phases(offset_y)
-    used = np.unique(np.concatenate([(low_y + dy) * n_phase + low_x + dx for dy in (0, 1) for dx in (0, 1)]))
-    phase_y, phase_x = np.divmod(used, n_phase)
-    stamps = np.asarray(table.stamps)
-    along_x, along_y = np.zeros(stamps.shape, stamps.dtype), np.zeros(stamps.shape, stamps.dtype)
-    right, left = np.minimum(phase_x + 1, n_phase - 1), np.maximum(phase_x - 1, 0)
-    along_x[phase_y, phase_x] = (stamps[phase_y, right] - stamps[phase_y, left]) / ((right - left) * step)[:, None, None]
-    up, down = np.minimum(phase_y + 1, n_phase - 1), np.maximum(phase_y - 1, 0)
-    along_y[phase_y, phase_x] = (stamps[up, phase_x] - stamps[down, phase_x]) / ((up - down) * step)[:, None, None]
+    used = np.zeros(n_phase * n_phase, dtype=bool)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            used[(low_y + dy) * n_phase + low_x + dx] = True
+    phase_y, phase_x = np.divmod(np.flatnonzero(used), n_phase)
+    stamps = np.ascontiguousarray(table.stamps, dtype=np.float64)
+    along_x, along_y = np.zeros(stamps.shape), np.zeros(stamps.shape)
+    phase_gradients(stamps, step, phase_y, phase_x, along_x, along_y)
     return tuple(PRFTable(g, table.phases, table.half_size) for g in (along_x, along_y))
 
 
