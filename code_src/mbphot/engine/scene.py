@@ -60,7 +60,9 @@ _SHIFT_MIN_SNR = 20.0
 # bright source 0.2 px off its light is left about 0.02 px off, and a faint neighbour
 # within the PRF's core takes up the light that leaves. A step leaves about shift^2 / width
 # (width: the PRF's rms radius per axis), against a position noise of about width / (S/N):
-# another step is taken only where some source's S/N (shift / width)^2 exceeds this.
+# another step is taken only where some source's S/N (shift / width)^2 exceeds this. The
+# last step is the final fit (wings included), its fluxes fitted with the step's position
+# derivatives: a separate fit at the positions it moves to cost a fifth of a GALEX fit.
 _SHIFT_STEPS = 2
 _NEXT_STEP_MIN = 0.5
 # A resolved source this bright (in units of its flux error) may change its size bin
@@ -456,7 +458,8 @@ class _Scene:
     ``modelled``, ``col``, ``row`` and ``weighted`` are the modelled sources' catalogue
     indices, central pixels and whitened stamps; ``padded`` the whitened data, square-root
     weights and usability (`_pixel_arrays`); ``tile_of_pixel`` the sky tile of each image
-    pixel (None without sky tiles); ``terms`` what the next scene of the image reuses.
+    pixel (None without sky tiles); ``terms`` what the next scene of the image reuses;
+    ``prior`` what a Gaussian prior adds to each unknown's diagonal (None: no prior).
     """
 
     normal: sparse.csr_matrix
@@ -475,6 +478,7 @@ class _Scene:
     padded: tuple
     tile_of_pixel: np.ndarray | None
     terms: "_Terms"
+    prior: np.ndarray | None = None
 
 
 @dataclass
@@ -659,7 +663,7 @@ class _Wings:
         return full[row : row + n_row, col : col + n_col]
 
 
-def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, cores=None):
+def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, cores=None, n_catalogue=None):
     """The scene's solution with its PRFs whole: cores as stamps, wings by FFT (`_Wings`).
 
     Without wings, the normal equations of the cores. With them, the full least-squares
@@ -668,7 +672,8 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
     cores' subdomain factorisations as the preconditioner. It starts from the cores' solution
     (``cores``, scaled unknowns, where the caller knows it; else solved here) fitted again to
     the data less the wings of its fluxes. Returns the solution (scaled unknowns) and the
-    `_Wings` (None without wings).
+    `_Wings` (None without wings). Only the first ``n_catalogue`` sources of ``x`` (default:
+    all) have wings: the others are a position step's gradients (`_position_shifts`).
     """
     if prf_table.wings is None:
         return solver.solve(scene.rhs, start=cores), None
@@ -678,6 +683,8 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
     with np.errstate(invalid="ignore"):
         on_image = (scene.col >= 0) & (scene.col < nx) & (scene.row >= 0) & (scene.row < ny)
     with_wings = on_image & (scene.covered >= MIN_COVERED_FRACTION) & ~scene.unconstrained[: scene.n_source]
+    if n_catalogue is not None:
+        with_wings &= scene.modelled < n_catalogue
     wings = _Wings(prf_table.wings, x[scene.modelled], y[scene.modelled], scene.padded[1], 2 * prf_table.half_size, with_wings)
     n_source = scene.n_source
 
@@ -695,7 +702,8 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
         product = cores_adjoint(model)
         product[:n_source] += wings.adjoint(model)
         product = np.where(scene.unconstrained, 0.0, product * scene.scale)
-        return product + np.where(scene.unconstrained, 1.0, _RIDGE) * solution
+        product += np.where(scene.unconstrained, 1.0, _RIDGE) * solution
+        return product if scene.prior is None else product + scene.prior * solution
 
     # The cores' fit gives the wings' light to the sky tiles and to the faint neighbours of
     # bright sources, by hundreds of sigma in all: fitted again with the wings of its own
@@ -866,7 +874,7 @@ def _gradient_tables(table: PRFTable, offset_x, offset_y) -> tuple[PRFTable, PRF
     return tuple(PRFTable(g, table.phases, table.half_size) for g in (along_x, along_y))
 
 
-def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior=None, start=None):
+def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior=None, start=None, final=False):
     """Per source of ``x``, the shift (pixels) onto its light: for the ``candidates`` whose
     fitted S/N is above `_SHIFT_MIN_SNR`, at most ``max_shift_pix`` long; zero for the others.
 
@@ -886,13 +894,16 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
     position from its neighbours' is moved little, and none is moved where the catalogue is
     exact.
 
-    Also returns the augmented scene (None without candidates): its normal matrix, prior
-    included, gives flux variances marginalised over the candidates' positions.
+    Also returns the augmented scene, its solution and its `_Wings` (None without
+    candidates): its normal matrix, prior included, gives flux variances marginalised over
+    the candidates' positions. The scene is a fit of the cores, or with ``final`` the whole
+    fit, wings included: its fluxes are then those at the shifted positions to first order in
+    this step (`scene_photometry`'s last step).
     """
     start_x, start_y = (np.zeros(x.size), np.zeros(y.size)) if start is None else start
     shift_x, shift_y = start_x.copy(), start_y.copy()
     if candidates.size == 0:
-        return shift_x, shift_y, None
+        return shift_x, shift_y, None, None, None
     x, y = x + start_x, y + start_y
     n_table = len(tables)
     gradients = []
@@ -913,9 +924,9 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
         # The prior is on the whole offset from the catalogue: this step's coefficient (flux
         # times step) has its mean at minus the flux times the shift already taken.
         prior_mean = np.concatenate([np.zeros(x.size), -prior_flux * start_x[candidates], -prior_flux * start_y[candidates]])
-    augmented, solution, _ = solve(
+    augmented, solution, wings = solve(
         np.concatenate([x, x[candidates], x[candidates]]), np.concatenate([y, y[candidates], y[candidates]]),
-        augmented_tables, augmented_profile, cores_only=True, prior_sigma=prior_sigma, prior_mean=prior_mean,
+        augmented_tables, augmented_profile, cores_only=not final, prior_sigma=prior_sigma, prior_mean=prior_mean,
     )
     unknowns = augmented.unknown_of_source
     own = unknowns[candidates]
@@ -936,7 +947,7 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
     shrink = np.minimum(1.0, max_shift_pix / np.where(length > 0, length, 1.0))
     shift_x[moved] = dx * shrink
     shift_y[moved] = dy * shrink
-    return shift_x, shift_y, augmented
+    return shift_x, shift_y, augmented, solution, wings
 
 
 def _size_steps(scene, solution, tables, profile, sequence, prior_sigma_bins, noise_scale):
@@ -1072,9 +1083,9 @@ def scene_photometry(
         When positive, sources bright enough to measure their own position (S/N above
         `_SHIFT_MIN_SNR` in a fit of the PRFs' cores) are moved onto their light, by at most
         this many pixels (the prior: the catalogue's position error), their offsets fitted
-        with every flux at once (`_position_shifts`), and the scene is fitted at the new
-        positions. Fainter sources keep their catalogue positions and the flux correction
-        above.
+        with every flux at once (`_position_shifts`) in Gauss-Newton steps, the last of
+        which is the final fit. Fainter sources keep their catalogue positions and the flux
+        correction above.
     position_error_pix : float, optional
         The catalogue positions' error per axis (pixels), e.g.
         `mbphot.calibration.Calibration.position_scatter_arcsec`: a Gaussian prior on the
@@ -1149,6 +1160,7 @@ def scene_photometry(
             source_scale = scene.scale[: scene.n_source]
             extra[: scene.n_source] = (source_scale / prior_sigma[scene.modelled]) ** 2
             scene.normal = (scene.normal + sparse.diags(extra)).tocsr()
+            scene.prior = extra
             if prior_mean is not None:
                 scene.rhs[: scene.n_source] += source_scale * prior_mean[scene.modelled] / prior_sigma[scene.modelled] ** 2
         solver = _Solver(scene.normal, _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source))
@@ -1169,7 +1181,7 @@ def scene_photometry(
             solution = solver.solve(scene.rhs, start=start)
             last_fit = scene, solution
             return scene, solution, None
-        return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape, start))
+        return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape, start, n_catalogue))
 
     if max_shift_pix > 0 or sizes is not None:
         # Which sources are bright enough to move or resize, and where to, the PRFs' cores
@@ -1195,20 +1207,30 @@ def scene_photometry(
         shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
         snr = np.abs(first_solution[: first.n_source][bright])
         width_sq = _rms_width_sq(prf_table)
-        for _ in range(_SHIFT_STEPS):
-            shift_x, shift_y, augmented = _position_shifts(
-                solve, tables, profile, x, y, candidates, max_shift_pix, prior, (shift_x, shift_y)
+        # The last step is the final fit: its fluxes, fitted with the step's position
+        # derivatives, are those at the positions it moves to, to first order in a move of
+        # about shift^2 / width (the move of the step before).
+        for step in range(_SHIFT_STEPS):
+            last = step == _SHIFT_STEPS - 1
+            step_x, step_y = x + shift_x, y + shift_y
+            shift_x, shift_y, augmented, solution, wings = _position_shifts(
+                solve, tables, profile, x, y, candidates, max_shift_pix, prior, (shift_x, shift_y), final=last
             )
-            if not np.any(snr * (shift_x[candidates] ** 2 + shift_y[candidates] ** 2) / width_sq > _NEXT_STEP_MIN):
+            if last or not np.any(snr * (shift_x[candidates] ** 2 + shift_y[candidates] ** 2) / width_sq > _NEXT_STEP_MIN):
                 break
-        x, y = x + shift_x, y + shift_y
+        fitted_x, fitted_y = x + shift_x, y + shift_y
+        x, y = (step_x, step_y) if last and augmented is not None else (fitted_x, fitted_y)
         col, row = np.rint(x), np.rint(y)
     else:
-        augmented = None
+        augmented, last = None, False
         candidates = np.zeros(0, dtype=np.intp)
     moved = np.zeros(x.size, dtype=bool)
     moved[candidates] = True
-    scene, solution, wings = solve(x, y, profile=profile)
+    if last and augmented is not None:
+        scene = augmented
+    else:
+        fitted_x, fitted_y = x, y
+        scene, solution, wings = solve(x, y, profile=profile)
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
     fitted = solution[target_unknowns] * scale
@@ -1244,7 +1266,10 @@ def scene_photometry(
     # so a target's neighbours put (A x)_i - x_i of light into its profile (x in sigma units).
     model = _whitened_model(scene, solution, wings)
     chi = np.where(scene.padded[2], scene.padded[0] - model, 0.0)
-    sources_only = np.where(np.arange(solution.size) < scene.n_source, solution, 0.0)
+    # A position step's gradients are their sources' own model, not neighbours' light.
+    real = scene.modelled < n_catalogue
+    sources_only = np.zeros(solution.size)
+    sources_only[: scene.n_source] = np.where(real, solution[: scene.n_source], 0.0)
     neighbour_signal = (scene.normal @ sources_only)[target_unknowns] - (1.0 + _RIDGE) * solution[target_unknowns]
     couplings = abs(scene.normal[target_unknowns][:, : scene.n_source])
     light = np.abs(sources_only[: scene.n_source])
@@ -1260,7 +1285,8 @@ def scene_photometry(
     point_like = np.ones(x.size, dtype=bool)
     if sizes is not None:
         point_like = (profile < sizes[0] + 1) | (profile >= sizes[1] + 1)
-    fitted_position = (moved & point_like)[scene.modelled]
+    fitted_position = np.zeros(scene.n_source, dtype=bool)
+    fitted_position[real] = (moved & point_like)[scene.modelled[real]]
     neighbour_model_error[fitted_position] = source_pixel_error[scene.modelled[fitted_position]]
     own = (1.0 + _RIDGE) * np.abs(solution[target_unknowns]) * neighbour_model_error[target_unknowns]
     marginalised_light_error = (couplings @ (light * neighbour_model_error) - own) * scale
@@ -1307,4 +1333,4 @@ def scene_photometry(
         result, measured, fitted, variance,
         scene.covered[target_unknowns], cutout_inside, scene.unconstrained[target_unknowns], rchisq, fracflux, blended,
     )
-    return outputs(result, x, y, profile)
+    return outputs(result, fitted_x, fitted_y, profile)
