@@ -40,6 +40,9 @@ _TOLERANCE = 1e-6
 _MAX_ITERATIONS = 200
 # With PRF wings each iteration costs two FFTs: stop at a thousandth of a sigma.
 _WING_TOLERANCE = 1e-3
+# So do the fits that only decide which sources move or resize, and where the next fit
+# starts: a thousandth of a sigma changes none of that.
+_STEP_TOLERANCE = 1e-3
 # Ridge on the unit-diagonal (Jacobi-scaled) normal matrix: coincident catalogue entries make
 # A singular; this keeps it factorisable and splits their flux evenly, with the huge variance
 # they deserve. (The per-source engine's ridge is 1e-10 of its largest unscaled diagonal
@@ -677,7 +680,7 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
     """
     if prf_table.wings is None:
         return solver.solve(scene.rhs, start=cores), None
-    solution = solver.solve(scene.rhs) if cores is None else cores
+    solution = solver.solve(scene.rhs, tolerance=_STEP_TOLERANCE) if cores is None else cores
     # `_pixel_arrays` pads by two stamp half-widths.
     ny, nx = shape
     with np.errstate(invalid="ignore"):
@@ -710,7 +713,8 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
     # fluxes taken from the data, it starts the full fit far closer, for the price of half a
     # product and a fit of the cores.
     wing_light = cores_adjoint(wings.image(solution[:n_source] * scene.scale[:n_source])) * scene.scale
-    solution = solver.solve(scene.rhs - np.where(scene.unconstrained, 0.0, wing_light), start=solution)
+    without_wings = scene.rhs - np.where(scene.unconstrained, 0.0, wing_light)
+    solution = solver.solve(without_wings, start=solution, tolerance=_STEP_TOLERANCE)
     wing_rhs = np.zeros_like(scene.rhs)
     wing_rhs[:n_source] = wings.adjoint(scene.padded[0]) * scene.scale[:n_source]
     rhs = scene.rhs + np.where(scene.unconstrained, 0.0, wing_rhs)
@@ -1178,7 +1182,7 @@ def scene_photometry(
             start = np.zeros(scene.normal.shape[0])
             start[mapped] = previous_solution[old_of_new[mapped]] * previous.scale[old_of_new[mapped]] / scene.scale[mapped]
         if cores_only:
-            solution = solver.solve(scene.rhs, start=start)
+            solution = solver.solve(scene.rhs, start=start, tolerance=_STEP_TOLERANCE)
             last_fit = scene, solution
             return scene, solution, None
         return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape, start, n_catalogue))
