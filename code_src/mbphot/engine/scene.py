@@ -58,7 +58,11 @@ _MAX_POSITION_LOSS = 0.2
 # catalogue errors).
 _POSITION_MIN_SNR = 5.0
 # A source this bright measures its own position to about FWHM / (2 S/N): a few hundredths of
-# an arcsecond, well inside the catalogue's errors.
+# an arcsecond, well inside the catalogue's errors. With a known catalogue error sigma (per
+# axis), a source must also be brighter than width / sigma (width: the PRF's rms radius per
+# axis): a Gaussian PRF off by sigma leaves a residual of chi^2 (S/N sigma / width)^2, and
+# below 1 the offset hides in the noise. A precise catalogue moves only its brightest sources
+# (the ideal bench field's, 0.01 px: S/N above about 150).
 _SHIFT_MIN_SNR = 20.0
 # Gauss-Newton steps of the joint position fit. One step is exact only to first order: a
 # bright source 0.2 px off its light is left about 0.02 px off, and a faint neighbour
@@ -1127,8 +1131,9 @@ def scene_photometry(
         Correct each target's flux for the offset of its catalogue position from its light,
         measured from the residuals (`_position_corrections`).
     max_shift_pix : float
-        When positive, sources bright enough to measure their own position (S/N above
-        `_SHIFT_MIN_SNR` in a fit of the PRFs' cores) are moved onto their light, by at most
+        When positive, sources bright enough to measure their own position and to show an
+        offset of ``position_error_pix`` (S/N above `_SHIFT_MIN_SNR` in a fit of the PRFs'
+        cores, and above the PRF's rms width over that error) are moved onto their light, by at most
         this many pixels (the prior: the catalogue's position error), their offsets fitted
         with every flux at once (`_position_shifts`) in Gauss-Newton steps, the last of
         which is the final fit. Fainter sources keep their catalogue positions and the flux
@@ -1244,16 +1249,18 @@ def scene_photometry(
             first, first_solution, tables, profile, (first_size + 1, stop_size + 1), prior_sigma_bins, noise_scale
         )
     if max_shift_pix > 0:
-        bright = np.abs(first_solution[: first.n_source]) > _SHIFT_MIN_SNR
-        if position_error_pix is not None and not position_error_pix > 0:
-            bright[:] = False  # an exact catalogue: nothing to move
+        width_sq = _rms_width_sq(prf_table)
+        min_snr = _SHIFT_MIN_SNR
+        if position_error_pix is not None:
+            # An exact catalogue: nothing to move.
+            min_snr = max(min_snr, np.sqrt(width_sq) / position_error_pix) if position_error_pix > 0 else np.inf
+        bright = np.abs(first_solution[: first.n_source]) > min_snr
         candidates = first.modelled[bright]
         prior = None
         if position_error_pix is not None:
             prior = (first_solution[: first.n_source][bright] * first.scale[: first.n_source][bright], position_error_pix)
         shift_x, shift_y = np.zeros(x.size), np.zeros(y.size)
         snr = np.abs(first_solution[: first.n_source][bright])
-        width_sq = _rms_width_sq(prf_table)
         # The last step is the final fit: its fluxes, fitted with the step's position
         # derivatives, are those at the positions it moves to, to first order in a move of
         # about shift^2 / width (the move of the step before).
