@@ -7,10 +7,7 @@ the machine code beside this file, so worker processes start without compiling a
 import numpy as np
 from numba import njit
 
-__all__ = [
-    "add_interpolated_stamps", "add_stamps", "pair_overlaps", "phase_gradients", "residual_sums", "stamp_dots", "tile_sums",
-    "weighted_stamps",
-]
+__all__ = ["add_interpolated_stamps", "add_stamps", "pair_overlaps", "residual_sums", "stamp_dots", "tile_sums", "weighted_stamps"]
 
 
 @njit(cache=True, nogil=True)
@@ -56,10 +53,23 @@ def _phase(offset, first_phase, phase_step, n_phase):
     return low, position - low
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _tabulated(table, phase_y, phase_x, a, b, derivative, phase_step):
+    """How pixel (a, b) of the stamp at phases (``phase_y``, ``phase_x``) changes per pixel of
+    source position along x (``derivative`` 1) or y (2): the central difference between the
+    neighbouring phases (one-sided at the first and last)."""
+    last = table.shape[0] - 1
+    if derivative == 1:
+        high, low = min(phase_x + 1, last), max(phase_x - 1, 0)
+        return (table[phase_y, high, a, b] - table[phase_y, low, a, b]) / ((high - low) * phase_step)
+    high, low = min(phase_y + 1, last), max(phase_y - 1, 0)
+    return (table[high, phase_x, a, b] - table[low, phase_x, a, b]) / ((high - low) * phase_step)
+
+
 @njit(cache=True, nogil=True)
 def weighted_stamps(
     table, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight, valid, reach,
-    slots, weighted, rhs, diagonal, covered,
+    slots, weighted, rhs, diagonal, covered, derivative=0,
 ):
     """Each source's PRF stamp, interpolated between tabulated phases and multiplied by the
     square-root weights of the pixels it lands on, with its terms of the normal equations,
@@ -89,6 +99,9 @@ def weighted_stamps(
         ``weighted . whitened`` and ``weighted . weighted`` per source.
     covered : ndarray, shape (n_slot,)
         Fraction of the stamp's flux within ``reach`` that falls on usable pixels.
+    derivative : int
+        0: the stamps; 1 or 2: their derivatives with respect to the source's x or y
+        position, differenced between the table's phases (`_tabulated`).
     """
     n_phase = table.shape[0]
     size = table.shape[2]
@@ -104,11 +117,27 @@ def weighted_stamps(
         a_sum = 0.0
         core_total = 0.0
         core_on_data = 0.0
+        # The interpolated stamp first, in its slot: the stamps' own loop stays free of the
+        # derivatives' branches.
+        if derivative == 0:
+            for a in range(size):
+                for b in range(size):
+                    weighted[slot, a, b] = (1 - weight_y) * (
+                        (1 - weight_x) * table[low_y, low_x, a, b] + weight_x * table[low_y, low_x + 1, a, b]
+                    ) + weight_y * ((1 - weight_x) * table[low_y + 1, low_x, a, b] + weight_x * table[low_y + 1, low_x + 1, a, b])
+        else:
+            for a in range(size):
+                for b in range(size):
+                    weighted[slot, a, b] = (1 - weight_y) * (
+                        (1 - weight_x) * _tabulated(table, low_y, low_x, a, b, derivative, phase_step)
+                        + weight_x * _tabulated(table, low_y, low_x + 1, a, b, derivative, phase_step)
+                    ) + weight_y * (
+                        (1 - weight_x) * _tabulated(table, low_y + 1, low_x, a, b, derivative, phase_step)
+                        + weight_x * _tabulated(table, low_y + 1, low_x + 1, a, b, derivative, phase_step)
+                    )
         for a in range(size):
             for b in range(size):
-                value = (1 - weight_y) * (
-                    (1 - weight_x) * table[low_y, low_x, a, b] + weight_x * table[low_y, low_x + 1, a, b]
-                ) + weight_y * ((1 - weight_x) * table[low_y + 1, low_x, a, b] + weight_x * table[low_y + 1, low_x + 1, a, b])
+                value = weighted[slot, a, b]
                 w = value * sqrt_weight[first_row + a, first_col + b]
                 weighted[slot, a, b] = w
                 b_sum += w * whitened[first_row + a, first_col + b]
@@ -196,27 +225,6 @@ def stamp_dots(weighted, col, row, image):
                 total += weighted[source, a, b] * image[first_row + a, first_col + b]
         dots[source] = total
     return dots
-
-
-@njit(cache=True, nogil=True)
-def phase_gradients(table, phase_step, phase_y, phase_x, along_x, along_y):
-    """How ``table``'s stamps change per pixel of phase in x and in y: central differences
-    between neighbouring phases (one-sided at the first and last), at the phases
-    (``phase_y[k]``, ``phase_x[k]``) only, written into ``along_x`` and ``along_y`` (same shape
-    as ``table``, in place)."""
-    n_phase = table.shape[0]
-    size = table.shape[2]
-    for k in range(phase_y.size):
-        py = phase_y[k]
-        px = phase_x[k]
-        right, left = min(px + 1, n_phase - 1), max(px - 1, 0)
-        up, down = min(py + 1, n_phase - 1), max(py - 1, 0)
-        step_x = (right - left) * phase_step
-        step_y = (up - down) * phase_step
-        for a in range(size):
-            for b in range(size):
-                along_x[py, px, a, b] = (table[py, right, a, b] - table[py, left, a, b]) / step_x
-                along_y[py, px, a, b] = (table[up, px, a, b] - table[down, px, a, b]) / step_y
 
 
 @njit(cache=True, nogil=True)

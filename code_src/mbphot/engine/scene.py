@@ -28,7 +28,7 @@ from scipy.sparse.csgraph import reverse_cuthill_mckee
 from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
-from .kernels import add_stamps, pair_overlaps, phase_gradients, residual_sums, stamp_dots, tile_sums, weighted_stamps
+from .kernels import add_stamps, pair_overlaps, residual_sums, stamp_dots, tile_sums, weighted_stamps
 from .prf import PRFTable, build_prf_table
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
@@ -143,6 +143,7 @@ def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, previous
             table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
             x[members] - col[members], y[members] - row[members], col[members], row[members],
             whitened, sqrt_weight, valid, min(table.half_size, half_cutout), members, weighted, rhs, diagonal, covered,
+            table.axis if isinstance(table, _Derivative) else 0,
         )
     return weighted, rhs, diagonal, covered
 
@@ -891,38 +892,27 @@ def _rms_width_sq(table: PRFTable) -> float:
     return float(0.5 * ((rows**2 + cols**2) * stamp).sum() / stamp.sum())
 
 
-def _gradient_tables(table: PRFTable, offset_x, offset_y) -> tuple[PRFTable, PRFTable]:
-    """How a unit source's stamps change as it moves by one pixel in x and in y: central
-    differences between the table's phases (one-sided at the +-0.5 ends), cores only.
+@dataclass(frozen=True, eq=False)
+class _Derivative:
+    """A table's stamps differentiated with respect to the source's position along ``axis``
+    (1: x, 2: y), per pixel, as `kernels.weighted_stamps` computes them from the table (central
+    differences between its phases): a scene's gradient unknowns are sources with these
+    profiles. Differencing whole tables at every position step cost a seventh of an IRAC fit."""
 
-    Only at the phases that sources at sub-pixel offsets ``offset_x``, ``offset_y`` (from
-    their nearest pixel centres) interpolate between; the other stamps stay zero. A scene's
-    bright sources use a few hundred of a table's n_phase^2 stamps, and differencing all of
-    them, for each of a scene's PRF variants and sizes, took a seventh of an IRAC fit.
-    """
-    step = float(table.phases[1] - table.phases[0])
-    n_phase = table.n_phase
+    table: PRFTable
+    axis: int
 
-    def lower_phases(offset):
-        # As `kernels._phase`, from just below and just above: a position on a tabulated phase
-        # rounds either way.
-        position = (np.asarray(offset, dtype=np.float64) - table.phases[0]) / step
-        lows = [
-            np.minimum(np.floor(np.clip(position + nudge, 0, n_phase - 1)).astype(np.intp), n_phase - 2)
-            for nudge in (-1e-9, 1e-9)
-        ]
-        return np.concatenate(lows)
+    @property
+    def stamps(self):
+        return self.table.stamps
 
-    low_x, low_y = lower_phases(offset_x), lower_phases(offset_y)
-    used = np.zeros(n_phase * n_phase, dtype=bool)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            used[(low_y + dy) * n_phase + low_x + dx] = True
-    phase_y, phase_x = np.divmod(np.flatnonzero(used), n_phase)
-    stamps = np.ascontiguousarray(table.stamps, dtype=np.float64)
-    along_x, along_y = np.zeros(stamps.shape), np.zeros(stamps.shape)
-    phase_gradients(stamps, step, phase_y, phase_x, along_x, along_y)
-    return tuple(PRFTable(g, table.phases, table.half_size) for g in (along_x, along_y))
+    @property
+    def phases(self):
+        return self.table.phases
+
+    @property
+    def half_size(self):
+        return self.table.half_size
 
 
 def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, prior=None, start=None, final=False):
@@ -957,15 +947,7 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
         return shift_x, shift_y, None, None, None
     x, y = x + start_x, y + start_y
     n_table = len(tables)
-    gradients = []
-    for index, table in enumerate(tables):
-        members = candidates[profile[candidates] == index]
-        # An unused table's gradients are never read: the table itself holds their place.
-        gradients.append(
-            _gradient_tables(table, x[members] - np.rint(x[members]), y[members] - np.rint(y[members]))
-            if members.size else (table, table)
-        )
-    augmented_tables = [*tables, *(g[0] for g in gradients), *(g[1] for g in gradients)]
+    augmented_tables = [*tables, *(_Derivative(t, 1) for t in tables), *(_Derivative(t, 2) for t in tables)]
     augmented_profile = np.concatenate([profile, profile[candidates] + n_table, profile[candidates] + 2 * n_table])
     prior_sigma = prior_mean = None
     if prior is not None:
