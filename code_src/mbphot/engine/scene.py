@@ -431,7 +431,6 @@ class _BandedCholesky:
         band = np.zeros((width + 1, n))
         band[width + row - column, column] = values[upper]
         self.factor = linalg.cholesky_banded(band, check_finite=False)
-        self.width = width
 
     def solve(self, rhs):
         result = np.empty_like(rhs)
