@@ -713,7 +713,7 @@ class _Wings:
         return full[row : row + n_row, col : col + n_col]
 
 
-def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, cores=None, n_catalogue=None):
+def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, cores, n_catalogue):
     """The scene's solution with its PRFs whole: cores as stamps, wings by FFT (`_Wings`).
 
     Without wings, the normal equations of the cores. With them, the full least-squares
@@ -722,8 +722,8 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
     cores' subdomain factorisations as the preconditioner. It starts from the cores' solution
     (``cores``, scaled unknowns, where the caller knows it; else solved here) fitted again to
     the data less the wings of its fluxes. Returns the solution (scaled unknowns) and the
-    `_Wings` (None without wings). Only the first ``n_catalogue`` sources of ``x`` (default:
-    all) have wings: the others are a position step's gradients (`_position_shifts`).
+    `_Wings` (None without wings). Only the first ``n_catalogue`` sources of ``x`` have
+    wings: the others are a position step's gradients (`_position_shifts`).
     """
     if prf_table.wings is None:
         return solver.solve(scene.rhs, start=cores), None
@@ -732,9 +732,10 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
     ny, nx = shape
     with np.errstate(invalid="ignore"):
         on_image = (scene.col >= 0) & (scene.col < nx) & (scene.row >= 0) & (scene.row < ny)
-    with_wings = on_image & (scene.covered >= MIN_COVERED_FRACTION) & ~scene.unconstrained[: scene.n_source]
-    if n_catalogue is not None:
-        with_wings &= scene.modelled < n_catalogue
+    with_wings = (
+        on_image & (scene.covered >= MIN_COVERED_FRACTION) & ~scene.unconstrained[: scene.n_source]
+        & (scene.modelled < n_catalogue)
+    )
     wings = _Wings(prf_table.wings, x[scene.modelled], y[scene.modelled], scene.padded[1], 2 * prf_table.half_size, with_wings)
     n_source = scene.n_source
 
