@@ -155,8 +155,16 @@ def measure_field(
     part_col = np.floor(xi[targets] / partition_arcmin).astype(np.int64)
     part_row = np.floor(eta[targets] / partition_arcmin).astype(np.int64)
     cell = (np.floor(eta[targets] / scene_arcmin) * 100_003 + np.floor(xi[targets] / scene_arcmin)).astype(np.int64)
-    keys = np.array([f"r{r:+d}_c{c:+d}" for r, c in zip(part_row, part_col)], dtype=str)
-    partition_keys, first_target, partition_of_target = np.unique(keys, return_index=True, return_inverse=True)
+    # Partitions found by integer grid square, their keys formatted once each (a string per
+    # source took seconds on a million).
+    row0, col0 = part_row.min(initial=0), part_col.min(initial=0)
+    square = (part_row - row0) * (part_col.max(initial=0) - col0 + 1) + part_col - col0
+    _, first_in_square, square_of_target = np.unique(square, return_index=True, return_inverse=True)
+    square_row, square_col = part_row[first_in_square], part_col[first_in_square]
+    square_keys = np.array([f"r{r:+d}_c{c:+d}" for r, c in zip(square_row, square_col)], dtype=str)
+    by_key = np.argsort(square_keys)
+    partition_keys, partition_row, partition_col = square_keys[by_key], square_row[by_key], square_col[by_key]
+    partition_of_target = np.argsort(by_key)[square_of_target.ravel()]
 
     def result_path(band, key):
         return run_dir / band.name / f"{key}.parquet"
@@ -202,20 +210,25 @@ def measure_field(
                  for name, pairs in tables.items()}
             )
             halo = _halo_arcmin(todo_bands, {name: max((t for t, _ in pairs), key=lambda t: t.half_size) for name, pairs in tables.items()})
+            # Each partition's targets and neighbours by sorted look-ups, not a pass over the
+            # whole catalogue per partition (a million sources: 100 s before any fit began).
+            target_tiles = {band.name: tile_choice[band.name].to_numpy()[targets] for band in todo_bands}
+            by_partition = np.argsort(partition_of_target, kind="stable")
+            partition_starts = np.searchsorted(partition_of_target[by_partition], np.arange(partition_keys.size + 1))
+            by_xi = np.argsort(xi, kind="stable")
+            sorted_xi = xi[by_xi]
             tasks = []
             for key, todo in pending.items():
                 number = np.searchsorted(partition_keys, key)
-                members = np.flatnonzero(partition_of_target == number)
-                row, col = part_row[first_target[number]], part_col[first_target[number]]
-                near = np.flatnonzero(
-                    (xi >= col * partition_arcmin - halo) & (xi < (col + 1) * partition_arcmin + halo)
-                    & (eta >= row * partition_arcmin - halo) & (eta < (row + 1) * partition_arcmin + halo)
-                )
+                members = by_partition[partition_starts[number] : partition_starts[number + 1]]
+                row, col = partition_row[number], partition_col[number]
+                strip = by_xi[np.searchsorted(sorted_xi, col * partition_arcmin - halo):
+                              np.searchsorted(sorted_xi, (col + 1) * partition_arcmin + halo)]
+                near = np.sort(strip[(eta[strip] >= row * partition_arcmin - halo) & (eta[strip] < (row + 1) * partition_arcmin + halo)])
                 jobs = [
                     _BandJob(
                         band, [calibrations[plan.entry.image] for plan in plans[band.name]], split_wings,
-                        plans[band.name], tile_choice[band.name].to_numpy()[targets[members]],
-                        [sky != "map" for _ in plans[band.name]],
+                        plans[band.name], target_tiles[band.name][members], [sky != "map" for _ in plans[band.name]],
                     )
                     for band in todo
                 ]
@@ -225,11 +238,12 @@ def measure_field(
                         jobs, engine, mode, size_bin[near],
                     )
                 )
+            catalog_ids = catalog["id"].to_numpy()
             bar = _progress_bar(total=len(tasks), desc="forced photometry", unit="partition", disable=not progress)
             with bar:
                 for task, (results, startup_cpu_s, worker_peak_gb) in run(_measure_partition, tasks):
                     stats["startup_cpu_s"] += startup_cpu_s
-                    ids = catalog["id"].to_numpy()[task.catalog_index[task.target_positions]]
+                    ids = catalog_ids[task.catalog_index[task.target_positions]]
                     for name, (columns, engine_cpu_s, task_cpu_s, read_s) in results.items():
                         frame = pd.DataFrame({"id": ids, **columns})
                         with atomic_path(result_path(BANDS[name], task.key)) as temporary:
