@@ -222,9 +222,10 @@ def measure_field(
                 number = np.searchsorted(partition_keys, key)
                 members = by_partition[partition_starts[number] : partition_starts[number + 1]]
                 row, col = partition_row[number], partition_col[number]
-                strip = by_xi[np.searchsorted(sorted_xi, col * partition_arcmin - halo):
-                              np.searchsorted(sorted_xi, (col + 1) * partition_arcmin + halo)]
-                near = np.sort(strip[(eta[strip] >= row * partition_arcmin - halo) & (eta[strip] < (row + 1) * partition_arcmin + halo)])
+                start, stop = np.searchsorted(sorted_xi, [col * partition_arcmin - halo, (col + 1) * partition_arcmin + halo])
+                strip = by_xi[start:stop]
+                inside = (eta[strip] >= row * partition_arcmin - halo) & (eta[strip] < (row + 1) * partition_arcmin + halo)
+                near = np.sort(strip[inside])
                 jobs = [
                     _BandJob(
                         band, [calibrations[plan.entry.image] for plan in plans[band.name]], split_wings,
