@@ -11,6 +11,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
 fi
+# Numba's compiled kernels of the floor versions apart from the main environment's, which share
+# this source tree: neither recompiles the other's every run, nor reads a file the other wrote.
+export NUMBA_CACHE_DIR="$VENV/numba-cache"
 floors="$(mktemp)"
 trap 'rm -f "$floors"' EXIT
 grep -v -E '^\s*(#|$)' requirements.txt | grep -v -E '^(jupyterlab|playwright)\b' | sed -E 's/>=/==/' >"$floors"

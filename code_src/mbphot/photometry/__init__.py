@@ -32,7 +32,7 @@ from ._background import _background_grids, _plans
 from ._calibrate import _calibrate_image, _calibration_tasks
 from ._executors import PROGRESS_ENV, _connect, _executor, _progress_bar, peak_rss_gb
 from ._images import _cached_header
-from ._partitions import _BandJob, _halo_arcmin, _measure_partition, _PartitionTask, _tangent_plane_arcmin
+from ._partitions import _BandJob, _halo_arcmin, _measure_partition, _PartitionTask, _tangent_plane_arcmin, _warm_up
 from ._prf import _calibrated, load_prf, tabulate_prf
 from ._sizes import size_bins
 
@@ -121,8 +121,8 @@ def measure_field(
         hold, per band measured in this call, the CPU seconds spent inside the engine, in the
         whole partition tasks (reading, sky and noise, fitting) and in measuring the
         background grids; ``attrs["read_s"]`` the seconds the tasks spent reading image
-        sections; ``attrs["startup_cpu_s"]`` the CPU seconds the worker processes took to load
-        the engine's compiled kernels; ``attrs["worker_peak_rss_gb"]`` the largest peak
+        sections; ``attrs["startup_cpu_s"]`` the CPU seconds this process and the workers took
+        to compile or load the engine's kernels; ``attrs["worker_peak_rss_gb"]`` the largest peak
         resident memory of the processes that measured; ``attrs["partitions"]`` the number of
         partitions and how many were reused (for benchmarks).
     """
@@ -187,6 +187,11 @@ def measure_field(
         todo_bands = [band for band in bands if any(band in todo for todo in pending.values())]
         plans = {band.name: _plans(manifest, band) for band in todo_bands}
         split_wings = mode == "scene"
+        # Compile (or load) the engine's kernels here, before any worker starts, so that the
+        # workers only read numba's cache. Numba writes a cache index before its data file: a
+        # worker reading in between, while another compiles, can load a data file that another
+        # numba version left (an LLVM bitcode error, seen when two environments shared a tree).
+        stats["startup_cpu_s"] += _warm_up()
         with _connect(client) as dask_client, _executor(n_workers, dask_client) as run:
             positions = {}
             for band in todo_bands:
