@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mbphot.bands import BANDS
-from mbphot.calibration import DEFAULT_PRF_ERROR, calibrate_section
+from mbphot.calibration import DEFAULT_POSITION_SCATTER_ARCSEC, DEFAULT_PRF_ERROR, calibrate_section
 from mbphot.engine import build_prf_table, scene_photometry
 from mbphot.engine.calibrate import correlated_noise_scale, noise_inflation, prf_model_error
 from mbphot.engine.epsf import measure_prf
@@ -166,3 +166,21 @@ def test_calibration_keeps_the_file_prf_without_stars_and_says_why():
                                replace(BANDS["irac1"], resampled_noise=False))
     assert result.used_file and "fewer than" in result.reason
     assert result.noise_scale == 1.0 and result.prf_error == DEFAULT_PRF_ERROR
+
+
+@pytest.mark.parametrize("jitter_arcsec", [0.12, 0.3])
+def test_calibration_measures_the_catalogues_position_scatter(jitter_arcsec):
+    field = make_field(31, side=300, n_stars=160, n_galaxies=150, n_faint=600, jitter_arcsec=jitter_arcsec)
+    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_radius_arcsec=None, resampled_noise=False)
+    result = calibrate_section(field.image, 0.0, np.ones(field.image.shape), field.x_cat, field.y_cat, file_prf(), 1, band,
+                               stars=np.flatnonzero(field.is_star))
+    per_axis = jitter_arcsec / np.sqrt(2)
+    print(f"catalogue scatter {per_axis:.3f}\" per axis: measured {result.position_scatter_arcsec:.3f}\"")
+    assert result.position_scatter_arcsec == pytest.approx(per_axis, rel=0.25)
+
+
+def test_too_few_bright_sources_give_the_default_position_scatter():
+    field = make_field(32, side=200, n_stars=8, n_galaxies=0, n_faint=300, jitter_arcsec=0.3)
+    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_radius_arcsec=None, resampled_noise=False)
+    result = calibrate_section(field.image, 0.0, np.ones(field.image.shape), field.x_cat, field.y_cat, file_prf(), 1, band)
+    assert result.position_scatter_arcsec == pytest.approx(DEFAULT_POSITION_SCATTER_ARCSEC)
