@@ -7,7 +7,7 @@ import pytest
 from mbphot.engine import build_prf_table, scene_photometry
 from mbphot.engine.epsf import measure_prf, render_sources
 from mbphot.engine.scene import disc_tables
-from mbphot.engine.variation import measure_variation, profile_indices, variation_basis, variation_map
+from mbphot.engine.variation import measure_variation, profile_indices, source_terms, variation_basis, variation_map
 from epsf_fields import TRUE_CORE, file_prf, make_field
 
 SIDE = 400
@@ -66,6 +66,26 @@ def test_a_turning_prf_is_mapped_and_its_variants_fit_the_stars():
 def test_a_constant_prf_is_not_mapped():
     field = make_field(32, side=SIDE, jitter_arcsec=0.0, offset=(0.0, 0.0))
     assert fit_and_measure(field)[3] is None
+
+
+def test_a_local_sky_level_and_slope_under_a_star_are_not_read_as_the_prf():
+    """A sky map off by a smooth error (as a GALEX sky-background map can be) leaves a level
+    and a slope under each star. With Poisson noise (each pixel's sigma holds the star's own
+    counts) a level weighs unevenly across the star and projects onto the basis unless it is
+    fitted too: on the realistic full field's deep NUV tile that read as a varying PRF."""
+    stars = make_field(34, side=200)
+    measured = measure_prf(stars.image, 0.0, stars.sigma, stars.x_true, stars.y_true, file_prf(), 1)
+    basis = variation_basis(measured.prf, measured.oversampling, file_prf(), 1)
+    rows, cols = np.mgrid[0:60, 0:60]
+    x, y, flux = np.array([20.3, 41.6]), np.array([22.7, 38.2]), np.array([400.0, 900.0])
+    star = render_sources((60, 60), x, y, flux, build_prf_table(measured.prf, measured.oversampling))
+    sigma = np.sqrt(1.0 + star)
+    sky_error = 0.7 - 0.03 * cols + 0.02 * rows
+    used, fisher, rhs = source_terms(sky_error, sigma, x, y, flux, np.arange(2), basis, measured.oversampling, 4.0)
+    assert used.size == 2
+    information = np.sqrt(np.einsum("nkk->nk", fisher))
+    print("the sky's signal on the basis, in sigma of each coefficient:", np.abs(rhs) / information)
+    assert np.abs(rhs).max() < 1e-8 * information.max()
 
 
 def test_the_basis_spans_a_turned_ellipse_and_holds_no_flux():

@@ -158,7 +158,8 @@ def harmonic_parts(file_prf, file_oversampling, shape, oversampling, orders) -> 
 
 def source_terms(residual, sigma, x, y, flux, sources, basis, oversampling, radius_pix):
     """Per source of ``sources``, the normal matrix and right-hand side of its residual fitted
-    with its flux times the basis images placed at its position, within ``radius_pix``.
+    with its flux times the basis images placed at its position, within ``radius_pix``, with
+    a level and slope of the sky fitted too and marginalised out.
 
     Returns (indices of the sources used, fisher (n, k, k), rhs (n, k)); a source whose window
     leaves the section or holds a NaN is not used.
@@ -184,10 +185,17 @@ def source_terms(residual, sigma, x, y, flux, sources, basis, oversampling, radi
         coords = np.stack([centre[0] + oversampling * (row + dy - y[source]), centre[1] + oversampling * (col + dx - x[source])])
         design = np.stack([ndimage.map_coordinates(c, coords, order=3, prefilter=False) for c in coefficients], axis=1)
         design *= flux[source]
-        weighted = design / s[:, None] ** 2
+        # A local sky level and slope under each source are not the PRF's: they are fitted
+        # with the basis and marginalised (a sky map off by a smooth few per cent read as
+        # a varying PRF on a deep GALEX tile).
+        full = np.column_stack([design, np.ones(dx.size), dx, dy])
+        weighted = full / s[:, None] ** 2
+        normal, right = full.T @ weighted, weighted.T @ r
+        k = design.shape[1]
+        nuisance = np.linalg.solve(normal[k:, k:], np.column_stack([normal[k:, :k], right[k:]]))
         used.append(source)
-        fisher.append(design.T @ weighted)
-        rhs.append(weighted.T @ r)
+        fisher.append(normal[:k, :k] - normal[:k, k:] @ nuisance[:, :k])
+        rhs.append(right[:k] - normal[:k, k:] @ nuisance[:, k])
     k = basis.shape[0]
     if not used:
         return np.zeros(0, dtype=np.intp), np.zeros((0, k, k)), np.zeros((0, k))
