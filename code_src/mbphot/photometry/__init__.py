@@ -122,9 +122,9 @@ def measure_field(
         whole partition tasks (reading, sky and noise, fitting) and in measuring the
         background grids; ``attrs["read_s"]`` the seconds the tasks spent reading image
         sections; ``attrs["startup_cpu_s"]`` the CPU seconds this process and the workers took
-        to compile or load the engine's kernels; ``attrs["worker_peak_rss_gb"]`` the largest peak
-        resident memory of the processes that measured; ``attrs["partitions"]`` the number of
-        partitions and how many were reused (for benchmarks).
+        to compile or load the engine's kernels; ``attrs["worker_peak_rss_gb"]`` the largest
+        peak resident memory of the processes that measured; ``attrs["partitions"]`` the
+        number of partitions and how many were reused (for benchmarks).
     """
     if sky not in ("auto", "map", "fit"):
         raise ValueError(f"sky must be 'auto', 'map' or 'fit', got {sky!r}")
