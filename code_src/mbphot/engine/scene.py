@@ -13,8 +13,9 @@ GALEX-like sources with 21 x 21 stamps: 18 s and 11 kB per source; IRAC-like: 10
   scene is therefore a direct solve. A single sparse factorisation of the whole scene is
   exact too, but its fill-in grows faster than the scene (N^1.5 time for a 2-D field: 12 s
   and 1,500 factor entries per source for 50,000 GALEX-like sources, against 3 s and 750
-  with the subdomains factorised by SuperLU, before the band Cholesky), and Jacobi-preconditioned CG needs thousands of iterations at GALEX crowding
-  (sources a fraction of a pixel apart), where the Schwarz preconditioner needs about ten.
+  with the subdomains factorised by SuperLU, before the band Cholesky), and
+  Jacobi-preconditioned CG needs thousands of iterations at GALEX crowding (sources a
+  fraction of a pixel apart), where the Schwarz preconditioner needs about ten.
 - Variances: diag(A^-1) from local dense blocks, see `_local_variances`.
 """
 
