@@ -671,7 +671,9 @@ class _Wings:
     The convolutions are those of ``scipy.signal.fftconvolve(..., mode="same")``, with the
     kernel's transforms computed once rather than at every product, and on a periodic grid
     only half a kernel larger than the image: the wrap-around then lands outside the part
-    that is kept.
+    that is kept. They are computed in single precision, in half the time: their rounding
+    (about 1e-7 of the brightest wing) is far below the thousandth of a sigma the wings'
+    conjugate gradients stop at.
     """
 
     def __init__(self, kernel, x, y, sqrt_weight, margin, with_wings):
@@ -682,6 +684,7 @@ class _Wings:
         self.fft_shape = tuple(
             sp_fft.next_fast_len(n + k - 1 - c, real=True) for n, k, c in zip(sqrt_weight.shape, kernel.shape, self.centre)
         )
+        kernel = np.asarray(kernel, dtype=np.float32)
         self.kernel_transform = sp_fft.rfft2(kernel, self.fft_shape)
         self.flipped_transform = sp_fft.rfft2(kernel[::-1, ::-1], self.fft_shape)
         self.with_wings = with_wings
@@ -709,7 +712,7 @@ class _Wings:
 
     def _convolve(self, image, kernel_transform):
         """``image`` convolved with the kernel whose transform is given, "same" mode."""
-        full = sp_fft.irfft2(sp_fft.rfft2(image, self.fft_shape) * kernel_transform, self.fft_shape)
+        full = sp_fft.irfft2(sp_fft.rfft2(image.astype(np.float32), self.fft_shape) * kernel_transform, self.fft_shape)
         (row, col), (n_row, n_col) = self.centre, image.shape
         return full[row : row + n_row, col : col + n_col]
 
