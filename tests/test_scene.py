@@ -276,38 +276,6 @@ def test_blended_bright_sources_move_their_whole_offset():
     assert np.all(np.abs(result.flux - flux) < 4 * result.flux_err)
 
 
-def test_the_second_position_step_preconditioned_by_the_first_gives_the_same_fit(monkeypatch):
-    """Where the first position step moves no source by more than `_NEAR_MOVE` of the PRF's
-    width, the second (the final fit, wings included) is preconditioned by the first's
-    factorisations instead of its own: the same fluxes and errors to the conjugate gradients'
-    tolerance."""
-    rng = np.random.default_rng(9)
-    noise = 0.02
-    image, x, y, flux, targets = crowded_field(rng, 120, noise)
-    angle = rng.uniform(0, 2 * np.pi, x.size)
-    x, y = x + 0.1 * np.cos(angle), y + 0.1 * np.sin(angle)
-    split = build_prf_table(gaussian_prf_file(half_size=12), oversampling=OVERSAMPLING, core_radius=5.0)
-    monkeypatch.setattr(scene, "_SUBDOMAIN_SOURCES", 40)
-    preconditioned = []
-    near = scene._Solver.near
-    monkeypatch.setattr(scene._Solver, "near", lambda self, *args: preconditioned.append(1) or near(self, *args))
-
-    def fit():
-        return scene_photometry(image, x, y, targets, split, 17, 0.0, noise, fit_sky=True, correct_positions=False,
-                                max_shift_pix=0.5, position_error_pix=0.1)
-
-    reused = fit()
-    assert preconditioned
-    monkeypatch.setattr(scene, "_NEAR_MOVE", 0.0)
-    preconditioned.clear()
-    fresh = fit()
-    assert not preconditioned
-    good = np.isfinite(fresh.flux)
-    assert good.sum() > 50
-    assert np.all(np.abs(reused.flux - fresh.flux)[good] < 0.01 * fresh.flux_err[good])
-    np.testing.assert_allclose(reused.flux_err[good], fresh.flux_err[good], rtol=1e-3)
-
-
 def test_a_fitted_flux_depends_more_on_the_size_of_a_larger_disc():
     """`size_sensitivity`: a disc much smaller than the PRF's FWHM hardly changes the fitted flux
     with its size; one as large as the PRF changes it about half as much as its size."""

@@ -19,7 +19,6 @@ GALEX-like sources with 21 x 21 stamps: 18 s and 11 kB per source; IRAC-like: 10
 - Variances: diag(A^-1) from local dense blocks, see `_local_variances`.
 """
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,11 +76,6 @@ _SHIFT_MIN_SNR = 20.0
 # derivatives: a separate fit at the positions it moves to cost a fifth of a GALEX fit.
 _SHIFT_STEPS = 2
 _NEXT_STEP_MIN = 0.5
-# The second step is preconditioned by the first step's factorisations when no source has
-# moved by more than this fraction of the PRF's rms width between them: a few more iterations
-# instead of factorising again. At GALEX (moves of at most 0.27 px, 0.16 widths) that pays;
-# at IRAC (0.67 px, 0.37 widths) the second step took twice the iterations.
-_NEAR_MOVE = 0.2
 # A resolved source this bright (in units of its flux error) may change its size bin
 # (`_size_steps`). Below it a one-bin change is worth a chi^2 of at most 0.7 (discs of 0.5-5.6
 # px on a PRF of FWHM 2.8 px), a third of the prior's cost of one bin for a catalogue error of
@@ -469,34 +463,12 @@ class _Solver:
     def __init__(self, normal, subdomains):
         self.normal = normal
         self.subdomains = subdomains
-        self.n_factorised = normal.shape[0]
-        self.factorised_of_unknown = None
         position = np.full(normal.shape[0], -1, dtype=np.intp)
         self.factors = []
         for members in subdomains:
             self.factors.append(_factorise_subdomain(*_submatrix_entries(normal, members, position), members.size))
 
-    def near(self, normal, old_of_new):
-        """A solver of ``normal``, a matrix close to this one (its unknown k is unknown
-        ``old_of_new[k]`` here, -1 if none), preconditioned by these factorisations. An
-        unknown without a counterpart is preconditioned by its own (unit) diagonal."""
-        solver = copy.copy(self)
-        solver.normal = normal
-        solver.factorised_of_unknown = old_of_new
-        return solver
-
     def _precondition(self, residual):
-        mapping = self.factorised_of_unknown
-        if mapping is None:
-            return self._schwarz(residual)
-        mapped = mapping >= 0
-        factorised = np.zeros(self.n_factorised)
-        factorised[mapping[mapped]] = residual[mapped]
-        result = residual.copy()
-        result[mapped] = self._schwarz(factorised)[mapping[mapped]]
-        return result
-
-    def _schwarz(self, residual):
         result = np.zeros_like(residual)
         for members, factor in zip(self.subdomains, self.factors):
             result[members] += factor.solve(residual[members])
@@ -1211,16 +1183,15 @@ def scene_photometry(
 
     tables, profile = _profiles(prf_table, extended, x.size)
 
-    # The last fit's scene, solution and (a position step's) solver: the next fit reuses the
-    # terms of the sources that did not move, starts from its fluxes and may be preconditioned
-    # by its factorisations.
-    last_fit = None, None, None
+    # The last fit's scene and solution: the next fit reuses the terms of the sources that did
+    # not move, and starts from its fluxes. (Not its factorisations: kept alive through the
+    # next assembly they double a GALEX fit's peak memory.)
+    last_fit = None, None
     n_catalogue = x.size
-    width_sq = _rms_width_sq(prf_table)
 
     def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None, prior_mean=None):
         nonlocal last_fit
-        previous, previous_solution, previous_solver = last_fit
+        previous, previous_solution = last_fit
         scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous)
         if prior_sigma is not None:
             # A Gaussian prior N(m, s^2) on an unknown adds 1 / s^2 to its diagonal and m / s^2
@@ -1232,19 +1203,7 @@ def scene_photometry(
             scene.prior = extra
             if prior_mean is not None:
                 scene.rhs[: scene.n_source] += source_scale * prior_mean[scene.modelled] / prior_sigma[scene.modelled] ** 2
-        solver = None
-        if previous_solver is not None and previous.unknown_of_source.size == x.size:
-            # The same sources and gradients as the last fit (the next position step): if none
-            # has moved by much of the PRF's width, its factorisations precondition this one.
-            n_tile = scene.normal.shape[0] - scene.n_source
-            counterpart = np.concatenate([previous.unknown_of_source[scene.modelled], previous.n_source + np.arange(n_tile)])
-            there = counterpart[: scene.n_source] >= 0
-            old = counterpart[: scene.n_source][there]
-            move_sq = (previous.terms.x[old] - x[scene.modelled[there]]) ** 2 + (previous.terms.y[old] - y[scene.modelled[there]]) ** 2
-            if move_sq.max(initial=0.0) < _NEAR_MOVE**2 * width_sq:
-                solver = previous_solver.near(scene.normal, counterpart)
-        if solver is None:
-            solver = _Solver(scene.normal, _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source))
+        solver = _Solver(scene.normal, _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source))
         start = None
         if previous is not None:
             # The last fit's fluxes are those at these positions to first order in the moves.
@@ -1260,8 +1219,7 @@ def scene_photometry(
             start[mapped] = previous_solution[old_of_new[mapped]] * previous.scale[old_of_new[mapped]] / scene.scale[mapped]
         if cores_only:
             solution = solver.solve(scene.rhs, start=start, tolerance=_STEP_TOLERANCE)
-            # Only a position step's factorisations can serve the next fit (the same unknowns).
-            last_fit = scene, solution, solver if x.size > n_catalogue else None
+            last_fit = scene, solution
             return scene, solution, None
         return (scene, *_solve_with_wings(scene, solver, prf_table, x, y, image.shape, start, n_catalogue))
 
@@ -1279,6 +1237,7 @@ def scene_photometry(
             first, first_solution, tables, profile, (first_size + 1, stop_size + 1), prior_sigma_bins, noise_scale
         )
     if max_shift_pix > 0:
+        width_sq = _rms_width_sq(prf_table)
         min_snr = _SHIFT_MIN_SNR
         if position_error_pix is not None:
             # An exact catalogue: nothing to move.
