@@ -431,13 +431,14 @@ class _BandedCholesky:
         upper = row <= column
         row, column = row[upper], column[upper]
         width = int((column - row).max(initial=0))
-        band = np.zeros((width + 1, n))
+        # Fortran order: LAPACK factorises it in place instead of in a copy.
+        band = np.zeros((width + 1, n), order="F")
         band[width + row - column, column] = values[upper]
-        self.factor = linalg.cholesky_banded(band, check_finite=False)
+        self.factor = linalg.cholesky_banded(band, overwrite_ab=True, check_finite=False)
 
     def solve(self, rhs):
         result = np.empty_like(rhs)
-        result[self.order] = linalg.cho_solve_banded((self.factor, False), rhs[self.order], check_finite=False)
+        result[self.order] = linalg.cho_solve_banded((self.factor, False), rhs[self.order], overwrite_b=True, check_finite=False)
         return result
 
 
