@@ -54,16 +54,17 @@ def _phase(offset, first_phase, phase_step, n_phase):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _tabulated(table, phase_y, phase_x, a, b, derivative, phase_step):
-    """How pixel (a, b) of the stamp at phases (``phase_y``, ``phase_x``) changes per pixel of
-    source position along x (``derivative`` 1) or y (2): the central difference between the
-    neighbouring phases (one-sided at the first and last)."""
+def _difference_taps(table, phase_y, phase_x, weight, derivative, phase_step):
+    """The two stamps, and the coefficient of their difference, that give ``weight`` times
+    the change of the stamp at phases (``phase_y``, ``phase_x``) per pixel of source position
+    along x (``derivative`` 1) or y (2): the central difference between the neighbouring
+    phases (one-sided at the first and last)."""
     last = table.shape[0] - 1
     if derivative == 1:
         high, low = min(phase_x + 1, last), max(phase_x - 1, 0)
-        return (table[phase_y, high, a, b] - table[phase_y, low, a, b]) / ((high - low) * phase_step)
+        return table[phase_y, high], table[phase_y, low], weight / ((high - low) * phase_step)
     high, low = min(phase_y + 1, last), max(phase_y - 1, 0)
-    return (table[high, phase_x, a, b] - table[low, phase_x, a, b]) / ((high - low) * phase_step)
+    return table[high, phase_x], table[low, phase_x], weight / ((high - low) * phase_step)
 
 
 @njit(cache=True, nogil=True)
@@ -110,41 +111,45 @@ def weighted_stamps(
         slot = slots[source]
         low_x, weight_x = _phase(offset_x[source], first_phase, phase_step, n_phase)
         low_y, weight_y = _phase(offset_y[source], first_phase, phase_step, n_phase)
+        # Bilinear weights of the four tabulated phases around the source's.
+        w00, w01 = (1 - weight_y) * (1 - weight_x), (1 - weight_y) * weight_x
+        w10, w11 = weight_y * (1 - weight_x), weight_y * weight_x
+        # The interpolated stamp first, in its slot: the stamps' own loop stays free of the
+        # derivatives' branches. A derivative is the same bilinear sum of central differences.
+        if derivative == 0:
+            t00, t01 = table[low_y, low_x], table[low_y, low_x + 1]
+            t10, t11 = table[low_y + 1, low_x], table[low_y + 1, low_x + 1]
+            for a in range(size):
+                for b in range(size):
+                    weighted[slot, a, b] = w00 * t00[a, b] + w01 * t01[a, b] + w10 * t10[a, b] + w11 * t11[a, b]
+        else:
+            p00, m00, c00 = _difference_taps(table, low_y, low_x, w00, derivative, phase_step)
+            p01, m01, c01 = _difference_taps(table, low_y, low_x + 1, w01, derivative, phase_step)
+            p10, m10, c10 = _difference_taps(table, low_y + 1, low_x, w10, derivative, phase_step)
+            p11, m11, c11 = _difference_taps(table, low_y + 1, low_x + 1, w11, derivative, phase_step)
+            for a in range(size):
+                for b in range(size):
+                    weighted[slot, a, b] = (
+                        c00 * (p00[a, b] - m00[a, b]) + c01 * (p01[a, b] - m01[a, b])
+                        + c10 * (p10[a, b] - m10[a, b]) + c11 * (p11[a, b] - m11[a, b])
+                    )
         # The padding is size - 1, so a stamp centred on pixel (row, col) starts at row + half.
-        first_row = row[source] + half
-        first_col = col[source] + half
+        top = row[source] + half
+        left = col[source] + half
         b_sum = 0.0
         a_sum = 0.0
         core_total = 0.0
         core_on_data = 0.0
-        # The interpolated stamp first, in its slot: the stamps' own loop stays free of the
-        # derivatives' branches.
-        if derivative == 0:
-            for a in range(size):
-                for b in range(size):
-                    weighted[slot, a, b] = (1 - weight_y) * (
-                        (1 - weight_x) * table[low_y, low_x, a, b] + weight_x * table[low_y, low_x + 1, a, b]
-                    ) + weight_y * ((1 - weight_x) * table[low_y + 1, low_x, a, b] + weight_x * table[low_y + 1, low_x + 1, a, b])
-        else:
-            for a in range(size):
-                for b in range(size):
-                    weighted[slot, a, b] = (1 - weight_y) * (
-                        (1 - weight_x) * _tabulated(table, low_y, low_x, a, b, derivative, phase_step)
-                        + weight_x * _tabulated(table, low_y, low_x + 1, a, b, derivative, phase_step)
-                    ) + weight_y * (
-                        (1 - weight_x) * _tabulated(table, low_y + 1, low_x, a, b, derivative, phase_step)
-                        + weight_x * _tabulated(table, low_y + 1, low_x + 1, a, b, derivative, phase_step)
-                    )
         for a in range(size):
             for b in range(size):
                 value = weighted[slot, a, b]
-                w = value * sqrt_weight[first_row + a, first_col + b]
+                w = value * sqrt_weight[top + a, left + b]
                 weighted[slot, a, b] = w
-                b_sum += w * whitened[first_row + a, first_col + b]
+                b_sum += w * whitened[top + a, left + b]
                 a_sum += w * w
                 if abs(a - half) <= reach and abs(b - half) <= reach:
                     core_total += value
-                    if valid[first_row + a, first_col + b]:
+                    if valid[top + a, left + b]:
                         core_on_data += value
         rhs[slot] = b_sum
         diagonal[slot] = a_sum
