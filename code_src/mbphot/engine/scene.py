@@ -10,10 +10,10 @@ GALEX-like sources with 21 x 21 stamps: 18 s and 11 kB per source; IRAC-like: 10
 
 - Fluxes: conjugate gradients preconditioned by overlapping subdomains (additive Schwarz),
   each subdomain a strip of about a thousand sources factorised exactly (a band Cholesky).
-  A one-subdomain scene is therefore a direct solve. A single sparse factorisation of the whole scene is
-  exact too, but its fill-in grows faster than the scene (N^1.5 time for a 2-D field: 12 s
-  and 1,500 factor entries per source for 50,000 GALEX-like sources, against 3 s and 750
-  with the subdomains factorised by SuperLU, before the band Cholesky), and
+  A one-subdomain scene is therefore a direct solve. A single sparse factorisation of the
+  whole scene is exact too, but its fill-in grows faster than the scene (N^1.5 time for a
+  2-D field: 12 s and 1,500 factor entries per source for 50,000 GALEX-like sources, against
+  3 s and 750 with the subdomains factorised by SuperLU, before the band Cholesky), and
   Jacobi-preconditioned CG needs thousands of iterations at GALEX crowding (sources a
   fraction of a pixel apart), where the Schwarz preconditioner needs about ten.
 - Variances: diag(A^-1) from local dense blocks, see `_local_variances`.
@@ -428,8 +428,8 @@ class _BandedCholesky:
     shorter side. The dense band factorisation beats SuperLU's sparse one (realistic NUV
     subdomains of ~1,450 unknowns, one thread: 11 ms against 16; solves 0.20 ms against
     0.29), and the strip order gives half the band flops of a reverse Cuthill-McKee order,
-    whose level sets run diagonally from a corner (realistic bench field: NUV 6.7 against
-    14.9 Gflop, 39 % less time; irac1 1.7 against 2.8 Gflop).
+    whose level sets run diagonally from a corner (square subdomains of the realistic bench
+    field: NUV 6.7 against 14.9 Gflop, 39 % less time; irac1 1.7 against 2.8 Gflop).
     """
 
     def __init__(self, rows, columns, values, n, centres):
