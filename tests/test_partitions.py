@@ -64,6 +64,32 @@ def test_partitions_must_not_cut_scenes(manifest):
         measure_field(manifest, BANDS, partition_arcmin=1.5, scene_arcmin=1.0)
 
 
+def test_default_scene_cells_are_the_bands_own(manifest):
+    with pytest.raises(ValueError, match=r"scene_arcmin=12.0 \(the nuv scene cell\).*try partition_arcmin=12.0"):
+        measure_field(manifest, BANDS, partition_arcmin=6.0)
+
+
+def test_a_field_smaller_than_a_cell_is_one_scene(manifest, monkeypatch):
+    import mbphot.photometry._partitions as partitions
+
+    fitted = []
+    fit_group = partitions._fit_group
+
+    def counting(task, plan, *args):
+        fitted.append((plan.band.name, plan.entry.tile, args[-1].size))
+        return fit_group(task, plan, *args)
+
+    monkeypatch.setattr(partitions, "_fit_group", counting)
+    table = measure_field(manifest, BANDS, n_workers=1, progress=False, reuse=False, mode="scene")
+    # The 4' field lies in one 6' IRAC cell and one 12' GALEX cell, wherever it is (the grid
+    # starts at the field's corner): one scene per band and image tile.
+    assert table.attrs["partitions"]["total"] == 1
+    images = [(name, tile) for name, tile, _ in fitted]
+    assert len(set(images)) == len(images)
+    for name in BANDS:
+        assert sum(n for band, _, n in fitted if band == name) == len(table)
+
+
 def test_dask_local_cluster_gives_the_same_catalogue(manifest, reference):
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:

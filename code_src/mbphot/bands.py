@@ -74,6 +74,13 @@ class Band:
         neighbouring pixels and each image's noise scale is measured (`mbphot.calibration`):
         IRAC (1.2" frames on a 0.6" grid). GALEX intensity maps are binned from photon lists
         on their own 1.5" grid, with independent Poisson noise.
+    scene_arcmin : float
+        Side of the sky cells fitted as one scene in scene mode (`mbphot.photometry`). Each
+        scene also fits the sources of a margin around its cell (a cutout, a stamp overlap
+        and a sky tile: 0.45' in IRAC, 1.4' in GALEX), and the wings' conjugate gradients
+        take more iterations in a larger scene. On a realistic 10' field the GALEX bands were
+        28-37 % faster in 12' cells than in 6' (and no faster in 24'), the IRAC bands 0-14 %
+        slower: GALEX 12', IRAC 6' (about 5,000 sources at COSMOS density).
     """
 
     name: str
@@ -93,6 +100,7 @@ class Band:
     prf_star_max_neighbour_fraction: float = 0.5
     prf_min_stars: int = 8
     resampled_noise: bool = False
+    scene_arcmin: float = 6.0
 
     @property
     def cutout_size_pixels(self) -> int:
@@ -132,9 +140,9 @@ BANDS: dict[str, Band] = {
         _irac(3, 5.8, 1.88),
         _irac(4, 8.0, 1.98),
         Band("nuv", "GALEX", 0.2267, 1.5, "count/s", 33.73, 40.0, 5.3, "flux_galex_nuv", "nd", 0.999, 8.0,
-             prf_star_min_snr=20.0),
+             prf_star_min_snr=20.0, scene_arcmin=12.0),
         Band("fuv", "GALEX", 0.1516, 1.5, "count/s", 107.6, 40.0, 4.2, "flux_galex_fuv", "fd", 0.999, 8.0,
-             prf_star_min_snr=20.0),
+             prf_star_min_snr=20.0, scene_arcmin=12.0),
     )
 }
 BAND_NAMES: tuple[str, ...] = tuple(BANDS)

@@ -1,15 +1,16 @@
 """Run the forced-photometry engine over a field: every band, in sky partitions, in parallel.
 
-The field is cut into square sky partitions on a tangent-plane grid centred on the field. One
-task measures one partition in every band: it reads only the image sections it needs (memory
+The field is cut into square sky partitions on a tangent-plane grid whose lines start at the
+field circle's lower-left corner (so a field smaller than a cell is one cell, not four). One
+task measures one partition in one band: it reads only the image sections it needs (memory
 maps), builds their sky and noise maps from small per-image background grids, and runs the
-engine. The driver writes each partition's result atomically as soon as it arrives, so a
-rerun, or a run resumed after Ctrl-C or a killed process, skips the finished partitions.
+engine. The driver writes each result atomically as soon as it arrives, so a rerun, or a run
+resumed after Ctrl-C or a killed process, skips the finished partitions and bands.
 Tasks run in this process, in local worker processes (the default) or on a
 ``dask.distributed`` cluster.
 
-The results do not depend on how the work is split. In scene mode each `SCENE_ARCMIN` cell
-of the grid is one scene whatever the partition size; in source mode every target is fitted
+The results do not depend on how the work is split. In scene mode each cell of the grid, of
+the band's `mbphot.bands.Band.scene_arcmin` side, is one scene whatever the partition size; in source mode every target is fitted
 on its own; the background grids are measured box by box. So any number of workers and any
 partition size give the same catalogue, bit for bit.
 
@@ -39,7 +40,6 @@ from ._sizes import size_bins
 __all__ = [
     "PARTITION_ARCMIN",
     "PROGRESS_ENV",
-    "SCENE_ARCMIN",
     "band_overview",
     "load_prf",
     "measure_field",
@@ -47,12 +47,10 @@ __all__ = [
     "tabulate_prf",
 ]
 
-SCENE_ARCMIN = 6.0
-"""Side of the sky cells fitted as one scene in scene mode (about 5,000 sources at COSMOS
-density)."""
-PARTITION_ARCMIN = 6.0
-"""Default side of the sky partitions: the unit of work, of parallelism and of resuming."""
-RESULTS_VERSION = 11
+PARTITION_ARCMIN = 12.0
+"""Default side of the sky partitions: the unit of work, of parallelism and of resuming (a
+whole multiple of every band's scene cell)."""
+RESULTS_VERSION = 12
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
 
 
@@ -66,7 +64,7 @@ def measure_field(
     engine="mbphot",
     mode="scene",
     partition_arcmin=PARTITION_ARCMIN,
-    scene_arcmin=SCENE_ARCMIN,
+    scene_arcmin=None,
     client=None,
 ) -> pd.DataFrame:
     """Forced photometry of every catalogue source inside the field, in each band.
@@ -98,15 +96,16 @@ def measure_field(
         The fitting engine; The Tractor must be importable. It fits one cutout at a time,
         so it always runs in source mode.
     mode : {"scene", "source"}
-        ``"scene"``: all sources of a ``scene_arcmin`` cell fitted together; ``"source"``:
+        ``"scene"``: all sources of a scene cell fitted together; ``"source"``:
         each target in its own cutout with its neighbours. Both give the same accuracy
         against the truth (``python -m mbphot.bench``); scene mode is the default because it
         is 6 times faster end to end (1e5 sources in six bands: 35 s against 214 s on 2 cores).
     partition_arcmin : float
-        Side of the square sky partitions (in scene mode a whole multiple of
-        ``scene_arcmin``). Smaller partitions lose less work to an interruption.
-    scene_arcmin : float
-        Side of the cells fitted as one scene in scene mode.
+        Side of the square sky partitions (in scene mode a whole multiple of each band's
+        scene cell). Smaller partitions lose less work to an interruption.
+    scene_arcmin : float, optional
+        Side of the cells fitted as one scene in scene mode, in every band. Default: each
+        band's own (`mbphot.bands.Band.scene_arcmin`: 6' IRAC, 12' GALEX).
     client : distributed.Client or str, optional
         Run the partitions on this dask cluster (a client, or a scheduler address such as
         ``"tcp://10.0.0.5:8786"``); the images must be readable by its workers.
@@ -134,27 +133,38 @@ def measure_field(
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if engine == "tractor":
         mode = "source"
-    ratio = partition_arcmin / scene_arcmin
-    if not partition_arcmin > 0 or (mode == "scene" and (abs(ratio - round(ratio)) > 1e-9 or ratio < 1 - 1e-9)):
-        raise ValueError(
-            f"partition_arcmin={partition_arcmin} must be a positive whole multiple of scene_arcmin={scene_arcmin}, "
-            f"so that partitions never cut a scene; try partition_arcmin={scene_arcmin}"
-        )
+    bands = [BANDS[name] for name in bands]
+    scene_cells = {band.name: band.scene_arcmin if scene_arcmin is None else scene_arcmin for band in bands}
+    largest_cell = max(scene_cells.values(), default=1.0)
+    for name, cell_arcmin in scene_cells.items():
+        ratio = partition_arcmin / cell_arcmin
+        if not partition_arcmin > 0 or (mode == "scene" and (abs(ratio - round(ratio)) > 1e-9 or ratio < 1 - 1e-9)):
+            raise ValueError(
+                f"partition_arcmin={partition_arcmin} must be a positive whole multiple of scene_arcmin={cell_arcmin} "
+                f"(the {name} scene cell), so that partitions never cut a scene; try partition_arcmin={largest_cell}"
+            )
     catalog = load_catalog(manifest)
     size_bin = size_bins(catalog)
     targets = np.flatnonzero(catalog["in_field"].to_numpy())
     ra, dec = catalog["ra"].to_numpy(dtype=np.float64), catalog["dec"].to_numpy(dtype=np.float64)
-    bands = [BANDS[name] for name in bands]
+    cell_label = "band" if scene_arcmin is None else exact_label(scene_arcmin, "g")
     run_dir = (
         manifest.directory / "photometry"
-        / f"v{RESULTS_VERSION}_{engine}_{mode}_sky-{sky}_p{exact_label(partition_arcmin, 'g')}"
-        f"_c{exact_label(scene_arcmin, 'g')}"
+        / f"v{RESULTS_VERSION}_{engine}_{mode}_sky-{sky}_p{exact_label(partition_arcmin, 'g')}_c{cell_label}"
     )
 
-    xi, eta = _tangent_plane_arcmin(ra, dec, manifest.field["ra"], manifest.field["dec"])
+    # The grid starts at the field circle's lower-left corner: a field that fits in one cell
+    # is one scene, with one margin of neighbours around it rather than four.
+    xi, eta = (
+        offset + manifest.field["radius_arcmin"]
+        for offset in _tangent_plane_arcmin(ra, dec, manifest.field["ra"], manifest.field["dec"])
+    )
     part_col = np.floor(xi[targets] / partition_arcmin).astype(np.int64)
     part_row = np.floor(eta[targets] / partition_arcmin).astype(np.int64)
-    cell = (np.floor(eta[targets] / scene_arcmin) * 100_003 + np.floor(xi[targets] / scene_arcmin)).astype(np.int64)
+    cells = {
+        name: (np.floor(eta[targets] / cell_arcmin) * 100_003 + np.floor(xi[targets] / cell_arcmin)).astype(np.int64)
+        for name, cell_arcmin in scene_cells.items()
+    }
     # Partitions found by integer grid square, their keys formatted once each (a string per
     # source took seconds on a million).
     row0, col0 = part_row.min(initial=0), part_col.min(initial=0)
@@ -231,21 +241,20 @@ def measure_field(
                 strip = by_xi[start:stop]
                 inside = (eta[strip] >= row * partition_arcmin - halo) & (eta[strip] < (row + 1) * partition_arcmin + halo)
                 near = np.sort(strip[inside])
-                jobs = [
-                    _BandJob(
+                # One task per band: a field of one partition still keeps every worker busy.
+                for band in todo:
+                    job = _BandJob(
                         band, [calibrations[plan.entry.image] for plan in plans[band.name]], split_wings,
                         plans[band.name], target_tiles[band.name][members], [sky != "map" for _ in plans[band.name]],
                     )
-                    for band in todo
-                ]
-                tasks.append(
-                    _PartitionTask(
-                        key, ra[near], dec[near], near, np.searchsorted(near, targets[members]), cell[members],
-                        jobs, engine, mode, size_bin[near],
+                    tasks.append(
+                        _PartitionTask(
+                            key, ra[near], dec[near], near, np.searchsorted(near, targets[members]),
+                            {band.name: cells[band.name][members]}, [job], engine, mode, size_bin[near],
+                        )
                     )
-                )
             catalog_ids = catalog["id"].to_numpy()
-            bar = _progress_bar(total=len(tasks), desc="forced photometry", unit="partition", disable=not progress)
+            bar = _progress_bar(total=len(tasks), desc="forced photometry", unit="partition-band", disable=not progress)
             with bar:
                 for task, (results, startup_cpu_s, worker_peak_gb) in run(_measure_partition, tasks):
                     stats["startup_cpu_s"] += startup_cpu_s

@@ -1,9 +1,9 @@
-"""Partitions: every band of one square of sky, measured by one worker task.
+"""Partitions: the bands of one square of sky, measured by one worker task.
 
-The partitions lie on a tangent-plane grid centred on the field; a task carries the
+The partitions lie on a tangent-plane grid from the field's corner; a task carries the
 partition's targets and every catalogue source near enough to be a neighbour (`_halo_arcmin`).
-In each band it groups the targets (scene cells, or chunks in source mode), reads the image
-section around each group and runs the engine on it.
+In each band it groups the targets (the band's scene cells, or chunks in source mode), reads
+the image section around each group and runs the engine on it.
 """
 
 import functools
@@ -45,15 +45,15 @@ class _BandJob:
 
 @dataclass
 class _PartitionTask:
-    """One partition: its targets (with their scene cells) and every catalogue source near
-    enough to be a neighbour, by catalogue index and sky position."""
+    """One partition: its targets (with their scene cells, per band) and every catalogue
+    source near enough to be a neighbour, by catalogue index and sky position."""
 
     key: str
     ra: np.ndarray
     dec: np.ndarray
     catalog_index: np.ndarray
     target_positions: np.ndarray
-    target_cells: np.ndarray
+    target_cells: dict
     jobs: list
     engine: str
     mode: str
@@ -73,10 +73,10 @@ def _engine_function(engine: str, mode: str):
     return forced_photometry
 
 
-def _groups(task: _PartitionTask, members: np.ndarray, x, y):
-    """The target groups fitted together: scene cells, or spatially sorted chunks."""
+def _groups(task: _PartitionTask, band: Band, members: np.ndarray, x, y):
+    """The target groups fitted together: the band's scene cells, or spatially sorted chunks."""
     if task.mode == "scene":
-        cells = task.target_cells[members]
+        cells = task.target_cells[band.name][members]
         order = np.argsort(cells, kind="stable")
         starts = np.flatnonzero(np.r_[True, cells[order][1:] != cells[order][:-1]])
         return np.split(members[order], starts[1:])
@@ -182,7 +182,7 @@ def _warm_up() -> float:
 
 
 def _measure_partition(task: _PartitionTask):
-    """Worker: measure one partition in every band of the task.
+    """Worker: measure one partition in each band of the task.
 
     Returns ``{band: (columns, engine_cpu_s, cpu_s, read_s)}`` over the partition's targets
     (the `Measurement` fields in microJy, by column name; CPU seconds in the engine and in the
@@ -208,7 +208,7 @@ def _measure_partition(task: _PartitionTask):
             x, y = (np.asarray(v, dtype=np.float64) for v in wcs.wcs_world2pix(task.ra, task.dec, 0))
             x += calibration.offset_x_pix
             y += calibration.offset_y_pix
-            for group in _groups(task, members, x, y):
+            for group in _groups(task, job.band, members, x, y):
                 positions = task.target_positions[group]
                 result, group_engine_cpu_s, group_read_s = _fit_group(
                     task, plan, prf, calibration, calibration_path, job.split_wings, fit_sky, x, y, positions
@@ -228,7 +228,9 @@ def _tangent_plane_arcmin(ra_deg, dec_deg, centre_ra_deg, centre_dec_deg):
     plane = WCS(naxis=2)
     plane.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     plane.wcs.crval = [centre_ra_deg, centre_dec_deg]
-    plane.wcs.crpix = [0.0, 0.0]
+    # FITS counts pixels from 1: its reference pixel 1 is the 0-based pixel 0 that
+    # wcs_world2pix returns for the centre.
+    plane.wcs.crpix = [1.0, 1.0]
     plane.wcs.cdelt = [-1 / 60.0, 1 / 60.0]
     xi, eta = plane.wcs_world2pix(ra_deg, dec_deg, 0)
     return np.asarray(xi), np.asarray(eta)
