@@ -241,6 +241,9 @@ def measure_field(
                 strip = by_xi[start:stop]
                 inside = (eta[strip] >= row * partition_arcmin - halo) & (eta[strip] < (row + 1) * partition_arcmin + halo)
                 near = np.sort(strip[inside])
+                # The partition's bands share these arrays (in this process; each task is sent alone).
+                shared = ra[near], dec[near], near, np.searchsorted(near, targets[members])
+                near_size_bin = size_bin[near]
                 # One task per band: a field of one partition still keeps every worker busy.
                 for band in todo:
                     job = _BandJob(
@@ -249,8 +252,7 @@ def measure_field(
                     )
                     tasks.append(
                         _PartitionTask(
-                            key, ra[near], dec[near], near, np.searchsorted(near, targets[members]),
-                            {band.name: cells[band.name][members]}, [job], engine, mode, size_bin[near],
+                            key, *shared, {band.name: cells[band.name][members]}, [job], engine, mode, near_size_bin
                         )
                     )
             catalog_ids = catalog["id"].to_numpy()
