@@ -358,6 +358,30 @@ def test_ring_by_ring_elimination_matches_the_dense_inverse_of_each_cells_block(
     np.testing.assert_allclose(exact, np.diag(np.linalg.inv(matrix))[targets], rtol=1e-12)
 
 
+@pytest.mark.parametrize("reach", [1, 6, 20])
+def test_overlapping_pairs_are_every_pair_within_reach_in_order(reach):
+    from mbphot.engine.kernels import overlapping_pairs
+
+    rng = np.random.default_rng(reach)
+    n = 600
+    # Duplicated positions, negative rows and empty strips, in the scene's strip order.
+    col = rng.integers(-reach, 6 * reach, n)
+    row = np.concatenate([rng.integers(-reach, 3 * reach, n // 2), rng.integers(8 * reach, 10 * reach, n - n // 2)])
+    col[:20], row[:20] = col[20:40], row[20:40]
+    order = np.lexsort((col, np.floor(row / (reach + 1))))
+    col, row = col[order], row[order]
+    fresh = rng.random(n) < 0.3
+    first, second = overlapping_pairs(col, row, reach, fresh)
+    near = (np.abs(col[:, None] - col[None, :]) <= reach) & (np.abs(row[:, None] - row[None, :]) <= reach)
+    wanted = np.triu(near, k=1) & (fresh[:, None] | fresh[None, :])
+    expected_first, expected_second = np.nonzero(wanted)
+    assert first.size > 100
+    np.testing.assert_array_equal(first, expected_first)
+    np.testing.assert_array_equal(second, expected_second)
+    everything = overlapping_pairs(col, row, reach, np.ones(n, dtype=bool))
+    assert everything[0].size == np.count_nonzero(np.triu(near, k=1))
+
+
 @pytest.mark.parametrize("kernel_shape", [(41, 41), (75, 75), (9, 7)])
 def test_wing_convolutions_are_scipys_same_mode_and_adjoint_to_each_other(kernel_shape):
     """`_Wings` convolves on a periodic grid only half a kernel larger than the image, with the

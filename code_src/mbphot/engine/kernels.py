@@ -7,7 +7,68 @@ the machine code beside this file, so worker processes start without compiling a
 import numpy as np
 from numba import njit
 
-__all__ = ["add_interpolated_stamps", "add_stamps", "pair_overlaps", "residual_sums", "stamp_dots", "tile_sums", "weighted_stamps"]
+__all__ = [
+    "add_interpolated_stamps", "add_stamps", "overlapping_pairs", "pair_overlaps", "residual_sums", "stamp_dots", "tile_sums",
+    "weighted_stamps",
+]
+
+
+@njit(cache=True, nogil=True)
+def _strip_pairs(col, row, reach, fresh, first, second):
+    """Count the pairs `overlapping_pairs` finds, and write them where ``first`` and
+    ``second`` have room for them (pass empty arrays to count only)."""
+    n = col.size
+    height = reach + 1
+    count = 0
+    strip = np.iinfo(np.int64).min
+    low = 0
+    for i in range(n):
+        if row[i] // height != strip:
+            strip = row[i] // height
+            # The next strip's first source; the first of its sources within reach of i is
+            # found from there on, and moves only on as i moves along its strip.
+            low = i + 1
+            while low < n and row[low] // height == strip:
+                low += 1
+        # The same strip: the sources after i, up to ``reach`` columns on (rows within a
+        # strip are at most ``reach`` apart).
+        j = i + 1
+        while j < n and row[j] // height == strip and col[j] - col[i] <= reach:
+            if fresh[i] or fresh[j]:
+                if count < first.size:
+                    first[count] = i
+                    second[count] = j
+                count += 1
+            j += 1
+        # The next strip: its sources within ``reach`` columns and rows.
+        while low < n and row[low] // height == strip + 1 and col[low] < col[i] - reach:
+            low += 1
+        j = low
+        while j < n and row[j] // height == strip + 1 and col[j] <= col[i] + reach:
+            if (fresh[i] or fresh[j]) and row[j] - row[i] <= reach:
+                if count < first.size:
+                    first[count] = i
+                    second[count] = j
+                count += 1
+            j += 1
+    return count
+
+
+@njit(cache=True, nogil=True)
+def overlapping_pairs(col, row, reach, fresh):
+    """Every pair of sources at most ``reach`` pixels apart along both axes of which at least
+    one is ``fresh``, as (first, second) with first < second, sorted by first then second.
+
+    The sources must be in strip order: by ``row // (reach + 1)``, then by ``col``. A source's
+    partners are then a run of the sources after it in its strip and a run in the next one,
+    found by scanning, in the order the sparse matrix wants them.
+    """
+    empty = np.empty(0, dtype=np.intp)
+    count = _strip_pairs(col, row, reach, fresh, empty, empty)
+    first = np.empty(count, dtype=np.intp)
+    second = np.empty(count, dtype=np.intp)
+    _strip_pairs(col, row, reach, fresh, first, second)
+    return first, second
 
 
 @njit(cache=True, nogil=True)

@@ -28,7 +28,7 @@ from scipy.linalg import blas
 from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
-from .kernels import add_stamps, pair_overlaps, residual_sums, stamp_dots, tile_sums, weighted_stamps
+from .kernels import add_stamps, overlapping_pairs, pair_overlaps, residual_sums, stamp_dots, tile_sums, weighted_stamps
 from .prf import PRFTable, build_prf_table
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
@@ -160,33 +160,24 @@ def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, previous
 def _overlap_couplings(weighted, col, row, half, previous=None, old=None):
     """Off-diagonal A elements of every pair of sources whose stamps overlap.
 
-    With a ``previous`` scene (``old`` as in `_source_terms`), the pairs of two kept sources
-    are taken from it, and only those of a source new or moved are computed.
+    The sources are in strip order (`_normal_equations`). With a ``previous`` scene (``old``
+    as in `_source_terms`), the pairs of two kept sources are taken from it, and only those of
+    a source new or moved are computed.
     """
-    tree = cKDTree(np.column_stack([col, row]))
-    if previous is None:
-        pairs = tree.query_pairs(2 * half, p=np.inf, output_type="ndarray")
-        kept_first = kept_second = np.zeros(0, dtype=np.intp)
-        kept_values = np.zeros(0)
-    else:
+    fresh = np.ones(col.size, dtype=np.bool_)
+    kept_first = kept_second = np.zeros(0, dtype=np.intp)
+    kept_values = np.zeros(0)
+    if previous is not None:
+        fresh = old < 0
         new_of_old = np.full(previous.n_source, -1, dtype=np.intp)
-        new_of_old[old[old >= 0]] = np.flatnonzero(old >= 0)
+        new_of_old[old[~fresh]] = np.flatnonzero(~fresh)
         old_first, old_second, old_values = previous.terms.pairs
         kept_first, kept_second = new_of_old[old_first], new_of_old[old_second]
         both = (kept_first >= 0) & (kept_second >= 0)
         # Kept sources keep their order, so each kept pair stays (lower, higher).
         kept_first, kept_second, kept_values = kept_first[both], kept_second[both], old_values[both]
-        fresh = np.flatnonzero(old < 0)
-        near = cKDTree(np.column_stack([col[fresh], row[fresh]])).sparse_distance_matrix(
-            tree, 2 * half, p=np.inf, output_type="ndarray"
-        )
-        one, other = fresh[near["i"]], near["j"].astype(np.intp)
-        # A pair of two fresh sources is found from both ends: keep it once.
-        once = (old[other] >= 0) | (one < other)
-        pairs = np.column_stack([np.minimum(one, other), np.maximum(one, other)])[once & (one != other)]
-    # Sorted pairs: the same sums in the same order whatever order the tree found them in.
-    # (One integer key per pair sorts several times faster than a lexsort of the two.)
-    first, second = np.divmod(np.sort(pairs[:, 0].astype(np.int64) * col.size + pairs[:, 1]), col.size)
+    # Sorted pairs: the same sums in the same order whatever the scene's history.
+    first, second = overlapping_pairs(col, row, 2 * half, fresh)
     values = pair_overlaps(weighted, col, row, first, second)
     return np.concatenate([kept_first, first]), np.concatenate([kept_second, second]), np.concatenate([kept_values, values])
 
@@ -599,7 +590,8 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     with np.errstate(invalid="ignore"):
         touching = (col >= -half) & (col <= nx - 1 + half) & (row >= -half) & (row <= ny - 1 + half)
     modelled = np.flatnonzero(touching)
-    # Strips one stamp high, each read along x, keep overlapping stamps close in memory.
+    # Strips one stamp high, each read along x, keep overlapping stamps close in memory (and
+    # are the order `overlapping_pairs` scans).
     size = 2 * half + 1
     modelled = modelled[np.lexsort((col[modelled], np.floor(row[modelled] / size)))]
     unknown_of_source = np.full(x.size, -1, dtype=np.intp)
