@@ -67,6 +67,8 @@ def test_partitions_must_not_cut_scenes(manifest):
 def test_default_scene_cells_are_the_bands_own(manifest):
     with pytest.raises(ValueError, match=r"scene_arcmin=12.0 \(the nuv scene cell\).*try partition_arcmin=12.0"):
         measure_field(manifest, BANDS, partition_arcmin=6.0)
+    with pytest.raises(ValueError, match="partition_arcmin=0 must be positive; try partition_arcmin=12.0"):
+        measure_field(manifest, BANDS, mode="source", partition_arcmin=0)
 
 
 def test_a_field_smaller_than_a_cell_is_one_scene(manifest, monkeypatch):

@@ -10,9 +10,9 @@ Tasks run in this process, in local worker processes (the default) or on a
 ``dask.distributed`` cluster.
 
 The results do not depend on how the work is split. In scene mode each cell of the grid, of
-the band's `mbphot.bands.Band.scene_arcmin` side, is one scene whatever the partition size; in source mode every target is fitted
-on its own; the background grids are measured box by box. So any number of workers and any
-partition size give the same catalogue, bit for bit.
+the band's `mbphot.bands.Band.scene_arcmin` side, is one scene whatever the partition size;
+in source mode every target is fitted on its own; the background grids are measured box by
+box. So any number of workers and any partition size give the same catalogue, bit for bit.
 
 The concerns have a module each: `_images` reads image sections, `_prf` the PRFs,
 `_background` builds the sky and noise, `_calibrate` calibrates each image, `_sizes` handles
@@ -135,10 +135,12 @@ def measure_field(
         mode = "source"
     bands = [BANDS[name] for name in bands]
     scene_cells = {band.name: band.scene_arcmin if scene_arcmin is None else scene_arcmin for band in bands}
-    largest_cell = max(scene_cells.values(), default=1.0)
+    largest_cell = max(scene_cells.values(), default=PARTITION_ARCMIN)
+    if not partition_arcmin > 0:
+        raise ValueError(f"partition_arcmin={partition_arcmin} must be positive; try partition_arcmin={largest_cell}")
     for name, cell_arcmin in scene_cells.items():
         ratio = partition_arcmin / cell_arcmin
-        if not partition_arcmin > 0 or (mode == "scene" and (abs(ratio - round(ratio)) > 1e-9 or ratio < 1 - 1e-9)):
+        if mode == "scene" and (abs(ratio - round(ratio)) > 1e-9 or ratio < 1 - 1e-9):
             raise ValueError(
                 f"partition_arcmin={partition_arcmin} must be a positive whole multiple of scene_arcmin={cell_arcmin} "
                 f"(the {name} scene cell), so that partitions never cut a scene; try partition_arcmin={largest_cell}"
