@@ -14,6 +14,7 @@ import pytest
 
 from mbphot.bands import measured_columns
 from mbphot.params import RunParameters
+from mbphot.photometry import _partitions as partitions
 from mbphot.photometry import measure_field
 from mbphot.retrieve import retrieve
 
@@ -72,8 +73,6 @@ def test_default_scene_cells_are_the_bands_own(manifest):
 
 
 def test_a_field_smaller_than_a_cell_is_one_scene(manifest, monkeypatch):
-    import mbphot.photometry._partitions as partitions
-
     fitted = []
     fit_group = partitions._fit_group
 

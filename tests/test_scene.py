@@ -10,6 +10,7 @@ from scipy import signal
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.epsf import render_sources
+from mbphot.engine.kernels import overlapping_pairs
 from mbphot.engine.scene import scene_photometry
 from mbphot.engine.solve import fit_quality_scale
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
@@ -360,8 +361,6 @@ def test_ring_by_ring_elimination_matches_the_dense_inverse_of_each_cells_block(
 
 @pytest.mark.parametrize("reach", [1, 6, 20])
 def test_overlapping_pairs_are_every_pair_within_reach_in_order(reach):
-    from mbphot.engine.kernels import overlapping_pairs
-
     rng = np.random.default_rng(reach)
     n = 600
     # Duplicated positions, negative rows and empty strips, in the scene's strip order.
