@@ -72,17 +72,20 @@ def overlapping_pairs(col, row, reach, fresh):
 
 
 @njit(cache=True, nogil=True)
-def pair_overlaps(stamps, col, row, first, second):
+def pair_overlaps(stamps, slots, col, row, first, second):
     """Dot products of pairs of square stamps placed on one pixel grid.
 
     Parameters
     ----------
-    stamps : ndarray, shape (n, size, size)
-        One stamp per source, centred on pixel (``row``, ``col``) of the grid.
+    stamps : ndarray, shape (n_slot, size, size)
+        The stamps; source i's is ``stamps[slots[i]]``, centred on pixel (``row[i]``,
+        ``col[i]``) of the grid.
+    slots : ndarray of int
+        Each source's stamp.
     col, row : ndarray of int
-        Pixel of each stamp's centre.
+        Pixel of each source's stamp centre.
     first, second : ndarray of int
-        The pairs of stamps (indices into ``stamps``).
+        The pairs of sources.
 
     Returns
     -------
@@ -98,10 +101,12 @@ def pair_overlaps(stamps, col, row, first, second):
         # Pixel (a, b) of stamp i is pixel (a - d_row, b - d_col) of stamp j.
         d_row = row[j] - row[i]
         d_col = col[j] - col[i]
+        stamp_i = stamps[slots[i]]
+        stamp_j = stamps[slots[j]]
         total = 0.0
         for a in range(max(d_row, 0), size + min(d_row, 0)):
             for b in range(max(d_col, 0), size + min(d_col, 0)):
-                total += stamps[i, a, b] * stamps[j, a - d_row, b - d_col]
+                total += stamp_i[a, b] * stamp_j[a - d_row, b - d_col]
         values[pair] = total
     return values
 
@@ -131,7 +136,7 @@ def _difference_taps(table, phase_y, phase_x, weight, derivative, phase_step):
 @njit(cache=True, nogil=True)
 def weighted_stamps(
     table, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight, valid, reach,
-    slots, weighted, rhs, diagonal, covered, derivative=0,
+    slots, weighted, indices, rhs, diagonal, covered, derivative=0,
 ):
     """Each source's PRF stamp, interpolated between tabulated phases and multiplied by the
     square-root weights of the pixels it lands on, with its terms of the normal equations,
@@ -153,13 +158,15 @@ def weighted_stamps(
     reach : int
         Half-side of the square (around the centre) over which the coverage is measured.
     slots : ndarray of int
-        Where each source's results go in the arrays below: the sources sharing one table are
-        computed together, and the scene's arrays hold every table's sources.
+        Where each source's stamp goes in ``weighted``.
     weighted : ndarray, shape (n_slot, size, size)
         Stamp times sqrt(weight).
-    rhs, diagonal : ndarray, shape (n_slot,)
+    indices : ndarray of int
+        Where each source's terms go in the arrays below: the sources sharing one table are
+        computed together, and the scene's arrays hold every table's sources.
+    rhs, diagonal : ndarray, shape (n_index,)
         ``weighted . whitened`` and ``weighted . weighted`` per source.
-    covered : ndarray, shape (n_slot,)
+    covered : ndarray, shape (n_index,)
         Fraction of the stamp's flux within ``reach`` that falls on usable pixels.
     derivative : int
         0: the stamps; 1 or 2: their derivatives with respect to the source's x or y
@@ -212,21 +219,25 @@ def weighted_stamps(
                     core_total += value
                     if valid[top + a, left + b]:
                         core_on_data += value
-        rhs[slot] = b_sum
-        diagonal[slot] = a_sum
-        covered[slot] = core_on_data / core_total if core_total > 0 else 0.0
+        index = indices[source]
+        rhs[index] = b_sum
+        diagonal[index] = a_sum
+        covered[index] = core_on_data / core_total if core_total > 0 else 0.0
 
 
 @njit(cache=True, nogil=True)
-def tile_sums(weighted, col, row, sqrt_weight, tile_size, span):
+def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span):
     """Each weighted stamp times the square-root weights, summed over each square sky tile.
 
     Parameters
     ----------
-    weighted : ndarray, shape (n, size, size)
-        Stamps times sqrt(weight), centred on pixel (``row``, ``col``) of the image.
+    weighted : ndarray, shape (n_slot, size, size)
+        Stamps times sqrt(weight); source i's is ``weighted[slots[i]]``, centred on pixel
+        (``row[i]``, ``col[i]``) of the image.
+    slots : ndarray of int
+        Each source's stamp.
     col, row : ndarray of int
-        Image pixel of each stamp's centre.
+        Image pixel of each source's stamp centre.
     sqrt_weight : ndarray
         1 / noise of the image, padded by ``size - 1`` on every side (0 off the image).
     tile_size : int
@@ -241,12 +252,13 @@ def tile_sums(weighted, col, row, sqrt_weight, tile_size, span):
     first_tile_row, first_tile_col : ndarray of int
         Tile of each stamp's first row and column.
     """
-    n, size = weighted.shape[0], weighted.shape[1]
+    n, size = slots.size, weighted.shape[1]
     half = size // 2
     sums = np.zeros((n, span, span))
     first_tile_row = np.empty(n, dtype=np.int64)
     first_tile_col = np.empty(n, dtype=np.int64)
     for source in range(n):
+        stamp = weighted[slots[source]]
         top = row[source] - half
         left = col[source] - half
         first_tile_row[source] = top // tile_size
@@ -257,21 +269,24 @@ def tile_sums(weighted, col, row, sqrt_weight, tile_size, span):
                 tile_col = (left + b) // tile_size - first_tile_col[source]
                 # The padding is size - 1, so image pixel (top + a) is padded row top + a + 2 half.
                 sums[source, tile_row, tile_col] += (
-                    weighted[source, a, b] * sqrt_weight[row[source] + half + a, col[source] + half + b]
+                    stamp[a, b] * sqrt_weight[row[source] + half + a, col[source] + half + b]
                 )
     return sums, first_tile_row, first_tile_col
 
 
 @njit(cache=True, nogil=True)
-def stamp_dots(weighted, col, row, image):
-    """Each weighted stamp's dot product with a padded image.
+def stamp_dots(weighted, slots, col, row, image):
+    """Each source's weighted stamp's dot product with a padded image.
 
     Parameters
     ----------
-    weighted : ndarray, shape (n, size, size)
-        Stamps centred on pixel (``row``, ``col``) of the image.
+    weighted : ndarray, shape (n_slot, size, size)
+        The stamps; source i's is ``weighted[slots[i]]``, centred on pixel (``row[i]``,
+        ``col[i]``) of the image.
+    slots : ndarray of int
+        Each source's stamp.
     col, row : ndarray of int
-        Image pixel of each stamp's centre.
+        Image pixel of each source's stamp centre.
     image : ndarray
         The image padded by ``size - 1`` on every side.
 
@@ -279,27 +294,29 @@ def stamp_dots(weighted, col, row, image):
     -------
     ndarray, shape (n,)
     """
-    n, size = weighted.shape[0], weighted.shape[1]
+    n, size = slots.size, weighted.shape[1]
     half = size // 2
     dots = np.empty(n)
     for source in range(n):
+        stamp = weighted[slots[source]]
         first_row = row[source] + half
         first_col = col[source] + half
         total = 0.0
         for a in range(size):
             for b in range(size):
-                total += weighted[source, a, b] * image[first_row + a, first_col + b]
+                total += stamp[a, b] * image[first_row + a, first_col + b]
         dots[source] = total
     return dots
 
 
 @njit(cache=True, nogil=True)
-def add_stamps(weighted, col, row, amplitude, image):
-    """Add ``amplitude[i] * weighted[i]`` to the padded ``image`` (in place), for every stamp.
+def add_stamps(weighted, slots, col, row, amplitude, image):
+    """Add ``amplitude[i]`` times source i's stamp ``weighted[slots[i]]`` to the padded
+    ``image`` (in place), for every source.
 
     Same layout as `stamp_dots`.
     """
-    n, size = weighted.shape[0], weighted.shape[1]
+    n, size = slots.size, weighted.shape[1]
     half = size // 2
     for source in range(n):
         first_row = row[source] + half
@@ -307,9 +324,10 @@ def add_stamps(weighted, col, row, amplitude, image):
         value = amplitude[source]
         if value == 0.0:
             continue
+        stamp = weighted[slots[source]]
         for a in range(size):
             for b in range(size):
-                image[first_row + a, first_col + b] += value * weighted[source, a, b]
+                image[first_row + a, first_col + b] += value * stamp[a, b]
 
 
 @njit(cache=True, nogil=True)

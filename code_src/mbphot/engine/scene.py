@@ -123,41 +123,67 @@ def _by_profile(tables, profile, kernel, *per_source):
     return tuple(results) if len(results) > 1 else results[0]
 
 
-def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, previous=None, old=None):
-    """Whitened stamps, A diagonal, b and the per-source-engine coverage of each source.
+class _StampPool:
+    """The whitened stamps of one `scene_photometry` call's scenes, each source's in a slot.
+
+    A source that a later scene keeps (same position and profile) keeps its slot: copying the
+    stamps of every kept source into each new scene cost a seventh of an IRAC fit. The pool
+    only grows (a scene's stamps stay valid while the call lasts); `numpy.empty` leaves the
+    room not yet written unallocated.
+    """
+
+    def __init__(self, size, capacity):
+        self.stamps = np.empty((capacity, size, size))
+        self.used = 0
+
+    def allocate(self, n):
+        """Slots for ``n`` new stamps."""
+        if self.used + n > self.stamps.shape[0]:
+            grown = np.empty((max(self.used + n, self.stamps.shape[0] * 3 // 2), *self.stamps.shape[1:]))
+            grown[: self.used] = self.stamps[: self.used]
+            self.stamps = grown
+        slots = np.arange(self.used, self.used + n)
+        self.used += n
+        return slots
+
+
+def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, pool, previous=None, old=None):
+    """Each source's slot of ``pool`` (its whitened stamp), A diagonal, b and the
+    per-source-engine coverage.
 
     ``covered`` is the fraction of the stamp's flux inside the target's cutout that falls on
     usable pixels, as `solve.forced_photometry` computes it, so both engines flag alike.
 
-    With a ``previous`` scene, a source whose unknown there is ``old`` (-1: none) keeps its
-    terms from it; the others are computed, each table's sources at once.
+    With a ``previous`` scene (whose pool ``pool`` is), a source whose unknown there is
+    ``old`` (-1: none) keeps its slot and terms from it; the others are computed, each
+    table's sources at once.
     """
     whitened, sqrt_weight, valid = padded
     n = col.size
-    size = tables[0].stamps.shape[-1]
-    weighted = np.empty((n, size, size))
+    slots = np.empty(n, dtype=np.intp)
     rhs, diagonal, covered = np.empty(n), np.empty(n), np.empty(n)
     fresh = np.arange(n)
     if previous is not None:
         kept = np.flatnonzero(old >= 0)
-        weighted[kept] = previous.weighted[old[kept]]
+        slots[kept] = previous.slots[old[kept]]
         rhs[kept] = previous.terms.rhs[old[kept]]
         diagonal[kept] = previous.terms.diagonal[old[kept]]
         covered[kept] = previous.covered[old[kept]]
         fresh = np.flatnonzero(old < 0)
+    slots[fresh] = pool.allocate(fresh.size)
     for index in np.unique(profile[fresh]):
         members = fresh[profile[fresh] == index]
         table = tables[index]
         weighted_stamps(
             table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
             x[members] - col[members], y[members] - row[members], col[members], row[members],
-            whitened, sqrt_weight, valid, min(table.half_size, half_cutout), members, weighted, rhs, diagonal, covered,
-            table.axis if isinstance(table, _Derivative) else 0,
+            whitened, sqrt_weight, valid, min(table.half_size, half_cutout), slots[members], pool.stamps,
+            members, rhs, diagonal, covered, table.axis if isinstance(table, _Derivative) else 0,
         )
-    return weighted, rhs, diagonal, covered
+    return slots, rhs, diagonal, covered
 
 
-def _overlap_couplings(weighted, col, row, half, previous=None, old=None):
+def _overlap_couplings(weighted, slots, col, row, half, previous=None, old=None):
     """Off-diagonal A elements of every pair of sources whose stamps overlap.
 
     The sources are in strip order (`_normal_equations`). With a ``previous`` scene (``old``
@@ -178,11 +204,11 @@ def _overlap_couplings(weighted, col, row, half, previous=None, old=None):
         kept_first, kept_second, kept_values = kept_first[both], kept_second[both], old_values[both]
     # Sorted pairs: the same sums in the same order whatever the scene's history.
     first, second = overlapping_pairs(col, row, 2 * half, fresh)
-    values = pair_overlaps(weighted, col, row, first, second)
+    values = pair_overlaps(weighted, slots, col, row, first, second)
     return np.concatenate([kept_first, first]), np.concatenate([kept_second, second]), np.concatenate([kept_values, values])
 
 
-def _sky_couplings(weighted, col, row, padded, image_shape, tile_size, half, previous=None, old=None):
+def _sky_couplings(weighted, slots, col, row, padded, image_shape, tile_size, half, previous=None, old=None):
     """A and b terms of one constant sky offset per ``tile_size`` square tile of the image.
 
     Returns the source-tile couplings (source, tile, value), the tiles' diagonal and b, and
@@ -213,8 +239,7 @@ def _sky_couplings(weighted, col, row, padded, image_shape, tile_size, half, pre
 
     size = 2 * half + 1
     span = (size - 1) // tile_size + 2  # tiles per axis a stamp can meet
-    stamps = weighted if previous is None else weighted[fresh]
-    sums, first_tile_row, first_tile_col = tile_sums(stamps, col[fresh], row[fresh], sqrt_weight, tile_size, span)
+    sums, first_tile_row, first_tile_col = tile_sums(weighted, slots[fresh], col[fresh], row[fresh], sqrt_weight, tile_size, span)
     local = np.arange(span)
     tile_row = first_tile_row[:, None, None] + local[None, :, None]
     tile_col = first_tile_col[:, None, None] + local[None, None, :]
@@ -511,8 +536,9 @@ class _Scene:
     Unknowns are the modelled sources, then the sky tiles. ``unknown_of_source`` maps a
     catalogue index to its unknown (-1: not modelled); ``centres`` (col, row) and
     ``extents`` (footprint half-width) place each unknown for `_local_variances`.
-    ``modelled``, ``col``, ``row`` and ``weighted`` are the modelled sources' catalogue
-    indices, central pixels and whitened stamps; ``padded`` the whitened data, square-root
+    ``modelled``, ``col``, ``row`` and ``slots`` are the modelled sources' catalogue
+    indices, central pixels and slots of ``pool`` (their whitened stamps, `weighted`);
+    ``padded`` the whitened data, square-root
     weights and usability (`_pixel_arrays`); ``tile_of_pixel`` the sky tile of each image
     pixel (None without sky tiles); ``terms`` what the next scene of the image reuses;
     ``prior`` what a Gaussian prior adds to each unknown's diagonal (None: no prior).
@@ -530,11 +556,17 @@ class _Scene:
     modelled: np.ndarray
     col: np.ndarray
     row: np.ndarray
-    weighted: np.ndarray
+    slots: np.ndarray
+    pool: _StampPool
     padded: tuple
     tile_of_pixel: np.ndarray | None
     terms: "_Terms"
     prior: np.ndarray | None = None
+
+    @property
+    def weighted(self):
+        """The stamps of ``pool``: source unknown i's is ``weighted[slots[i]]``."""
+        return self.pool.stamps
 
 
 @dataclass
@@ -600,10 +632,11 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     m_row = row[modelled].astype(np.intp)
     padded = _pixel_arrays(image, sky, sigma, margin=2 * half) if previous is None else previous.padded
     old = _previous_unknowns(previous, modelled, x, y, tables, profile)
-    weighted, rhs, diagonal, covered = _source_terms(
-        tables, profile[modelled], x[modelled], y[modelled], m_col, m_row, padded, cutout_size // 2, previous, old
+    pool = _StampPool(2 * half + 1, 2 * modelled.size) if previous is None else previous.pool
+    slots, rhs, diagonal, covered = _source_terms(
+        tables, profile[modelled], x[modelled], y[modelled], m_col, m_row, padded, cutout_size // 2, pool, previous, old
     )
-    pairs = first, second, values = _overlap_couplings(weighted, m_col, m_row, half, previous, old)
+    pairs = first, second, values = _overlap_couplings(pool.stamps, slots, m_col, m_row, half, previous, old)
     terms = _Terms(x[modelled], y[modelled], tables, profile[modelled], rhs, diagonal, pairs, None)
 
     n_source = modelled.size
@@ -612,7 +645,7 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     tile_of_pixel = None
     if fit_sky:
         terms.sky = sources, tiles, sky_values, tile_diagonal, tile_rhs, n_tile_cols = _sky_couplings(
-            weighted, m_col, m_row, padded, (ny, nx), cutout_size, half, previous, old
+            pool.stamps, slots, m_col, m_row, padded, (ny, nx), cutout_size, half, previous, old
         )
         first = np.concatenate([first, sources])
         second = np.concatenate([second, n_source + tiles])
@@ -645,7 +678,7 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     ).tocsr()
     return _Scene(
         normal, rhs, scale, unconstrained, covered, unknown_of_source, n_source, centres, extents,
-        modelled, m_col, m_row, weighted, padded, tile_of_pixel, terms,
+        modelled, m_col, m_row, slots, pool, padded, tile_of_pixel, terms,
     )
 
 
@@ -659,7 +692,7 @@ def _whitened_model(scene: _Scene, solution, wings=None):
     """The fitted model of the scene's data over the noise, on the padded grid."""
     flux = solution * scene.scale
     model = np.zeros_like(scene.padded[0])
-    add_stamps(scene.weighted, scene.col, scene.row, flux[: scene.n_source], model)
+    add_stamps(scene.weighted, scene.slots, scene.col, scene.row, flux[: scene.n_source], model)
     if scene.tile_of_pixel is not None:
         _tile_view(scene, model)[...] += flux[scene.n_source :][scene.tile_of_pixel] * _tile_view(scene, scene.padded[1])
     if wings is not None:
@@ -752,7 +785,7 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
     def cores_adjoint(image):
         """(C, S)^T W times a model image given whitened: the cores' and sky tiles' rows."""
         return np.concatenate([
-            stamp_dots(scene.weighted, scene.col, scene.row, image),
+            stamp_dots(scene.weighted, scene.slots, scene.col, scene.row, image),
             np.bincount(scene.tile_of_pixel.ravel(), (_tile_view(scene, scene.padded[1]) * _tile_view(scene, image)).ravel(),
                         minlength=scene.rhs.size - n_source) if scene.tile_of_pixel is not None else np.empty(0),
         ])
@@ -1024,7 +1057,7 @@ def _size_steps(scene, solution, tables, profile, sequence, prior_sigma_bins, no
     if resized.size == 0:
         return profile
     own = unknown[resized]
-    own_model = (solution[own] * scene.scale[own])[:, None, None] * scene.weighted[own]
+    own_model = (solution[own] * scene.scale[own])[:, None, None] * scene.weighted[scene.slots[own]]
     residual = np.where(scene.padded[2], scene.padded[0] - _whitened_model(scene, solution), 0.0)
     col, row = scene.col[own], scene.row[own]
     source_x, source_y = scene.terms.x[own], scene.terms.y[own]
@@ -1033,12 +1066,13 @@ def _size_steps(scene, solution, tables, profile, sequence, prior_sigma_bins, no
     for step in range(-_MAX_RESIZE_BINS, _MAX_RESIZE_BINS + 1):
         candidate = catalogue + step
         inside = np.flatnonzero((candidate >= first) & (candidate < stop))
-        weighted, _, diagonal, _ = _source_terms(
+        trial = _StampPool(scene.weighted.shape[1], inside.size)
+        slots, _, diagonal, _ = _source_terms(
             tables, candidate[inside], source_x[inside], source_y[inside], col[inside], row[inside], scene.padded,
-            tables[0].half_size,
+            tables[0].half_size, trial,
         )
-        projection = stamp_dots(weighted, col[inside], row[inside], residual) + np.einsum(
-            "nij,nij->n", weighted, own_model[inside]
+        projection = stamp_dots(trial.stamps, slots, col[inside], row[inside], residual) + np.einsum(
+            "nij,nij->n", trial.stamps, own_model[inside]
         )
         with np.errstate(invalid="ignore", divide="ignore"):
             explained = np.where(diagonal > 0, projection**2 / diagonal, -np.inf)
