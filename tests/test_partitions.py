@@ -91,6 +91,34 @@ def test_a_field_smaller_than_a_cell_is_one_scene(manifest, monkeypatch):
         assert sum(n for band, _, n in fitted if band == name) == len(table)
 
 
+def test_a_scene_keeps_only_the_pixels_and_sources_its_targets_reach():
+    rng = np.random.default_rng(3)
+    image = np.ones((200, 200))
+    x, y = rng.uniform(-5, 205, 4000), rng.uniform(-5, 205, 4000)
+    # The targets fill a circle, as a field's edge crosses its scene's square.
+    targets = np.flatnonzero(np.hypot(x - 100, y - 100) < 60)
+    margin, half_size = 20, 5
+    cut_image, cut_x = partitions._near_targets(image, x, y, targets, margin, half_size)
+
+    assert np.array_equal(cut_x[targets], x[targets])
+    rows, cols = np.indices(image.shape)
+    pixel_reach = np.full(image.shape, np.inf)
+    for t in targets:
+        pixel_reach = np.minimum(pixel_reach, np.maximum(abs(cols - np.rint(x[t])), abs(rows - np.rint(y[t]))))
+    assert np.array_equal(np.isfinite(cut_image), pixel_reach <= margin)
+    assert np.isnan(cut_image[0, 0]) and np.isfinite(cut_image[100, 100])
+    target_col, target_row = np.rint(x[targets]), np.rint(y[targets])
+    source_reach = np.array([np.min(np.maximum(abs(target_col - a), abs(target_row - b))) for a, b in zip(x, y)])
+    assert np.all(np.isfinite(cut_x[source_reach <= margin + half_size]))
+    assert np.all(np.isnan(cut_x[source_reach > margin + half_size + 1.0]))
+    assert 0 < np.isnan(cut_x).sum() < x.size
+
+    # Targets all over the section: nothing to cut.
+    everywhere = np.flatnonzero((x > 0) & (x < 199) & (y > 0) & (y < 199))
+    same_image, same_x = partitions._near_targets(image, x, y, everywhere, margin, half_size)
+    assert same_image is image and same_x is x
+
+
 def test_dask_local_cluster_gives_the_same_catalogue(manifest, reference):
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:

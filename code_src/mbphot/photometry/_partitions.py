@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.wcs import WCS
+from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from ..bands import Band, measured_columns, quality_columns
 from ..calibration import POSITION_PRIOR_ARCSEC
@@ -95,10 +97,13 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
     if not on_image.any():
         x0, x1, y0, y1 = 0, 1, 0, 1
     else:
-        # A scene needs the pixels that constrain its edge sources' neighbours too, and its
+        # A scene needs the pixels that constrain its edge sources' neighbours too (a stamp
+        # overlap, and in crowded sky tiles one tile more: `Band.scene_margin_tiles`), and its
         # sky tiles aligned on the image grid whatever the region.
         scene = task.mode == "scene"
-        margin = band.cutout_size_pixels // 2 + (2 * prf.half_size + band.cutout_size_pixels if scene else 0)
+        margin = band.cutout_size_pixels // 2
+        if scene:
+            margin += 2 * prf.half_size + band.scene_margin_tiles * band.cutout_size_pixels
         align = band.cutout_size_pixels if scene else 1
         x0 = int(max(0, col[on_image].min() - margin)) // align * align
         x1 = int(min(nx, col[on_image].max() + margin + 1))
@@ -114,9 +119,12 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
     padded = maps["image"]
     sky, sigma = _sky_and_sigma(plan, maps, slice(py0, py1), slice(px0, px1))
     inner = (slice(y0 - py0, y1 - py0), slice(x0 - px0, x1 - px0))
+    image = padded[inner]
     local_x, local_y = x - x0, y - y0
     # Targets off the whole image stay off the section, whatever the section is.
     local_x[targets[~on_image]] = np.nan
+    if task.mode == "scene" and on_image.any():
+        image, local_x = _near_targets(image, local_x, local_y, targets[on_image], margin, prf.half_size)
     started = time.process_time()
     options, sensitivity = {}, None
     if task.engine == "mbphot":
@@ -138,7 +146,7 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
             if discs:
                 options["sizes"] = (len(variants), len(variants) + len(discs), SIZE_PRIOR_SIGMA_BINS)
     result = _engine_function(task.engine, task.mode)(
-        padded[inner], local_x, local_y, targets, prf, band.cutout_size_pixels,
+        image, local_x, local_y, targets, prf, band.cutout_size_pixels,
         sky=sky[inner] + calibration.sky_offset, sigma=sigma[inner], fit_sky=fit_sky,
         noise_scale=calibration.noise_scale, prf_error=calibration.prf_error, **options,
     )
@@ -147,6 +155,30 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
     engine_cpu_s = time.process_time() - started
     in_ujy = result._replace(flux=result.flux * band.ujy_per_pixel_unit, flux_err=result.flux_err * band.ujy_per_pixel_unit)
     return in_ujy, engine_cpu_s, read_s
+
+
+def _near_targets(image, x, y, targets, margin, half_size):
+    """A scene's section and source positions cut to what its targets need: the pixels within
+    ``margin`` of a target (the others NaN), the sources whose stamps reach them (the others'
+    x NaN).
+
+    The section is the targets' bounding box plus the margin: where the field's edge crosses
+    it (a circle in a square), its corners hold pixels and sources no target is coupled to.
+    """
+    col = np.clip(np.rint(x[targets]).astype(np.intp), 0, image.shape[1] - 1)
+    row = np.clip(np.rint(y[targets]).astype(np.intp), 0, image.shape[0] - 1)
+    has_target = np.zeros(image.shape, dtype=bool)
+    has_target[row, col] = True
+    near = ndimage.maximum_filter(has_target, size=2 * margin + 1, mode="constant")
+    if near.all():
+        return image, x
+    finite = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    distance, _ = cKDTree(np.column_stack([col, row])).query(
+        np.column_stack([x[finite], y[finite]]), p=np.inf, distance_upper_bound=margin + half_size + 1.0
+    )
+    x = x.copy()
+    x[finite[~np.isfinite(distance)]] = np.nan
+    return np.where(near, image, np.nan), x
 
 
 @functools.cache
