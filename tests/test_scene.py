@@ -6,11 +6,11 @@ FWHM 2.8 px, IRAC on the 0.6" grid.
 
 import numpy as np
 import pytest
-from scipy import signal
+from scipy import signal, sparse
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.epsf import render_sources
-from mbphot.engine.kernels import overlapping_pairs
+from mbphot.engine.kernels import overlapping_pairs, submatrix_entries, symmetric_csr
 from mbphot.engine.scene import scene_photometry
 from mbphot.engine.solve import fit_quality_scale
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
@@ -379,6 +379,39 @@ def test_overlapping_pairs_are_every_pair_within_reach_in_order(reach):
     np.testing.assert_array_equal(second, expected_second)
     everything = overlapping_pairs(col, row, reach, np.ones(n, dtype=bool))
     assert everything[0].size == np.count_nonzero(np.triu(near, k=1))
+
+
+def test_symmetric_csr_is_scipys_conversion_and_submatrices_its_indexing():
+    rng = np.random.default_rng(5)
+    n = 300
+    upper = np.triu(rng.random((n, n)) < 0.05, k=1)
+    first, second = np.nonzero(upper)
+    values = rng.normal(size=first.size)
+    values[::7] = 0.0
+    scale = rng.uniform(0.5, 2.0, n)
+    # Two runs, each sorted by (first, second), as kept and new pairs come.
+    runs = np.concatenate([np.flatnonzero(first % 3 == 0), np.flatnonzero(first % 3 != 0)])
+    first, second, values = first[runs], second[runs], values[runs]
+    data, indices, indptr = symmetric_csr(n, 1.5, first, second, values, scale)
+
+    keep = values != 0
+    scaled = values[keep] * scale[first[keep]] * scale[second[keep]]
+    everything = np.arange(n)
+    expected = sparse.coo_matrix(
+        (np.r_[np.full(n, 1.5), scaled, scaled],
+         (np.r_[everything, first[keep], second[keep]], np.r_[everything, second[keep], first[keep]])), shape=(n, n),
+    ).tocsr()
+    np.testing.assert_array_equal(indptr, expected.indptr)
+    np.testing.assert_array_equal(indices, expected.indices)
+    np.testing.assert_array_equal(data, expected.data)
+
+    index = rng.choice(n, 40, replace=False)
+    position = np.full(n, -1, dtype=np.intp)
+    rows, columns, entries = submatrix_entries(indptr, indices, data, index, position)
+    assert np.all(position == -1) and rows.size > 40
+    block = np.zeros((40, 40))
+    block[rows, columns] = entries
+    np.testing.assert_array_equal(block, expected[index][:, index].toarray())
 
 
 @pytest.mark.parametrize("kernel_shape", [(41, 41), (75, 75), (9, 7)])

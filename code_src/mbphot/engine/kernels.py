@@ -8,8 +8,8 @@ import numpy as np
 from numba import njit
 
 __all__ = [
-    "add_interpolated_stamps", "add_stamps", "overlapping_pairs", "pair_overlaps", "residual_sums", "stamp_dots", "tile_sums",
-    "weighted_stamps",
+    "add_interpolated_stamps", "add_stamps", "overlapping_pairs", "pair_overlaps", "residual_sums", "stamp_dots",
+    "submatrix_entries", "symmetric_csr", "tile_sums", "weighted_stamps",
 ]
 
 
@@ -415,3 +415,84 @@ def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, 
                 sums[source, 5] += grad_x * grad_y * s * s
                 sums[source, 6] += grad_y * grad_y * s * s
     return sums
+
+
+@njit(cache=True, nogil=True)
+def symmetric_csr(n, diagonal, first, second, values, scale):
+    """CSR arrays (data, indices, indptr) of the n x n symmetric matrix with ``diagonal`` on its
+    diagonal and ``values[k] * scale[first[k]] * scale[second[k]]`` at (first[k], second[k])
+    and (second[k], first[k]), for every k whose value is nonzero.
+
+    The pairs must be distinct, with ``first < second``. Each row's columns come out in
+    increasing order, as scipy's conversion from coordinates sorts them, and the same
+    products, so the matrix is the same to the bit. The pairs usually come in a few runs each
+    sorted by (first, second) (kept and new pairs, then sky tiles), which leave each row a few
+    sorted runs: an insertion sort puts them in order in about one pass.
+    """
+    counts = np.ones(n, dtype=np.int64)
+    for k in range(first.size):
+        if values[k] != 0.0:
+            counts[first[k]] += 1
+            counts[second[k]] += 1
+    indptr = np.empty(n + 1, dtype=np.int64)
+    indptr[0] = 0
+    for i in range(n):
+        indptr[i + 1] = indptr[i] + counts[i]
+    indices = np.empty(indptr[n], dtype=np.int64)
+    data = np.empty(indptr[n])
+    fill = indptr[:n].copy()
+    for i in range(n):
+        indices[fill[i]] = i
+        data[fill[i]] = diagonal
+        fill[i] += 1
+    for k in range(first.size):
+        if values[k] != 0.0:
+            i, j = first[k], second[k]
+            value = values[k] * scale[i] * scale[j]
+            indices[fill[i]] = j
+            data[fill[i]] = value
+            fill[i] += 1
+            indices[fill[j]] = i
+            data[fill[j]] = value
+            fill[j] += 1
+    for i in range(n):
+        for a in range(indptr[i] + 1, indptr[i + 1]):
+            column, value = indices[a], data[a]
+            b = a - 1
+            while b >= indptr[i] and indices[b] > column:
+                indices[b + 1] = indices[b]
+                data[b + 1] = data[b]
+                b -= 1
+            indices[b + 1] = column
+            data[b + 1] = value
+    return data, indices, indptr
+
+
+@njit(cache=True, nogil=True)
+def submatrix_entries(indptr, indices, data, index, position):
+    """Nonzeros of the CSR matrix's ``[index][:, index]`` as (row, column, value), in CSR order.
+
+    ``position`` is scratch with one entry per row of the matrix, all -1; it is left so.
+    """
+    for k in range(index.size):
+        position[index[k]] = k
+    count = 0
+    for k in range(index.size):
+        for a in range(indptr[index[k]], indptr[index[k] + 1]):
+            if position[indices[a]] >= 0:
+                count += 1
+    rows = np.empty(count, dtype=np.int64)
+    columns = np.empty(count, dtype=np.int64)
+    values = np.empty(count)
+    count = 0
+    for k in range(index.size):
+        for a in range(indptr[index[k]], indptr[index[k] + 1]):
+            column = position[indices[a]]
+            if column >= 0:
+                rows[count] = k
+                columns[count] = column
+                values[count] = data[a]
+                count += 1
+    for k in range(index.size):
+        position[index[k]] = -1
+    return rows, columns, values

@@ -28,7 +28,10 @@ from scipy.linalg import blas
 from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
-from .kernels import add_stamps, overlapping_pairs, pair_overlaps, residual_sums, stamp_dots, tile_sums, weighted_stamps
+from .kernels import (
+    add_stamps, overlapping_pairs, pair_overlaps, residual_sums, stamp_dots, submatrix_entries, symmetric_csr, tile_sums,
+    weighted_stamps,
+)
 from .prf import PRFTable, build_prf_table
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
@@ -368,18 +371,9 @@ def _trailing_variances(block, bounds, n_target):
 
 def _submatrix_entries(normal, index, position):
     """Nonzeros of ``normal[index][:, index]`` as (row, column, value), read straight from the
-    CSR arrays: several times faster than scipy's fancy indexing. ``position`` is scratch of
-    length n, all -1, and is left so."""
-    k = index.size
-    position[index] = np.arange(k)
-    starts, stops = normal.indptr[index], normal.indptr[index + 1]
-    lengths = stops - starts
-    entries = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
-    columns = position[normal.indices[entries]]
-    rows = np.repeat(np.arange(k), lengths)
-    position[index] = -1
-    inside = columns >= 0
-    return rows[inside], columns[inside], normal.data[entries[inside]]
+    CSR arrays (`kernels.submatrix_entries`): many times faster than scipy's fancy indexing.
+    ``position`` is scratch of length n, all -1, and is left so."""
+    return submatrix_entries(normal.indptr, normal.indices, normal.data, index, position)
 
 
 def _dense_block(normal, index, position, scratch):
@@ -665,17 +659,9 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     unconstrained = diagonal <= 0
     scale = 1.0 / np.sqrt(np.where(unconstrained, 1.0, diagonal))
     rhs = np.where(unconstrained, 0.0, rhs) * scale
-    keep = values != 0
-    first, second, values = first[keep], second[keep], values[keep] * scale[first[keep]] * scale[second[keep]]
     n_unknown = diagonal.size
-    everything = np.arange(n_unknown)
-    normal = sparse.coo_matrix(
-        (
-            np.concatenate([np.full(n_unknown, 1.0 + _RIDGE), values, values]),
-            (np.concatenate([everything, first, second]), np.concatenate([everything, second, first])),
-        ),
-        shape=(n_unknown, n_unknown),
-    ).tocsr()
+    normal = sparse.csr_matrix(symmetric_csr(n_unknown, 1.0 + _RIDGE, first, second, values, scale), shape=(n_unknown, n_unknown))
+    normal.has_sorted_indices = True
     return _Scene(
         normal, rhs, scale, unconstrained, covered, unknown_of_source, n_source, centres, extents,
         modelled, m_col, m_row, slots, pool, padded, tile_of_pixel, terms,
