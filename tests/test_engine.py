@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mbphot.engine import FLAGS, build_prf_table, forced_photometry, normalise_prf, scene_photometry
+from mbphot.engine import FLAGS, PRFTable, build_prf_table, forced_photometry, normalise_prf, scene_photometry
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, pixel_integrated_gaussian, render
 
 @pytest.fixture(scope="module")
@@ -200,3 +200,14 @@ def test_fitted_sky_absorbs_a_wrong_sky_estimate(table):
     fitted, err, _ = forced_photometry(image, [30.2, 33.0], [29.7, 31.0], [0], table, 17, sky=0.0, sigma=0.01, fit_sky=True)[:3]
     assert biased[0] > 2.5
     assert abs(fitted[0] - 2.0) < 3 * err[0]
+
+
+def test_large_tables_start_on_a_large_page_with_their_values():
+    rng = np.random.default_rng(2)
+    large = rng.random((33, 33, 21, 21))
+    table = PRFTable(large, np.linspace(-0.5, 0.5, 33), 10)
+    assert table.stamps.ctypes.data % (2 << 20) == 0
+    assert table.stamps is not large and np.array_equal(table.stamps, large)
+    assert table.stamps.flags.c_contiguous
+    small = rng.random((3, 3, 7, 7))
+    assert PRFTable(small, np.linspace(-0.5, 0.5, 3), 3).stamps is small
