@@ -202,7 +202,7 @@ def test_fitted_sky_absorbs_a_wrong_sky_estimate(table):
     assert abs(fitted[0] - 2.0) < 3 * err[0]
 
 
-def test_large_tables_start_on_a_large_page_with_their_values():
+def test_tables_are_contiguous_and_large_ones_start_on_a_large_page():
     rng = np.random.default_rng(2)
     large = rng.random((33, 33, 21, 21))
     table = PRFTable(large, np.linspace(-0.5, 0.5, 33), 10)
@@ -211,3 +211,6 @@ def test_large_tables_start_on_a_large_page_with_their_values():
     assert table.stamps.flags.c_contiguous
     small = rng.random((3, 3, 7, 7))
     assert PRFTable(small, np.linspace(-0.5, 0.5, 3), 3).stamps is small
+    # Every table in one layout, the one the kernels are compiled for when a process starts.
+    strided = PRFTable(large[:, :, 2:19, 2:19], np.linspace(-0.5, 0.5, 33), 8).stamps
+    assert strided.flags.c_contiguous and np.array_equal(strided, large[:, :, 2:19, 2:19])

@@ -132,7 +132,9 @@ class PRFTable:
     source on a pixel centre; None when the stamps hold the whole PRF."""
 
     def __post_init__(self):
-        object.__setattr__(self, "stamps", _on_large_pages(np.asarray(self.stamps)))
+        # One memory layout for every table: the compiled kernels are specialised on it, and
+        # a table of another layout would compile them again inside the first fit that uses it.
+        object.__setattr__(self, "stamps", _on_large_pages(np.ascontiguousarray(self.stamps)))
 
     @property
     def n_phase(self) -> int:
