@@ -257,20 +257,23 @@ def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span):
     sums = np.zeros((n, span, span))
     first_tile_row = np.empty(n, dtype=np.int64)
     first_tile_col = np.empty(n, dtype=np.int64)
+    # Each stamp column's tile, worked out once per source rather than at every pixel.
+    tile_col = np.empty(size, dtype=np.int64)
     for source in range(n):
         stamp = weighted[slots[source]]
         top = row[source] - half
         left = col[source] - half
         first_tile_row[source] = top // tile_size
         first_tile_col[source] = left // tile_size
+        for b in range(size):
+            tile_col[b] = (left + b) // tile_size - first_tile_col[source]
         for a in range(size):
             tile_row = (top + a) // tile_size - first_tile_row[source]
+            # The padding is size - 1, so image pixel (top + a) is padded row top + a + 2 half.
+            weights = sqrt_weight[row[source] + half + a]
+            tile = sums[source, tile_row]
             for b in range(size):
-                tile_col = (left + b) // tile_size - first_tile_col[source]
-                # The padding is size - 1, so image pixel (top + a) is padded row top + a + 2 half.
-                sums[source, tile_row, tile_col] += (
-                    stamp[a, b] * sqrt_weight[row[source] + half + a, col[source] + half + b]
-                )
+                tile[tile_col[b]] += stamp[a, b] * weights[col[source] + half + b]
     return sums, first_tile_row, first_tile_col
 
 
