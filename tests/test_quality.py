@@ -9,6 +9,7 @@ import pytest
 from scipy.special import erf
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene_photometry
+from mbphot.engine import scene
 from mbphot.engine.scene import extended_profiles
 from mbphot.engine.solve import FRACFLUX_LIMIT, RCHISQ_LIMIT, fit_quality_scale
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
@@ -196,3 +197,28 @@ def test_resolved_sources_are_fitted_with_their_catalogue_size(table):
     assert np.all(as_points.flux < 0.9 * 50.0) and np.all(as_points.flag & FLAGS["poor_fit"])
     np.testing.assert_allclose(as_discs.flux, 50.0, rtol=3e-3)
     assert np.median(as_discs.rchisq) < 1.3 and np.all(as_discs.flag == 0)
+
+
+def test_the_wings_fixed_point_agrees_with_the_full_least_squares(monkeypatch):
+    """The fixed-point steps (each a fit of the cores less the wings of the last fluxes) are
+    not the full least squares, which weighs the wing pixels too; they agree to a fraction of
+    a sigma, and the conjugate gradients of the full problem take over where the steps stall."""
+    rng = np.random.default_rng(29)
+    side, noise = 160, 0.01
+    n = 400
+    x, y = rng.uniform(-20, side + 20, n), rng.uniform(-20, side + 20, n)
+    flux = 10 ** rng.uniform(-0.5, 1.5, n)
+    image = core_and_halo((side, side), x, y, flux) + rng.normal(0, noise, (side, side))
+    split = build_prf_table(core_and_halo((91, 91), [45.0], [45.0], [1.0]), enclosed_fraction=0.9999, core_radius=8.0)
+    targets = np.flatnonzero((x > 0) & (x < side - 1) & (y > 0) & (y < side - 1))
+    adjoints = []
+    monkeypatch.setattr(scene._Wings, "adjoint", lambda self, image, original=scene._Wings.adjoint: adjoints.append(1) or original(self, image))
+    fixed_point = scene_photometry(image, x, y, targets, split, 27, 0.0, noise, correct_positions=False)
+    assert not adjoints, "the fixed point converged without the full problem's products"
+    monkeypatch.setattr(scene, "_WING_STEPS", 0)
+    full = scene_photometry(image, x, y, targets, split, 27, 0.0, noise, correct_positions=False)
+    assert adjoints
+    good = (fixed_point.flag == 0) & (full.flag == 0)
+    assert good.sum() > 100
+    difference = np.abs(fixed_point.flux - full.flux)[good] / full.flux_err[good]
+    assert difference.max() < 0.2 and np.median(difference) < 0.02
