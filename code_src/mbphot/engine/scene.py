@@ -658,8 +658,11 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
         tile_centres = np.column_stack([tile_cols, tile_rows]) * cutout_size + (cutout_size - 1) / 2
         centres = np.vstack([centres, tile_centres])
         extents = np.concatenate([extents, np.full(tile_diagonal.size, cutout_size / 2)])
-        rows, cols = np.indices((ny, nx))
-        tile_of_pixel = (rows // cutout_size) * n_tile_cols + cols // cutout_size
+        if previous is None:
+            rows, cols = np.indices((ny, nx))
+            tile_of_pixel = (rows // cutout_size) * n_tile_cols + cols // cutout_size
+        else:
+            tile_of_pixel = previous.tile_of_pixel
 
     # Unknowns that touch no usable pixel have an all-zero row: decouple them with a unit
     # diagonal. Scaling to a unit diagonal makes the ridge relative and the factorisation
