@@ -144,19 +144,25 @@ def core_and_halo(shape, x, y, flux, half=45, core_sigma=1.5, halo_sigma=5.0, ha
     return image[pad:-pad, pad:-pad]
 
 
-def test_wings_split_from_the_core_give_the_fluxes_of_the_whole_prf():
-    rng = np.random.default_rng(26)
-    side, noise = 160, 0.01
-    n = 400
+def halo_field(seed, side=160, noise=0.01, n=400):
+    """A field of ``n`` sources with `core_and_halo` PRFs, some beyond its edges: the image,
+    positions, fluxes and the indices of the sources on it."""
+    rng = np.random.default_rng(seed)
     x, y = rng.uniform(-20, side + 20, n), rng.uniform(-20, side + 20, n)
     flux = 10 ** rng.uniform(-0.5, 1.5, n)
     image = core_and_halo((side, side), x, y, flux) + rng.normal(0, noise, (side, side))
+    targets = np.flatnonzero((x > 0) & (x < side - 1) & (y > 0) & (y < side - 1))
+    return image, x, y, flux, targets
+
+
+def test_wings_split_from_the_core_give_the_fluxes_of_the_whole_prf():
+    noise = 0.01
+    image, x, y, flux, targets = halo_field(26, noise=noise)
     prf = core_and_halo((91, 91), [45.0], [45.0], [1.0])
     whole = build_prf_table(prf, enclosed_fraction=0.9999)
     split = build_prf_table(prf, enclosed_fraction=0.9999, core_radius=8.0)
     assert split.half_size == 8 and split.wings is not None
     assert split.stamp_at(0.0, 0.0).sum() + split.wings.sum() == pytest.approx(whole.stamp_at(0.0, 0.0).sum(), rel=1e-3)
-    targets = np.flatnonzero((x > 0) & (x < side - 1) & (y > 0) & (y < side - 1))
     truth = flux[targets]
 
     def pulls(prf_table):
@@ -203,21 +209,22 @@ def test_the_wings_fixed_point_agrees_with_the_full_least_squares(monkeypatch):
     """The fixed-point steps (each a fit of the cores less the wings of the last fluxes) are
     not the full least squares, which weighs the wing pixels too; they agree to a fraction of
     a sigma, and the conjugate gradients of the full problem take over where the steps stall."""
-    rng = np.random.default_rng(29)
-    side, noise = 160, 0.01
-    n = 400
-    x, y = rng.uniform(-20, side + 20, n), rng.uniform(-20, side + 20, n)
-    flux = 10 ** rng.uniform(-0.5, 1.5, n)
-    image = core_and_halo((side, side), x, y, flux) + rng.normal(0, noise, (side, side))
+    noise = 0.01
+    image, x, y, _, targets = halo_field(29, noise=noise)
     split = build_prf_table(core_and_halo((91, 91), [45.0], [45.0], [1.0]), enclosed_fraction=0.9999, core_radius=8.0)
-    targets = np.flatnonzero((x > 0) & (x < side - 1) & (y > 0) & (y < side - 1))
-    adjoints = []
-    monkeypatch.setattr(scene._Wings, "adjoint", lambda self, image, original=scene._Wings.adjoint: adjoints.append(1) or original(self, image))
+    full_problem_products = []
+    adjoint = scene._Wings.adjoint
+
+    def counted_adjoint(wings, model):
+        full_problem_products.append(1)
+        return adjoint(wings, model)
+
+    monkeypatch.setattr(scene._Wings, "adjoint", counted_adjoint)
     fixed_point = scene_photometry(image, x, y, targets, split, 27, 0.0, noise, correct_positions=False)
-    assert not adjoints, "the fixed point converged without the full problem's products"
+    assert not full_problem_products, "the fixed point converged without the full problem's products"
     monkeypatch.setattr(scene, "_WING_STEPS", 0)
     full = scene_photometry(image, x, y, targets, split, 27, 0.0, noise, correct_positions=False)
-    assert adjoints
+    assert full_problem_products
     good = (fixed_point.flag == 0) & (full.flag == 0)
     assert good.sum() > 100
     difference = np.abs(fixed_point.flux - full.flux)[good] / full.flux_err[good]

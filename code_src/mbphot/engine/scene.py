@@ -49,17 +49,19 @@ _SUBDOMAIN_ASPECT = 8.0
 # and bounds every flux's error in units of its own sigma, is below this.
 _TOLERANCE = 1e-6
 _MAX_ITERATIONS = 200
-# With PRF wings each iteration costs two FFT convolutions: stop at a tenth of a sigma. The
-# bound is loose: on the realistic bench field the fluxes are within 2.6e-3 sigma (99 % of them
-# within 1e-3) of those at a hundredth, with 23 % fewer convolutions in irac1 (40 against 52)
+# The fits with PRF wings (`_solve_with_wings`) stop at a tenth of a sigma: the fixed-point
+# steps when one changes no unknown by more, the full problem's conjugate gradients (two FFT
+# convolutions an iteration) at this bound. The bound is loose: when the conjugate gradients
+# did all of it, the realistic bench field's fluxes were within 2.6e-3 sigma (99 % of them
+# within 1e-3) of those at a hundredth, for 23 % fewer convolutions in irac1 (40 against 52)
 # and 21 % in NUV (15 against 19); at 0.3 within 8e-3 sigma, for 4 convolutions fewer.
 _WING_TOLERANCE = 0.1
-# The wings' fixed-point steps (`_solve_with_wings`): at most this many, each shrinking the
-# change by at least this factor (on the realistic bench field, by 0.005-0.05).
+# At most this many fixed-point steps, each shrinking the change by at least this factor (on
+# the realistic bench field, by 0.005-0.05), before the conjugate gradients take over.
 _WING_STEPS = 4
 _WING_CONTRACTION = 0.25
 # So do the fits that only decide which sources move or resize, and where the next fit
-# starts (counted in the figures above).
+# starts, and each fixed-point step's fit of the cores.
 _STEP_TOLERANCE = 0.1
 # Ridge on the unit-diagonal (Jacobi-scaled) normal matrix: coincident catalogue entries make
 # A singular; this keeps it factorisable and splits their flux evenly, with the huge variance
