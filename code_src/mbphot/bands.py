@@ -78,11 +78,11 @@ class Band:
         Side of the sky cells fitted as one scene in scene mode (`mbphot.photometry`). Each
         scene also fits the sources of a margin around its cell (half a cutout, a stamp
         overlap and `scene_margin_tiles` sky tiles: 0.28' in IRAC, 1.4' in GALEX), and the
-        wings' conjugate gradients take more iterations in a larger scene. On partitions of
-        the full realistic field NUV's engine took 17 % less CPU in 12' cells than in 6' (24'
-        was no faster on a 10' field), irac1's 24 % more in 4' cells and 10 % more in 12'
-        than in 6' (still 4 % more in 12' with the smaller margin): GALEX 12', IRAC 6' (about
-        5,000 sources at COSMOS density).
+        fits with wings take more iterations in a larger scene. On partitions of the full
+        realistic field (the wings then fitted by conjugate gradients alone) NUV's engine
+        took 17 % less CPU in 12' cells than in 6' (24' was no faster on a 10' field),
+        irac1's 24 % more in 4' cells and 10 % more in 12' than in 6' (still 4 % more in 12'
+        with the smaller margin): GALEX 12', IRAC 6' (about 5,000 sources at COSMOS density).
     scene_margin_tiles : int
         Sky tiles (cutouts) in a scene's margin beyond half a cutout and a stamp overlap. A
         GALEX tile holds about 60 sources at COSMOS density, and the sky of a tile cut by the
