@@ -135,10 +135,11 @@ def test_positions_are_forced_not_refitted(table):
 def test_table_is_the_prf_spline_at_every_phase(oversampling):
     """The table is built by one sparse product per axis; it must be the cubic spline of the
     PRF samples that `scipy.ndimage.map_coordinates` evaluates, edges included: the wing
-    kernel of a PRF file no larger than the enclosed radius reaches the file's edge."""
+    kernel of a PRF file no larger than the enclosed radius reaches the file's edge. Split,
+    the stamps are the spline less the wings as the engine places them."""
     from scipy import ndimage
 
-    from mbphot.engine.prf import _core_taper, prf_centre
+    from mbphot.engine.prf import _core_taper, placed_wings, prf_centre
 
     rng = np.random.default_rng(5)
     shape = (10 * oversampling + 3, 10 * oversampling + 1)
@@ -154,11 +155,11 @@ def test_table_is_the_prf_spline_at_every_phase(oversampling):
         return ndimage.map_coordinates(coefficients, coords, order=3, mode="constant", cval=0.0, prefilter=False)
 
     grid = np.arange(-table.half_size, table.half_size + 1)
+    wings = placed_wings(table.wings, table.phases, table.half_size)
     for i, phase_y in enumerate(table.phases):
         for j, phase_x in enumerate(table.phases):
             rows, cols = np.meshgrid(grid - phase_y, grid - phase_x, indexing="ij")
-            expected = spline(rows, cols) * _core_taper(np.hypot(rows, cols), core_radius)
-            np.testing.assert_allclose(table.stamps[i, j], expected, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(table.stamps[i, j] + wings[i, j], spline(rows, cols), rtol=0, atol=1e-12)
     wing_half = table.wings.shape[0] // 2
     wing_grid = np.arange(-wing_half, wing_half + 1)
     rows, cols = np.meshgrid(wing_grid, wing_grid, indexing="ij")

@@ -248,10 +248,10 @@ def calibrate_section(
             )
             others, variant = [], np.full(x.size, -1, dtype=np.intp)
             if variation is not None:
-                others += disc_tables(list(variation.variant_prfs(prf)), oversampling, table, band.prf_core_radius_pixels)
+                others += disc_tables(list(variation.variant_prfs(prf)), oversampling, table)
                 variant = variation.variant_at(x, y)
             if size_bin is not None:
-                others += disc_tables(disc_images(prf, oversampling, radii_pix), oversampling, table, band.prf_core_radius_pixels)
+                others += disc_tables(disc_images(prf, oversampling, radii_pix), oversampling, table)
             n_variants = 0 if variation is None else variation.coefficients.shape[0]
             tabulated.update(prf=prf, variation=variation, table=table, others=others,
                              profile=profile_indices(variant, size_bin, n_variants))

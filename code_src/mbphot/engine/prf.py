@@ -232,12 +232,56 @@ def build_prf_table(
     )
     if not split:
         return PRFTable(stamps=stamps, phases=phases, half_size=half_size)
-    radius = np.hypot(offsets[:, None, :, None], offsets[None, :, None, :])
-    stamps *= _core_taper(radius, core_radius)
     wing_grid = np.arange(-wing_half_size, wing_half_size + 1, dtype=np.float64)
     whole = _spline_samples(coefficients, centre_y + oversampling * wing_grid, centre_x + oversampling * wing_grid)
     wings = whole * (1.0 - _core_taper(np.hypot(*np.meshgrid(wing_grid, wing_grid, indexing="ij")), core_radius))
-    return PRFTable(stamps=stamps, phases=phases, half_size=half_size, wings=wings)
+    return PRFTable(stamps=stamps - placed_wings(wings, phases, half_size), phases=phases, half_size=half_size, wings=wings)
+
+
+def placed_wings(wings, phases, half_size):
+    """The wing kernel ``wings`` as the engine adds it around a source at each pair of
+    ``phases`` (`point_weights`), on the pixels of a stamp of ``half_size``; shape
+    (n_phase, n_phase, size, size), indexed as `PRFTable.stamps`.
+
+    A table's stamps are its profile less these: the model of a source, stamps plus placed
+    wings, is then its profile exactly over the whole stamp, whatever the placement's
+    interpolation error and whatever the profile (a variant of the PRF, a disc), and the
+    point PRF's wings beyond it.
+    """
+    wing_half_size = (wings.shape[0] - 1) // 2
+    grid = np.arange(-half_size, half_size + 1, dtype=np.float64)
+    wing_grid = np.arange(-wing_half_size, wing_half_size + 1, dtype=np.float64)
+    # Stamp pixel k of a source at phase p takes the kernel's pixel j from the placement tap
+    # k - j, at distance k - j - p from the source.
+    weights = cubic_convolution(grid[None, :, None] - wing_grid[None, None, :] - np.asarray(phases)[:, None, None])
+    along_y = np.einsum("pkj,ji->pki", weights, wings)
+    return np.einsum("pki,qli->pqkl", along_y, weights)
+
+
+def cubic_convolution(distance):
+    """Keys' (1981) cubic convolution kernel (a = -1/2) at ``distance`` (pixels): the weights
+    that interpolate a pixel grid to a point between its pixels, exact for quadratics."""
+    s = np.abs(np.asarray(distance, dtype=np.float64))
+    inner = (1.5 * s - 2.5) * s * s + 1.0
+    outer = ((-0.5 * s + 2.5) * s - 4.0) * s + 2.0
+    return np.where(s <= 1.0, inner, np.where(s < 2.0, outer, 0.0))
+
+
+def point_weights(x, y):
+    """Where and how much of a point at 0-based (x, y) goes on the pixel grid, so that an image
+    of such points convolved with a kernel sampled on pixels is the kernel interpolated to
+    each point's sub-pixel position: the `cubic_convolution` weights of the 4 x 4 pixels
+    around it. They sum to one and reproduce quadratics.
+
+    Returns ``(rows, cols, weights)``, each of shape (16, n)."""
+    col, row = np.floor(x).astype(np.intp), np.floor(y).astype(np.intp)
+    taps = np.arange(-1, 3)
+    per_col = cubic_convolution(taps[:, None] - (x - col)[None, :])
+    per_row = cubic_convolution(taps[:, None] - (y - row)[None, :])
+    rows = np.broadcast_to((row[None, :] + taps[:, None])[:, None, :], (4, 4, row.size))
+    cols = np.broadcast_to((col[None, :] + taps[:, None])[None, :, :], (4, 4, col.size))
+    weights = per_row[:, None, :] * per_col[None, :, :]
+    return rows.reshape(16, -1), cols.reshape(16, -1), weights.reshape(16, -1)
 
 
 def _spline_weights(coordinates, n):

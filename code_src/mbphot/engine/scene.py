@@ -32,7 +32,7 @@ from .kernels import (
     add_stamps, overlapping_pairs, pair_overlaps, residual_sums, stamp_dots, submatrix_entries, symmetric_csr, tile_sums,
     weighted_stamps,
 )
-from .prf import PRFTable, build_prf_table
+from .prf import PRFTable, build_prf_table, placed_wings, point_weights
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
 __all__ = ["disc_images", "disc_tables", "extended_profiles", "scene_photometry", "size_sensitivity"]
@@ -702,9 +702,9 @@ def _whitened_model(scene: _Scene, solution, wings=None):
 class _Wings:
     """The PRF wings of a scene's modelled sources, over the noise, on the padded grid.
 
-    `image` spreads each flux over the four pixels around its source (bilinear) and
-    convolves with the wing kernel; `adjoint` is its transpose. The wings are broad and
-    smooth, so the bilinear placement errs by a small fraction of their own small value.
+    `image` spreads each flux over the 4 x 4 pixels around its source (`point_weights`: the
+    kernel is interpolated to the source's sub-pixel position by cubic convolution) and
+    convolves with the wing kernel; `adjoint` is its transpose.
 
     The convolutions are those of ``scipy.signal.fftconvolve(..., mode="same")``, with the
     kernel's transforms computed once rather than at every product, and on a periodic grid
@@ -727,16 +727,11 @@ class _Wings:
         self.flipped_transform = sp_fft.rfft2(kernel[::-1, ::-1], self.fft_shape)
         self.with_wings = with_wings
         shape = sqrt_weight.shape
-        left, top = np.floor(x).astype(np.intp), np.floor(y).astype(np.intp)
-        fx, fy = x - left, y - top
-        indices, shares = [], []
-        for d_row, d_col, share in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
-            rows, cols = top + d_row + margin, left + d_col + margin
-            inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
-            indices.append(np.where(inside, rows * shape[1] + cols, 0))
-            shares.append(np.where(inside, share, 0.0))
-        self.indices = np.stack(indices)
-        self.shares = np.stack(shares)
+        rows, cols, shares = point_weights(x, y)
+        rows, cols = rows + margin, cols + margin
+        inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+        self.indices = np.where(inside, rows * shape[1] + cols, 0)
+        self.shares = np.where(inside, shares, 0.0)
 
     def image(self, flux):
         flux = np.where(self.with_wings, flux, 0.0)
@@ -837,10 +832,10 @@ def _profiles(prf_table, extended, n_source):
     return [prf_table, *tables], np.asarray(index, dtype=np.intp) + 1
 
 
-def extended_profiles(prf, oversampling, radii_pix, prf_table: PRFTable, core_radius=None) -> list:
+def extended_profiles(prf, oversampling, radii_pix, prf_table: PRFTable, flux_fraction: float = 1.0) -> list:
     """Tables of the PRF convolved with exponential discs of half-light radii ``radii_pix``
     (image pixels), for `scene_photometry`'s ``extended``: `disc_tables` of `disc_images`."""
-    return disc_tables(disc_images(prf, oversampling, radii_pix), oversampling, prf_table, core_radius)
+    return disc_tables(disc_images(prf, oversampling, radii_pix), oversampling, prf_table, flux_fraction)
 
 
 def disc_images(prf, oversampling, radii_pix) -> list:
@@ -861,13 +856,17 @@ def disc_images(prf, oversampling, radii_pix) -> list:
     ]
 
 
-def disc_tables(images, oversampling, prf_table: PRFTable, core_radius=None) -> list:
-    """Stamp tables of `disc_images` with the point table's stamp size, phases and split; each
-    puts its disc's whole flux on the image.
+def disc_tables(images, oversampling, prf_table: PRFTable, flux_fraction: float = 1.0) -> list:
+    """Stamp tables of `disc_images` (or of any profiles, such as the PRF's variants) with the
+    point table's stamp size and phases; each puts ``flux_fraction`` of its disc's flux on
+    the image, as ``prf_table`` does of a point source's (`mbphot.photometry._prf.tabulate_prf`).
 
-    Only the stamps are tabulated: the engine adds the point PRF's wings to every source,
-    a disc's included (a disc of an arcsecond does not change them). The images are cut to
-    the stamps' reach first, which keeps this quick for PRFs with far wings.
+    Where the point table has wings, the engine adds them to every source, a disc's
+    included: each table's stamps are then its profile less the placed wings
+    (`mbphot.engine.prf.placed_wings`), so that a source's model is its profile over the
+    whole stamp and the point PRF's wings beyond (a disc of an arcsecond changes those
+    little). The images are cut to the stamps' reach first, which keeps this quick for PRFs
+    with far wings.
     """
     reach = (prf_table.half_size + _DISC_MARGIN_PIX) * oversampling
     tables = []
@@ -875,10 +874,12 @@ def disc_tables(images, oversampling, prf_table: PRFTable, core_radius=None) -> 
         centre_y, centre_x = drawn.shape[0] // 2, drawn.shape[1] // 2
         cut = drawn[max(0, centre_y - reach) : centre_y + reach + 1, max(0, centre_x - reach) : centre_x + reach + 1]
         table = build_prf_table(
-            cut, oversampling, n_phase=prf_table.phases.size, enclosed_fraction=1.0,
-            max_half_size=prf_table.half_size, core_radius=core_radius,
+            cut, oversampling, n_phase=prf_table.phases.size, enclosed_fraction=1.0, max_half_size=prf_table.half_size,
         )
-        tables.append(PRFTable(table.stamps * (cut.sum() / drawn.sum()), table.phases, table.half_size))
+        stamps = table.stamps * (flux_fraction * cut.sum() / drawn.sum())
+        if prf_table.wings is not None:
+            stamps = stamps - placed_wings(prf_table.wings, table.phases, table.half_size)
+        tables.append(PRFTable(stamps, table.phases, table.half_size))
     return tables
 
 

@@ -23,7 +23,7 @@ Everything here is pure: arrays in, arrays out.
 import numpy as np
 from scipy import signal
 
-from .prf import normalise_prf
+from .prf import normalise_prf, point_weights
 
 __all__ = ["flux_image", "fit_radial_correction", "with_radial_correction", "wing_nodes"]
 
@@ -63,17 +63,15 @@ def _free(nodes, outer_zero=False):
 
 
 def flux_image(shape, x, y, flux) -> np.ndarray:
-    """Image of point fluxes, each shared bilinearly among the four pixels nearest its
-    0-based position (x, y); non-finite entries are left out."""
-    image = np.zeros(shape)
+    """Image of point fluxes placed by `point_weights` at their 0-based positions (x, y);
+    non-finite entries are left out."""
     use = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux != 0)
-    col, row = np.floor(x[use]).astype(np.intp), np.floor(y[use]).astype(np.intp)
-    fx, fy, f = x[use] - col, y[use] - row, flux[use]
-    for d_col, d_row, weight in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        cols, rows = col + d_col, row + d_row
-        inside = (cols >= 0) & (cols < shape[1]) & (rows >= 0) & (rows < shape[0])
-        np.add.at(image, (rows[inside], cols[inside]), (f * weight)[inside])
-    return image
+    rows, cols, weights = point_weights(x[use], y[use])
+    inside = (cols >= 0) & (cols < shape[1]) & (rows >= 0) & (rows < shape[0])
+    values = weights * flux[use][None, :]
+    return np.bincount(
+        (rows * shape[1] + cols)[inside], values[inside], minlength=shape[0] * shape[1]
+    ).reshape(shape)
 
 
 def _without_tile_means(image, weight, tile_size):

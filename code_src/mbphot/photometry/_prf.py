@@ -68,22 +68,16 @@ def read_calibration(path) -> tuple[Calibration, Band, np.ndarray]:
 _stored_calibration = functools.lru_cache(maxsize=16)(read_calibration)
 
 
-def scaled_tables(tables, flux_fraction: float) -> list:
-    """Core tables scaled as the point table (`tabulate_prf`): a unit source puts the
-    calibrated ``flux_fraction`` on the image (wings, if any, alike)."""
-    return [PRFTable(t.stamps * flux_fraction, t.phases, t.half_size, None if t.wings is None else t.wings * flux_fraction)
-            for t in tables]
-
-
 @functools.lru_cache(maxsize=16)
 def _variant_tables(path, split_wings: bool) -> tuple[list, object, np.ndarray]:
     """The tables of the PRF's variants across the image (`mbphot.engine.variation`), the
     variation and its section's corner; no tables where the PRF does not vary."""
     table, calibration = _calibrated(path, split_wings)
     variation = calibration.variation
-    _, band, origin = _stored_calibration(path)
+    _, _, origin = _stored_calibration(path)
     if variation is None:
         return [], None, origin
-    core_radius = band.prf_core_radius_pixels if split_wings else None
-    tables = disc_tables(list(variation.variant_prfs(calibration.prf)), calibration.oversampling, table, core_radius)
-    return scaled_tables(tables, calibration.flux_fraction), variation, origin
+    tables = disc_tables(
+        list(variation.variant_prfs(calibration.prf)), calibration.oversampling, table, calibration.flux_fraction
+    )
+    return tables, variation, origin

@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..bands import BANDS, Band
 from ..engine.scene import extended_profiles, size_sensitivity
-from ._prf import _calibrated, scaled_tables
+from ._prf import _calibrated
 
 SIZE_COLUMN = "flux_radius_arcsec"
 """Catalogue column of each source's half-light radius in a high-resolution image (arcsec);
@@ -55,9 +55,9 @@ def _extended_tables(path, split_wings: bool, band_name: str) -> tuple[list, np.
     how much a fitted flux depends on each disc's size (`size_sensitivity`)."""
     table, calibration = _calibrated(path, split_wings)
     band = BANDS[band_name]
-    core_radius = band.prf_core_radius_pixels if split_wings else None
-    tables = extended_profiles(calibration.prf, calibration.oversampling, size_radii_pix(band), table, core_radius)
-    tables = scaled_tables(tables, calibration.flux_fraction)
+    tables = extended_profiles(
+        calibration.prf, calibration.oversampling, size_radii_pix(band), table, calibration.flux_fraction
+    )
     return tables, size_sensitivity(tables, size_radii_pix(band))
 
 
