@@ -148,7 +148,7 @@ def test_calibration_measures_the_prf_offset_and_correlated_noise():
     field = make_field(21, side=300, n_stars=160, n_galaxies=150, n_faint=600)
     coarse = np.random.default_rng(22).normal(0.0, 1.0, (150, 150))
     correlated = field.noise_free + np.kron(coarse, np.ones((2, 2)))  # per-pixel sigma 1, correlated
-    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_radius_arcsec=None)
+    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_core_radius_pixels=None, calibration_radius_arcsec=None)
     result = calibrate_section(correlated, 0.0, np.ones(correlated.shape), field.x_cat, field.y_cat, file_prf(), 1, band,
                                stars=np.flatnonzero(field.is_star))
     print(result.summary())
@@ -171,7 +171,7 @@ def test_calibration_keeps_the_file_prf_without_stars_and_says_why():
 @pytest.mark.parametrize("jitter_arcsec", [0.12, 0.3])
 def test_calibration_measures_the_catalogues_position_scatter(jitter_arcsec):
     field = make_field(31, side=300, n_stars=160, n_galaxies=150, n_faint=600, jitter_arcsec=jitter_arcsec)
-    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_radius_arcsec=None, resampled_noise=False)
+    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_core_radius_pixels=None, calibration_radius_arcsec=None, resampled_noise=False)
     result = calibrate_section(field.image, 0.0, np.ones(field.image.shape), field.x_cat, field.y_cat, file_prf(), 1, band,
                                stars=np.flatnonzero(field.is_star))
     per_axis = jitter_arcsec / np.sqrt(2)
@@ -181,6 +181,6 @@ def test_calibration_measures_the_catalogues_position_scatter(jitter_arcsec):
 
 def test_too_few_bright_sources_give_the_default_position_scatter():
     field = make_field(32, side=200, n_stars=8, n_galaxies=0, n_faint=300, jitter_arcsec=0.3)
-    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_radius_arcsec=None, resampled_noise=False)
+    band = replace(BANDS["irac1"], prf_core_radius_pixels=None, calibration_core_radius_pixels=None, calibration_radius_arcsec=None, resampled_noise=False)
     result = calibrate_section(field.image, 0.0, np.ones(field.image.shape), field.x_cat, field.y_cat, file_prf(), 1, band)
     assert result.position_scatter_arcsec == pytest.approx(DEFAULT_POSITION_SCATTER_ARCSEC)

@@ -244,7 +244,7 @@ def calibrate_section(
         if tabulated.get("prf") is not prf or tabulated.get("variation") is not variation:
             table = build_prf_table(
                 prf, oversampling, n_phase=_PHASES, enclosed_fraction=band.prf_enclosed_fraction,
-                core_radius=band.prf_core_radius_pixels,
+                core_radius=band.calibration_core_radius_pixels,
             )
             others, variant = [], np.full(x.size, -1, dtype=np.intp)
             if variation is not None:
@@ -326,7 +326,7 @@ def calibrate_section(
     # aperture; a band whose PRF file has the right wings (GALEX's are the instrument's
     # measured PSFs) has its core measured, the correction falling to zero at the core's edge.
     outer_zero = wing_radius is None
-    outer = band.prf_core_radius_pixels if outer_zero else wing_radius
+    outer = band.calibration_core_radius_pixels if outer_zero else wing_radius
     if outer is not None and outer > _PROFILE_START * measured.fit_radius_pix:
         nodes = np.r_[0.0, wing_nodes(_PROFILE_START * measured.fit_radius_pix, outer)]
         data = np.asarray(image, dtype=np.float64) - sky
