@@ -56,7 +56,7 @@ class Band:
         measured to its 12.2" calibration aperture reaches 20 pixels: its core is 7 pixels.
         A source's model is its profile over the whole stamp whatever the core
         (`mbphot.engine.prf.placed_wings`): on the realistic bench field irac1's fluxes moved
-        by a median 0.01-0.03 % from 10-pixel cores (S/N bins from 3 up), for 0.6 times the
+        by a median 0.00-0.03 % from 10-pixel cores (S/N bins from 3 up), in two thirds of the
         engine's CPU time.
     calibration_core_radius_pixels : float or None
         The same split for the calibration's fits (`mbphot.calibration`). It measures the
