@@ -195,10 +195,11 @@ def build_prf_table(
     max_half_size : int, optional
         Upper limit on the stamp half-width in image pixels.
     core_radius : float, optional
-        Split the PRF at this radius (image pixels) into tabulated core stamps and a wing
-        kernel (`PRFTable.wings`) reaching to the ``enclosed_fraction`` radius; the taper
-        between them spans the last `_TAPER_WIDTH` pixels of the core. Ignored when the whole
-        PRF lies within it.
+        Split the PRF at this radius (image pixels) into a wing kernel (`PRFTable.wings`:
+        the PRF tapered off inside the radius over its last `_TAPER_WIDTH` pixels, reaching to
+        the ``enclosed_fraction`` radius) and stamps of the core's reach, the PRF less the
+        wings as the engine places them (`placed_wings`). Ignored when the whole PRF lies
+        within it.
 
     Returns
     -------
