@@ -869,6 +869,7 @@ def disc_tables(images, oversampling, prf_table: PRFTable, flux_fraction: float 
     with far wings.
     """
     reach = (prf_table.half_size + _DISC_MARGIN_PIX) * oversampling
+    wings = 0.0 if prf_table.wings is None else placed_wings(prf_table.wings, prf_table.phases, prf_table.half_size)
     tables = []
     for drawn in images:
         centre_y, centre_x = drawn.shape[0] // 2, drawn.shape[1] // 2
@@ -876,10 +877,7 @@ def disc_tables(images, oversampling, prf_table: PRFTable, flux_fraction: float 
         table = build_prf_table(
             cut, oversampling, n_phase=prf_table.phases.size, enclosed_fraction=1.0, max_half_size=prf_table.half_size,
         )
-        stamps = table.stamps * (flux_fraction * cut.sum() / drawn.sum())
-        if prf_table.wings is not None:
-            stamps = stamps - placed_wings(prf_table.wings, table.phases, table.half_size)
-        tables.append(PRFTable(stamps, table.phases, table.half_size))
+        tables.append(PRFTable(table.stamps * (flux_fraction * cut.sum() / drawn.sum()) - wings, table.phases, table.half_size))
     return tables
 
 
