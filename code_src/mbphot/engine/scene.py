@@ -218,21 +218,29 @@ def _overlap_couplings(weighted, slots, col, row, half, previous=None, old=None)
     return np.concatenate([kept_first, first]), np.concatenate([kept_second, second]), np.concatenate([kept_values, values])
 
 
-def _sky_couplings(weighted, slots, col, row, padded, image_shape, tile_size, half, previous=None, old=None):
-    """A and b terms of one constant sky offset per ``tile_size`` square tile of the image.
+def _tile_of_pixel(image_shape, tile_size):
+    """The sky tile of each pixel of an image: square tiles of ``tile_size`` from pixel (0, 0),
+    numbered along rows."""
+    n_cols = -(-image_shape[1] // tile_size)
+    return (np.arange(image_shape[0]) // tile_size)[:, None] * n_cols + np.arange(image_shape[1]) // tile_size
+
+
+def _sky_couplings(weighted, slots, col, row, padded, tile_of_pixel, tile_size, half, previous=None, old=None):
+    """A and b terms of one constant sky offset per ``tile_size`` square tile of the image
+    (``tile_of_pixel``: the tile of each image pixel, `_tile_of_pixel`).
 
     Returns the source-tile couplings (source, tile, value), the tiles' diagonal and b, and
     the number of tile columns. With a ``previous`` scene (``old`` as in `_source_terms`),
     the tiles' terms and those of kept sources are taken from it.
     """
     whitened, sqrt_weight, _ = padded
+    image_shape = tile_of_pixel.shape
     n_rows = -(-image_shape[0] // tile_size)
     n_cols = -(-image_shape[1] // tile_size)
     fresh = np.arange(col.size)
     if previous is None:
         margin = 2 * half
-        rows, cols = np.indices(image_shape)
-        tile = ((rows // tile_size) * n_cols + cols // tile_size).ravel()
+        tile = tile_of_pixel.ravel()
         inner = (slice(margin, margin + image_shape[0]), slice(margin, margin + image_shape[1]))
         tile_diagonal = np.bincount(tile, (sqrt_weight[inner] ** 2).ravel(), minlength=n_rows * n_cols)
         tile_rhs = np.bincount(tile, (sqrt_weight[inner] * whitened[inner]).ravel(), minlength=n_rows * n_cols)
@@ -648,8 +656,9 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     extents = np.zeros(n_source)
     tile_of_pixel = None
     if fit_sky:
+        tile_of_pixel = _tile_of_pixel((ny, nx), cutout_size) if previous is None else previous.tile_of_pixel
         terms.sky = sources, tiles, sky_values, tile_diagonal, tile_rhs, n_tile_cols = _sky_couplings(
-            pool.stamps, slots, m_col, m_row, padded, (ny, nx), cutout_size, half, previous, old
+            pool.stamps, slots, m_col, m_row, padded, tile_of_pixel, cutout_size, half, previous, old
         )
         first = np.concatenate([first, sources])
         second = np.concatenate([second, n_source + tiles])
@@ -660,11 +669,6 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
         tile_centres = np.column_stack([tile_cols, tile_rows]) * cutout_size + (cutout_size - 1) / 2
         centres = np.vstack([centres, tile_centres])
         extents = np.concatenate([extents, np.full(tile_diagonal.size, cutout_size / 2)])
-        if previous is None:
-            rows, cols = np.indices((ny, nx))
-            tile_of_pixel = (rows // cutout_size) * n_tile_cols + cols // cutout_size
-        else:
-            tile_of_pixel = previous.tile_of_pixel
 
     # Unknowns that touch no usable pixel have an all-zero row: decouple them with a unit
     # diagonal. Scaling to a unit diagonal makes the ridge relative and the factorisation
