@@ -335,10 +335,11 @@ def random_local_problem(rng, side=60, n=240, reach=6.0, n_tile=4):
     return matrix, all_centres, extents
 
 
-@pytest.mark.parametrize("piecewise_unknowns", [0, 10**6])
-def test_ring_by_ring_elimination_matches_the_dense_inverse_of_each_cells_block(monkeypatch, piecewise_unknowns):
-    """`_local_variances` eliminates a large cell's ring piece by piece, skipping zero
-    couplings: its variances are those of the inverse of the cell's whole block, whatever
+@pytest.mark.parametrize("compiled, piecewise_unknowns", [(False, 0), (False, 10**6), (True, 0)])
+def test_every_block_factorisation_matches_the_dense_inverse_of_each_cells_block(monkeypatch, compiled, piecewise_unknowns):
+    """`_local_variances` factorises each cell's block over its rows' envelopes (compiled), or
+    by LAPACK, eliminating a large cell's ring piece by piece and skipping zero couplings:
+    either way its variances are those of the inverse of the cell's whole block, whatever
     couples to what, as with one dense factorisation."""
     monkeypatch.setattr(scene, "_PIECEWISE_UNKNOWNS", piecewise_unknowns)
     rng = np.random.default_rng(3)
@@ -346,7 +347,7 @@ def test_ring_by_ring_elimination_matches_the_dense_inverse_of_each_cells_block(
     normal = scene.sparse.csr_matrix(matrix)
     targets = np.arange(0, 240, 3)
     cell_size, halo = 9, 7
-    variances = scene._local_variances(normal, centres, extents, targets, cell_size, halo)
+    variances = scene._local_variances(normal, centres, extents, targets, cell_size, halo, compiled)
     expected = []
     for target in targets:
         low = np.floor(centres[target] / cell_size) * cell_size - halo
@@ -355,8 +356,18 @@ def test_ring_by_ring_elimination_matches_the_dense_inverse_of_each_cells_block(
         expected.append(np.linalg.inv(matrix[np.ix_(block, block)])[block == target][0, block == target][0])
     np.testing.assert_allclose(variances, expected, rtol=1e-12)
     # A halo over the whole scene gives the exact diagonal of the inverse.
-    exact = scene._local_variances(normal, centres, extents, targets, cell_size, 100)
+    exact = scene._local_variances(normal, centres, extents, targets, cell_size, 100, compiled)
     np.testing.assert_allclose(exact, np.diag(np.linalg.inv(matrix))[targets], rtol=1e-12)
+
+
+def test_a_block_that_is_not_positive_definite_gives_nan_variances():
+    """The compiled loop flags a block it cannot factorise, and only that block's targets."""
+    matrix = np.diag([1.0, 2.0, 1.0, 3.0])
+    matrix[0, 1] = matrix[1, 0] = 5.0
+    centres = np.array([[0.0, 0.0], [1.0, 0.0], [40.0, 40.0], [41.0, 40.0]])
+    variances = scene._local_variances(scene.sparse.csr_matrix(matrix), centres, np.zeros(4), np.arange(4), 10, 2, True)
+    assert np.isnan(variances[:2]).all()
+    np.testing.assert_allclose(variances[2:], [1.0, 1.0 / 3.0])
 
 
 @pytest.mark.parametrize("reach", [1, 6, 20])

@@ -8,8 +8,8 @@ import numpy as np
 from numba import njit
 
 __all__ = [
-    "add_interpolated_stamps", "add_stamps", "overlapping_pairs", "pair_overlaps", "residual_sums", "stamp_dots",
-    "submatrix_entries", "symmetric_csr", "tile_sums", "weighted_stamps",
+    "add_interpolated_stamps", "add_stamps", "block_members", "envelope_inverse_diagonals", "overlapping_pairs",
+    "pair_overlaps", "residual_sums", "stamp_dots", "submatrix_entries", "symmetric_csr", "tile_sums", "weighted_stamps",
 ]
 
 
@@ -499,3 +499,158 @@ def submatrix_entries(indptr, indices, data, index, position):
     for k in range(index.size):
         position[index[k]] = -1
     return rows, columns, values
+
+
+@njit(cache=True, nogil=True)
+def block_members(centres, extents, targets, cells, bounds, cell_size, halo):
+    """The unknowns of each cell's block: every unknown whose footprint reaches within ``halo``
+    pixels of the cell, the others first (in increasing row), then the cell's targets.
+
+    Parameters
+    ----------
+    centres : ndarray, shape (n_unknown, 2)
+        (col, row) of each unknown; ``extents`` the half-width of its footprint.
+    targets : ndarray of int
+        The target unknowns, grouped by cell: block b's are ``targets[bounds[b]:bounds[b + 1]]``
+        and ``cells`` (n_target, 2) holds each target's cell (col, row) in units of
+        ``cell_size`` pixels.
+
+    Returns
+    -------
+    members : ndarray of int
+        Block b's unknowns are ``members[member_bounds[b]:member_bounds[b + 1]]``, ending
+        with its targets.
+    member_bounds : ndarray of int
+    """
+    n_unknown = centres.shape[0]
+    # The unknowns binned by the cell their centre is in: a block's candidates are those of
+    # the cells within its reach.
+    bin_col = np.floor(centres[:, 0] / cell_size).astype(np.int64)
+    bin_row = np.floor(centres[:, 1] / cell_size).astype(np.int64)
+    col0, row0 = bin_col.min(), bin_row.min()
+    n_col, n_row = bin_col.max() - col0 + 1, bin_row.max() - row0 + 1
+    key = (bin_row - row0) * n_col + bin_col - col0
+    start = np.zeros(n_col * n_row + 1, dtype=np.int64)
+    for u in range(n_unknown):
+        start[key[u] + 1] += 1
+    for k in range(n_col * n_row):
+        start[k + 1] += start[k]
+    fill = start[:-1].copy()
+    binned = np.empty(n_unknown, dtype=np.int64)
+    for u in range(n_unknown):
+        binned[fill[key[u]]] = u
+        fill[key[u]] += 1
+    box_half = (cell_size - 1) / 2 + halo
+    reach = int(np.ceil((box_half + extents.max()) / cell_size))
+    is_target = np.zeros(n_unknown, dtype=np.bool_)
+    n_block = bounds.size - 1
+    member_bounds = np.zeros(n_block + 1, dtype=np.int64)
+    members = np.empty(max(16, 8 * targets.size), dtype=np.int64)
+    others = np.empty(n_unknown, dtype=np.int64)
+    for b in range(n_block):
+        first, stop = bounds[b], bounds[b + 1]
+        cell_col, cell_row = cells[first, 0], cells[first, 1]
+        box_col = cell_col * cell_size + (cell_size - 1) / 2
+        box_row = cell_row * cell_size + (cell_size - 1) / 2
+        for t in range(first, stop):
+            is_target[targets[t]] = True
+        n_other = 0
+        for q_row in range(max(cell_row - reach - row0, 0), min(cell_row + reach - row0, n_row - 1) + 1):
+            for q_col in range(max(cell_col - reach - col0, 0), min(cell_col + reach - col0, n_col - 1) + 1):
+                q = q_row * n_col + q_col
+                for r in range(start[q], start[q + 1]):
+                    u = binned[r]
+                    distance = max(abs(centres[u, 0] - box_col), abs(centres[u, 1] - box_row)) - extents[u]
+                    if not is_target[u] and distance <= box_half:
+                        others[n_other] = u
+                        n_other += 1
+        size = n_other + stop - first
+        offset = member_bounds[b]
+        if offset + size > members.size:
+            grown = np.empty(max(2 * members.size, offset + size), dtype=np.int64)
+            grown[:offset] = members[:offset]
+            members = grown
+        row_order = np.argsort(centres[others[:n_other], 1], kind="mergesort")
+        members[offset : offset + n_other] = others[:n_other][row_order]
+        for t in range(first, stop):
+            members[offset + n_other + t - first] = targets[t]
+            is_target[targets[t]] = False
+        member_bounds[b + 1] = offset + size
+    return members[: member_bounds[n_block]], member_bounds
+
+
+@njit(cache=True, nogil=True)
+def envelope_inverse_diagonals(indptr, indices, data, members, member_bounds, n_targets):
+    """Diagonal of the inverse of each block of a symmetric positive definite CSR matrix, over
+    the block's last ``n_targets[b]`` unknowns (`block_members`' blocks).
+
+    Each block is factorised by a Cholesky (Crout) over its rows' envelopes: row i of the
+    factor is zero left of the first column row i of the block couples to, so an order with
+    short envelopes (the others along the rows, as `block_members` gives them) skips the
+    zeros. With the targets last, their block of the inverse is L22^-T L22^-1, L22 the
+    trailing block of the factor: its diagonal is the column sums of squares of L22^-1.
+    Blocks that are not positive definite to working precision give NaN.
+    """
+    n_block = member_bounds.size - 1
+    out = np.empty(n_targets.sum())
+    largest = 0
+    for b in range(n_block):
+        largest = max(largest, member_bounds[b + 1] - member_bounds[b])
+    block = np.empty((largest, largest))
+    envelope = np.empty(largest, dtype=np.int64)
+    inverse_diagonal = np.empty(largest)
+    column = np.empty(largest)
+    position = np.full(indptr.size - 1, -1, dtype=np.int64)
+    written = 0
+    for b in range(n_block):
+        first_member, stop_member = member_bounds[b], member_bounds[b + 1]
+        n = stop_member - first_member
+        n_target = n_targets[b]
+        for k in range(n):
+            position[members[first_member + k]] = k
+        # The lower triangle, and each row's first coupled column.
+        for k in range(n):
+            u = members[first_member + k]
+            block[k, : k + 1] = 0.0
+            low = k
+            for a in range(indptr[u], indptr[u + 1]):
+                p = position[indices[a]]
+                if 0 <= p <= k:
+                    block[k, p] = data[a]
+                    low = min(low, p)
+            envelope[k] = low
+        for k in range(n):
+            position[members[first_member + k]] = -1
+        definite = True
+        for i in range(n):
+            low_i = envelope[i]
+            for j in range(low_i, i):
+                total = block[i, j]
+                for k in range(max(low_i, envelope[j]), j):
+                    total -= block[i, k] * block[j, k]
+                block[i, j] = total * inverse_diagonal[j]
+            total = block[i, i]
+            for k in range(low_i, i):
+                total -= block[i, k] * block[i, k]
+            if not total > 0.0:
+                definite = False
+                break
+            block[i, i] = np.sqrt(total)
+            inverse_diagonal[i] = 1.0 / block[i, i]
+        trailing = n - n_target
+        for j in range(n_target):
+            if not definite:
+                out[written + j] = np.nan
+                continue
+            # Column j of L22^-1, by forward substitution.
+            column[j] = inverse_diagonal[trailing + j]
+            total = column[j] ** 2
+            for i in range(j + 1, n_target):
+                value = 0.0
+                for k in range(j, i):
+                    value -= block[trailing + i, trailing + k] * column[k]
+                column[i] = value * inverse_diagonal[trailing + i]
+                total += column[i] ** 2
+            out[written + j] = total
+        written += n_target
+    return out

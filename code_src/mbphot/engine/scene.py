@@ -26,11 +26,10 @@ from scipy import fft as sp_fft
 from scipy import linalg, sparse
 from scipy.linalg import blas
 from scipy.sparse.linalg import splu
-from scipy.spatial import cKDTree
 
 from .kernels import (
-    add_stamps, overlapping_pairs, pair_overlaps, residual_sums, stamp_dots, submatrix_entries, symmetric_csr, tile_sums,
-    weighted_stamps,
+    add_stamps, block_members, envelope_inverse_diagonals, overlapping_pairs, pair_overlaps, residual_sums, stamp_dots,
+    submatrix_entries, symmetric_csr, tile_sums, weighted_stamps,
 )
 from .prf import PRFTable, build_prf_table, placed_wings, point_weights
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
@@ -68,7 +67,9 @@ _STEP_TOLERANCE = 0.1
 # they deserve. (The per-source engine's ridge is 1e-10 of its largest unscaled diagonal
 # element, sky included, so it is not the same number relative to a source.)
 _RIDGE = 1e-10
+# The variance blocks (`_local_variances`): LAPACK's, and the largest the compiled loop takes.
 _VARIANCE_BLOCK_UNKNOWNS = 250
+_COMPILED_BLOCK_UNKNOWNS = 250
 # A flux is never corrected by more than this fraction for its position: larger offsets are
 # not the small catalogue errors the correction is made for.
 _MAX_POSITION_LOSS = 0.2
@@ -270,15 +271,31 @@ def _sky_couplings(weighted, slots, col, row, padded, tile_of_pixel, tile_size, 
     )
 
 
-def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo):
+def _variance_cells(density, halo):
+    """Side (pixels) of `_local_variances`' cells in a scene of ``density`` source unknowns per
+    pixel, and whether its compiled loop takes them."""
+    compiled = density * (4 * halo) ** 2 <= _COMPILED_BLOCK_UNKNOWNS
+    return (2 * halo if compiled else max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS / density)) - 2 * halo)), compiled
+
+
+def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo, compiled):
     """Approximate diag(A^-1) of ``target_unknowns`` from local blocks of A.
 
-    The targets are grouped into square cells of ``cell_size`` pixels. For each cell the block
-    of A over every unknown within ``halo`` pixels of the cell (sources by position, sky tiles
-    by overlap) is factorised once, with the cell's targets ordered last: then the targets'
-    block of the inverse is L22^-T L22^-1, L22 the trailing block of the Cholesky factor, and
-    its diagonal is the column sums of squares of L22^-1. In a crowded block the other
-    unknowns are eliminated in pieces of the ring around the cell, corners first
+    The targets are grouped into square cells. For each cell the block of A over every unknown
+    within ``halo`` pixels of the cell (sources by position, sky tiles by overlap;
+    `kernels.block_members`) is factorised once, with the cell's targets ordered last: then
+    the targets' block of the inverse is L22^-T L22^-1, L22 the trailing block of the Cholesky
+    factor, and its diagonal is the column sums of squares of L22^-1.
+
+    Where a block of cells two halos wide holds at most `_COMPILED_BLOCK_UNKNOWNS` unknowns
+    (IRAC: about 120; `_variance_cells`), the blocks are factorised over their rows' envelopes
+    in one compiled loop (`kernels.envelope_inverse_diagonals`): the other unknowns along the
+    rows, each row of the factor starts at its first coupling. On the realistic bench field's
+    irac1 scenes this took 0.055 s against 0.10 s for LAPACK on cells of
+    `_VARIANCE_BLOCK_UNKNOWNS` unknowns, whose Python per block cost as much as its
+    factorisation. In crowded fields (GALEX: a block of cells two halos wide would hold 600)
+    the cells hold about `_VARIANCE_BLOCK_UNKNOWNS` unknowns and LAPACK factorises each, the
+    other unknowns eliminated in pieces of the ring around the cell, corners first
     (`_trailing_variances`): the ring is as wide as the couplings reach, so opposite pieces
     never meet, and the dense factorisation's work on their zero couplings is skipped (a
     third of the time at GALEX crowding).
@@ -286,11 +303,12 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo)
     The result is the variance conditional on the unknowns outside the block, so it can only
     underestimate diag(A^-1). With a halo of the stamp-overlap reach every unknown coupled to
     a target is in its block, and only couplings through at least one intermediate unknown
-    (a neighbour, or a sky tile that couples all its sources) are cut. A halo one sky tile
-    wider keeps more of the latter: against it, the variances of the realistic bench field
-    differ by at most 1e-4 (IRAC) and 1.3e-3 (NUV), by 1e-2 on a synthetic field; against the
-    exact diag(A^-1) of the simulated 5,000-source COSMOS field the wider halo's
-    uncertainties were within 5e-8 (IRAC, sky fitted) and 5e-6 (GALEX) relative.
+    (a neighbour, or a sky tile that couples all its sources) are cut; `scene_photometry`
+    adds a quarter sky tile. Against the exact diag(A^-1) of the realistic bench field's
+    largest scene (400 targets), irac1 came within 7e-5 (1 % of them below -2e-5), irac2
+    1.4e-4, the ideal field's irac1 1.4e-5, and NUV, whose 27-pixel sky tiles hold about 60
+    sources each, 1.8 % (1 % below -0.7 %); without the quarter tile irac1 within 1.6e-3 and
+    NUV 5.8 % (1 % below -2.3 %), with NUV's variances taking 0.19 s instead of 0.41.
 
     Parameters
     ----------
@@ -303,43 +321,47 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo)
         so that a tile joins a block when it overlaps the block's box.
     target_unknowns : ndarray of int
         The unknowns whose variances are wanted.
+    cell_size, halo : float
+        Side of the cells and how far around its cell a block reaches (pixels).
+    compiled : bool
+        Factorise the blocks in the compiled loop, else by LAPACK.
     """
     unique, inverse = np.unique(target_unknowns, return_inverse=True)
-    cell = np.floor(centres[unique] / cell_size).astype(np.intp)
-    cell_key = cell[:, 1] * (cell[:, 0].max() + 1) + cell[:, 0]
+    cell = np.floor(centres[unique] / cell_size).astype(np.int64)
+    low = cell.min(axis=0)
+    cell_key = (cell[:, 1] - low[1]) * (cell[:, 0].max() - low[0] + 1) + cell[:, 0] - low[0]
     order = np.argsort(cell_key, kind="stable")
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(cell_key[order])) + 1, [order.size]])
-    box_half = (cell_size - 1) / 2 + halo
-    # Query with the largest footprint, then keep the unknowns that really reach the box.
-    tree = cKDTree(centres)
-    box_centres = cell[order[bounds[:-1]]] * cell_size + (cell_size - 1) / 2
-    candidate_lists = tree.query_ball_point(box_centres, box_half + extents.max(), p=np.inf, return_sorted=True)
+    centres = np.ascontiguousarray(centres, dtype=np.float64)
+    members, member_bounds = block_members(
+        centres, np.asarray(extents, dtype=np.float64), unique[order].astype(np.int64), np.ascontiguousarray(cell[order]),
+        bounds.astype(np.int64), float(cell_size), float(halo),
+    )
+    n_targets = np.diff(bounds)
     unique_variances = np.empty(unique.size)
+    if compiled:
+        unique_variances[order] = envelope_inverse_diagonals(
+            normal.indptr, normal.indices, normal.data, members, member_bounds, n_targets
+        )
+        return unique_variances[inverse]
     position_in_block = np.full(normal.shape[0], -1, dtype=np.intp)
     scratch = np.empty(0)
-    in_cell = np.zeros(normal.shape[0], dtype=bool)
-    for start, stop, box_centre, candidates in zip(bounds[:-1], bounds[1:], box_centres, candidate_lists):
-        members_in_cell = unique[order[start:stop]]
-        candidates = np.asarray(candidates, dtype=np.intp)
-        reach = np.abs(centres[candidates] - box_centre).max(axis=1) - extents[candidates]
-        near = candidates[reach <= box_half]
-        in_cell[members_in_cell] = True
-        others = near[~in_cell[near]]
-        in_cell[members_in_cell] = False
-        bounds = [0]
+    for start, stop, first_member, stop_member in zip(bounds[:-1], bounds[1:], member_bounds[:-1], member_bounds[1:]):
+        others = members[first_member : stop_member - (stop - start)]
+        block_index = members[first_member:stop_member]
+        piece_bounds = [0]
         if others.size >= _PIECEWISE_UNKNOWNS:
             # Piece of the ring (or the cell itself) of each other unknown: -1, 0 or 1 per axis.
-            cell_low = box_centre - (cell_size - 1) / 2
+            cell_low = cell[order[start]] * cell_size
             side = np.clip(np.floor((centres[others] - cell_low) / cell_size), -1, 1).astype(np.intp) + 1
             piece = _ELIMINATION_ORDER[side[:, 1], side[:, 0]]
             sorted_pieces = np.argsort(piece, kind="stable")
-            others = others[sorted_pieces]
-            bounds = np.append(np.searchsorted(piece[sorted_pieces], np.arange(9)), others.size)
-        block_index = np.concatenate([others, members_in_cell])
+            block_index = np.concatenate([others[sorted_pieces], block_index[others.size :]])
+            piece_bounds = np.append(np.searchsorted(piece[sorted_pieces], np.arange(9)), others.size)
         if scratch.size < block_index.size**2:
             scratch = np.empty(block_index.size**2)
         block = _dense_block(normal, block_index, position_in_block, scratch)
-        unique_variances[order[start:stop]] = _trailing_variances(block, bounds, members_in_cell.size)
+        unique_variances[order[start:stop]] = _trailing_variances(block, piece_bounds, stop - start)
     return unique_variances[inverse]
 
 
@@ -1333,16 +1355,10 @@ def scene_photometry(
     target_unknowns = scene.unknown_of_source[targets[measured]]
     scale = scene.scale[target_unknowns]
     fitted = solution[target_unknowns] * scale
-    # The stamp-overlap reach: every unknown coupled to a target is in its block. (A sky tile
-    # also links a target to every source in the tile, but only through the tile, which is
-    # in the block: a halo one tile wider changed the realistic bench field's variances by
-    # at most 1e-4 (IRAC) and 1.3e-3 (NUV), and took 1.3-3 times as long.)
-    halo = 2 * half
-    # Cells as large as keeps each dense block near _VARIANCE_BLOCK_UNKNOWNS unknowns: fewer,
-    # larger blocks cost less Python per target until the cubic factorisation takes over.
-    def cell_size(n_source):
-        return max(halo, int(np.sqrt(_VARIANCE_BLOCK_UNKNOWNS * ny * nx / n_source)) - 2 * halo)
-
+    # The stamp-overlap reach: every unknown coupled to a target is in its block. A sky tile
+    # also links a target to every source in the tile, through the tile, which is in the
+    # block: a quarter tile more keeps most of these (see `_local_variances`).
+    halo = 2 * half + (cutout_size // 4 if fit_sky else 0)
     variance = np.empty(target_unknowns.size)
     marginal = np.zeros(target_unknowns.size, dtype=bool)
     if augmented is not None:
@@ -1351,13 +1367,14 @@ def scene_photometry(
         # with its offsets as unknowns (same unit-diagonal scaling) is marginalised over them.
         moved_unknowns = augmented.unknown_of_source[targets[measured]]
         marginal = moved_unknowns >= 0
+        cell_size, compiled = _variance_cells(augmented.n_source / (ny * nx), halo)
         variance[marginal] = _local_variances(
-            augmented.normal, augmented.centres, augmented.extents, moved_unknowns[marginal],
-            cell_size(augmented.n_source), halo,
+            augmented.normal, augmented.centres, augmented.extents, moved_unknowns[marginal], cell_size, halo, compiled,
         )
     if not marginal.all():
+        cell_size, compiled = _variance_cells(scene.n_source / (ny * nx), halo)
         variance[~marginal] = _local_variances(
-            scene.normal, scene.centres, scene.extents, target_unknowns[~marginal], cell_size(scene.n_source), halo,
+            scene.normal, scene.centres, scene.extents, target_unknowns[~marginal], cell_size, halo, compiled,
         )
     variance = variance * scale**2
 
