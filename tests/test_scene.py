@@ -10,7 +10,7 @@ from scipy import signal, sparse
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.epsf import render_sources
-from mbphot.engine.kernels import overlapping_pairs, submatrix_entries, symmetric_csr
+from mbphot.engine.kernels import band_block, overlapping_pairs, submatrix_entries, symmetric_csr
 from mbphot.engine.scene import scene_photometry
 from mbphot.engine.solve import fit_quality_scale
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
@@ -392,7 +392,7 @@ def test_overlapping_pairs_are_every_pair_within_reach_in_order(reach):
     assert everything[0].size == np.count_nonzero(np.triu(near, k=1))
 
 
-def test_symmetric_csr_is_scipys_conversion_and_submatrices_its_indexing():
+def test_symmetric_csr_is_scipys_conversion_and_submatrices_and_bands_its_indexing():
     rng = np.random.default_rng(5)
     n = 300
     upper = np.triu(rng.random((n, n)) < 0.05, k=1)
@@ -423,6 +423,15 @@ def test_symmetric_csr_is_scipys_conversion_and_submatrices_its_indexing():
     block = np.zeros((40, 40))
     block[rows, columns] = entries
     np.testing.assert_array_equal(block, expected[index][:, index].toarray())
+
+    # The same block in LAPACK's upper band storage, as `scipy.linalg.cholesky_banded` reads it.
+    band = band_block(indptr, indices, data, index, position)
+    assert np.all(position == -1) and band.flags.f_contiguous
+    width = band.shape[0] - 1
+    assert width == max(j - i for i, j in zip(*np.nonzero(block)))
+    for offset in range(width + 1):
+        np.testing.assert_array_equal(band[width - offset, offset:], np.diagonal(block, offset))
+        assert np.all(band[width - offset, :offset] == 0)
 
 
 @pytest.mark.parametrize("kernel_shape", [(41, 41), (75, 75), (9, 7)])

@@ -8,8 +8,9 @@ import numpy as np
 from numba import njit
 
 __all__ = [
-    "add_interpolated_stamps", "add_stamps", "block_members", "envelope_inverse_diagonals", "overlapping_pairs",
-    "pair_overlaps", "residual_sums", "stamp_dots", "submatrix_entries", "symmetric_csr", "tile_sums", "weighted_stamps",
+    "add_interpolated_stamps", "add_stamps", "band_block", "block_members", "envelope_inverse_diagonals",
+    "overlapping_pairs", "pair_overlaps", "residual_sums", "stamp_dots", "submatrix_entries", "symmetric_csr", "tile_sums",
+    "weighted_stamps",
 ]
 
 
@@ -499,6 +500,33 @@ def submatrix_entries(indptr, indices, data, index, position):
     for k in range(index.size):
         position[index[k]] = -1
     return rows, columns, values
+
+
+@njit(cache=True, nogil=True)
+def band_block(indptr, indices, data, index, position):
+    """The symmetric CSR matrix's block ``[index][:, index]`` in LAPACK's upper band storage:
+    ``band[width + i - j, j]`` holds element (i, j), i <= j, ``width`` the largest j - i of a
+    nonzero. Shape (width + 1, n), Fortran-ordered, so that LAPACK factorises it in place.
+
+    ``position`` is scratch with one entry per row of the matrix, all -1; it is left so.
+    """
+    n = index.size
+    for k in range(n):
+        position[index[k]] = k
+    width = 0
+    for k in range(n):
+        for a in range(indptr[index[k]], indptr[index[k] + 1]):
+            width = max(width, position[indices[a]] - k)
+    # Row j of the transpose is column j of the band.
+    transposed = np.zeros((n, width + 1))
+    for k in range(n):
+        for a in range(indptr[index[k]], indptr[index[k] + 1]):
+            column = position[indices[a]]
+            if column >= k:
+                transposed[column, width + k - column] = data[a]
+    for k in range(n):
+        position[index[k]] = -1
+    return transposed.T
 
 
 @njit(cache=True, nogil=True)

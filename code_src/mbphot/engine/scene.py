@@ -28,8 +28,8 @@ from scipy.linalg import blas
 from scipy.sparse.linalg import splu
 
 from .kernels import (
-    add_stamps, block_members, envelope_inverse_diagonals, overlapping_pairs, pair_overlaps, residual_sums, stamp_dots,
-    submatrix_entries, symmetric_csr, tile_sums, weighted_stamps,
+    add_stamps, band_block, block_members, envelope_inverse_diagonals, overlapping_pairs, pair_overlaps, residual_sums,
+    stamp_dots, submatrix_entries, symmetric_csr, tile_sums, weighted_stamps,
 )
 from .prf import PRFTable, build_prf_table, placed_wings, point_weights
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
@@ -466,9 +466,9 @@ def _factorise(matrix):
 
 
 class _BandedCholesky:
-    """Cholesky factor of a symmetric positive definite matrix, given by its entries (row,
-    column, value; both triangles), in LAPACK's band storage, its unknowns ordered along the
-    longer side of the ``centres`` they sit at.
+    """Cholesky factor of a symmetric positive definite matrix's block over the unknowns
+    ``index`` (at ``centres``), in LAPACK's band storage (`kernels.band_block`), its unknowns
+    ordered along the longer side of the ``centres``.
 
     A subdomain's sources couple only to those within the stamps' reach, so in that order
     its matrix is a band: its width is the unknowns of a strip one reach wide across the
@@ -477,20 +477,13 @@ class _BandedCholesky:
     0.29), and the strip order gives half the band flops of a reverse Cuthill-McKee order,
     whose level sets run diagonally from a corner (square subdomains of the realistic bench
     field: NUV 6.7 against 14.9 Gflop, 39 % less time; irac1 1.7 against 2.8 Gflop).
+    ``position`` is scratch as `kernels.band_block` takes it.
     """
 
-    def __init__(self, rows, columns, values, n, centres):
+    def __init__(self, normal, index, centres, position):
         span = centres.max(axis=0) - centres.min(axis=0)
         self.order = np.argsort(centres[:, int(span[1] > span[0])], kind="stable")
-        position = np.empty(n, dtype=np.intp)
-        position[self.order] = np.arange(n)
-        row, column = position[rows], position[columns]
-        upper = row <= column
-        row, column = row[upper], column[upper]
-        width = int((column - row).max(initial=0))
-        # Fortran order: LAPACK factorises it in place instead of in a copy.
-        band = np.zeros((width + 1, n), order="F")
-        band[width + row - column, column] = values[upper]
+        band = band_block(normal.indptr, normal.indices, normal.data, index[self.order], position)
         self.factor = linalg.cholesky_banded(band, overwrite_ab=True, check_finite=False)
 
     def solve(self, rhs):
@@ -499,14 +492,15 @@ class _BandedCholesky:
         return result
 
 
-def _factorise_subdomain(rows, columns, values, n, centres):
-    """The factor of a subdomain's block (entries as `_submatrix_entries` gives them; its
-    unknowns at ``centres``): banded (`_BandedCholesky`), or SuperLU (`_factorise`) where the
-    band is not positive definite to working precision."""
+def _factorise_subdomain(normal, index, centres, position):
+    """The factor of the block of ``normal`` over the unknowns ``index`` (at ``centres``):
+    banded (`_BandedCholesky`), or SuperLU (`_factorise`) where the band is not positive
+    definite to working precision. ``position`` is scratch as `_submatrix_entries` takes it."""
     try:
-        return _BandedCholesky(rows, columns, values, n, centres)
+        return _BandedCholesky(normal, index, centres, position)
     except linalg.LinAlgError:
-        return _factorise(sparse.csc_matrix((values, (rows, columns)), shape=(n, n)))
+        rows, columns, values = _submatrix_entries(normal, index, position)
+        return _factorise(sparse.csc_matrix((values, (rows, columns)), shape=(index.size, index.size)))
 
 
 class _Solver:
@@ -524,8 +518,7 @@ class _Solver:
         position = np.full(normal.shape[0], -1, dtype=np.intp)
         self.factors = []
         for members in subdomains:
-            entries = _submatrix_entries(normal, members, position)
-            self.factors.append(_factorise_subdomain(*entries, members.size, centres[members]))
+            self.factors.append(_factorise_subdomain(normal, members, centres[members], position))
 
     def _precondition(self, residual):
         result = np.zeros_like(residual)
