@@ -118,12 +118,20 @@ def _pixel_arrays(image, sky, sigma, margin):
     return np.pad(whitened, pad), np.pad(sqrt_weight, pad), np.pad(valid, pad)
 
 
+def _profile_groups(profile):
+    """(profile, positions) of each group of entries of ``profile`` sharing a value, the
+    positions in increasing order: one sort, where a comparison per profile cost a pass over
+    every source for each of a realistic IRAC scene's 28-84 tables."""
+    order = np.argsort(profile, kind="stable")
+    bounds = np.flatnonzero(np.diff(profile[order])) + 1
+    return [(profile[group[0]], group) for group in np.split(order, bounds)] if profile.size else []
+
+
 def _by_profile(tables, profile, kernel, *per_source):
     """Run a per-source ``kernel(table, *arrays)`` on each group of sources sharing a profile
     (``profile`` indexes ``tables``) and put the results back in source order."""
     results = None
-    for index in np.unique(profile):
-        members = np.flatnonzero(profile == index)
+    for index, members in _profile_groups(profile):
         table = tables[index]
         outputs = kernel(table, *(array[members] for array in per_source))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -182,8 +190,8 @@ def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, pool, pr
         covered[kept] = previous.covered[old[kept]]
         fresh = np.flatnonzero(old < 0)
     slots[fresh] = pool.allocate(fresh.size)
-    for index in np.unique(profile[fresh]):
-        members = fresh[profile[fresh] == index]
+    for index, group in _profile_groups(profile[fresh]):
+        members = fresh[group]
         table = tables[index]
         weighted_stamps(
             table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
