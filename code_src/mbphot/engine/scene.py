@@ -749,9 +749,10 @@ class _Wings:
         self.fft_shape = tuple(
             sp_fft.next_fast_len(n + k - 1 - c, real=True) for n, k, c in zip(sqrt_weight.shape, kernel.shape, self.centre)
         )
-        kernel = np.asarray(kernel, dtype=np.float32)
-        self.kernel_transform = sp_fft.rfft2(kernel, self.fft_shape)
-        self.flipped_transform = sp_fft.rfft2(kernel[::-1, ::-1], self.fft_shape)
+        self.kernel = np.asarray(kernel, dtype=np.float32)
+        self.kernel_transform = sp_fft.rfft2(self.kernel, self.fft_shape)
+        # Only the conjugate gradients' fallback takes the adjoint: its transform when needed.
+        self.flipped_transform = None
         self.with_wings = with_wings
         shape = sqrt_weight.shape
         rows, cols, shares = point_weights(x, y)
@@ -767,6 +768,8 @@ class _Wings:
         return wings * self.sqrt_weight
 
     def adjoint(self, image):
+        if self.flipped_transform is None:
+            self.flipped_transform = sp_fft.rfft2(self.kernel[::-1, ::-1], self.fft_shape)
         correlated = self._convolve(image * self.sqrt_weight, self.flipped_transform).ravel()
         return np.where(self.with_wings, (correlated[self.indices] * self.shares).sum(axis=0), 0.0)
 
