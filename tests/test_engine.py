@@ -203,15 +203,11 @@ def test_fitted_sky_absorbs_a_wrong_sky_estimate(table):
     assert abs(fitted[0] - 2.0) < 3 * err[0]
 
 
-def test_tables_are_contiguous_and_large_ones_start_on_a_large_page():
+def test_tables_are_contiguous():
     rng = np.random.default_rng(2)
     large = rng.random((33, 33, 21, 21))
     table = PRFTable(large, np.linspace(-0.5, 0.5, 33), 10)
-    assert table.stamps.ctypes.data % (2 << 20) == 0
-    assert table.stamps is not large and np.array_equal(table.stamps, large)
-    assert table.stamps.flags.c_contiguous
-    small = rng.random((3, 3, 7, 7))
-    assert PRFTable(small, np.linspace(-0.5, 0.5, 3), 3).stamps is small
+    assert table.stamps is large
     # Every table in one layout, the one the kernels are compiled for when a process starts.
     strided = PRFTable(large[:, :, 2:19, 2:19], np.linspace(-0.5, 0.5, 33), 8).stamps
     assert strided.flags.c_contiguous and np.array_equal(strided, large[:, :, 2:19, 2:19])

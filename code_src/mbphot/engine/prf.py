@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, sparse
 
-__all__ = ["PRFTable", "normalise_prf", "prf_centre", "build_prf_table"]
+__all__ = ["PRFTable", "normalise_prf", "prf_centre", "build_prf_table", "prf_table_arrays"]
 
 
 def normalise_prf(prf: np.ndarray, oversampling: int = 1) -> np.ndarray:
@@ -76,35 +76,6 @@ def _enclosed_radius(prf: np.ndarray, centre: tuple[float, float], fraction: flo
     return float(radius[order][index])
 
 
-# Transparent huge pages on x86-64 Linux.
-_LARGE_PAGE_BYTES = 2 << 20
-# numpy asks the kernel for large pages for its allocations of this size and more.
-_NUMPY_LARGE_PAGE_MIN_BYTES = 4 << 20
-
-
-def _on_large_pages(array: np.ndarray) -> np.ndarray:
-    """``array``, or where it fills at least 80 % of the 2 MiB pages it needs, a copy of it
-    placed at the start of such a page, in an allocation that numpy asks the kernel to back
-    with them.
-
-    The engine's stamp kernels read four stamps of a table at each source's own phases (a
-    realistic IRAC table is 3.8 MB): on 4 kB pages most of these reads also miss the address
-    translation cache. On 2 MiB pages, on the realistic bench field, irac1's stamp kernel took
-    0.11-0.21 s instead of 0.26-0.37 s and its quality sums 0.04 instead of 0.09 s: 12 % of
-    irac1's engine time, 17 % of irac2's. A GALEX table (2.5 MB) would leave 60 % of its last
-    page empty, and NUV's engine time did not measurably change. Where the kernel gives no
-    large pages, only the room actually touched is allocated.
-    """
-    pages = -(-array.nbytes // _LARGE_PAGE_BYTES)
-    if array.nbytes < 0.8 * pages * _LARGE_PAGE_BYTES:
-        return array
-    buffer = np.empty(max(array.nbytes + _LARGE_PAGE_BYTES, _NUMPY_LARGE_PAGE_MIN_BYTES), dtype=np.uint8)
-    start = -buffer.ctypes.data % _LARGE_PAGE_BYTES
-    placed = buffer[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
-    placed[...] = array
-    return placed
-
-
 @dataclass(frozen=True)
 class PRFTable:
     """PRF stamps precomputed on a grid of sub-pixel phases.
@@ -134,7 +105,7 @@ class PRFTable:
     def __post_init__(self):
         # One memory layout for every table: the compiled kernels are specialised on it, and
         # a table of another layout would compile them again inside the first fit that uses it.
-        object.__setattr__(self, "stamps", _on_large_pages(np.ascontiguousarray(self.stamps)))
+        object.__setattr__(self, "stamps", np.ascontiguousarray(self.stamps))
 
     @property
     def n_phase(self) -> int:
@@ -205,6 +176,24 @@ def build_prf_table(
     -------
     PRFTable
     """
+    stamps, phases, half_size, wings = prf_table_arrays(prf, oversampling, n_phase, enclosed_fraction, max_half_size, core_radius)
+    return PRFTable(stamps=stamps, phases=phases, half_size=half_size, wings=wings)
+
+
+def prf_table_arrays(
+    prf: np.ndarray,
+    oversampling: int = 1,
+    n_phase: int = 33,
+    enclosed_fraction: float = 0.999,
+    max_half_size: int | None = None,
+    core_radius: float | None = None,
+) -> tuple:
+    """`build_prf_table`'s table as arrays (stamps, phases, half_size, wings), the stamps a
+    fresh array that callers may change in place before making their own table: each array
+    of a realistic IRAC table's size is two megabytes of fresh pages, and the page faults of
+    a few temporaries per table were most of the time each worker took to make its image's
+    28 tables.
+    """
     if n_phase < 3 or n_phase % 2 == 0:
         raise ValueError(f"n_phase must be an odd number >= 3, got {n_phase}")
     normalised = normalise_prf(prf, oversampling)
@@ -226,17 +215,19 @@ def build_prf_table(
     size = grid.size
     # Offsets of every phase's stamp pixels from the source, shape (phase, pixel).
     offsets = grid[None, :] - phases[:, None]
-    stamps = (
+    # In the table's own order: arithmetic on a transposed view runs at a fraction of the speed.
+    stamps = np.ascontiguousarray(
         _spline_samples(coefficients, (centre_y + oversampling * offsets).ravel(), (centre_x + oversampling * offsets).ravel())
         .reshape(n_phase, size, n_phase, size)
         .transpose(0, 2, 1, 3)
     )
     if not split:
-        return PRFTable(stamps=stamps, phases=phases, half_size=half_size)
+        return stamps, phases, half_size, None
     wing_grid = np.arange(-wing_half_size, wing_half_size + 1, dtype=np.float64)
     whole = _spline_samples(coefficients, centre_y + oversampling * wing_grid, centre_x + oversampling * wing_grid)
     wings = whole * (1.0 - _core_taper(np.hypot(*np.meshgrid(wing_grid, wing_grid, indexing="ij")), core_radius))
-    return PRFTable(stamps=stamps - placed_wings(wings, phases, half_size), phases=phases, half_size=half_size, wings=wings)
+    stamps -= placed_wings(wings, phases, half_size)
+    return stamps, phases, half_size, wings
 
 
 def placed_wings(wings, phases, half_size):

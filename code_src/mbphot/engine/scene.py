@@ -31,7 +31,7 @@ from .kernels import (
     add_stamps, band_block, block_members, envelope_inverse_diagonals, overlapping_pairs, pair_overlaps, residual_sums,
     stamp_dots, submatrix_entries, symmetric_csr, tile_sums, weighted_stamps,
 )
-from .prf import PRFTable, build_prf_table, placed_wings, point_weights
+from .prf import PRFTable, placed_wings, point_weights, prf_table_arrays
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
 __all__ = ["disc_images", "disc_tables", "extended_profiles", "scene_photometry", "size_sensitivity"]
@@ -904,10 +904,12 @@ def disc_tables(images, oversampling, prf_table: PRFTable, flux_fraction: float 
     for drawn in images:
         centre_y, centre_x = drawn.shape[0] // 2, drawn.shape[1] // 2
         cut = drawn[max(0, centre_y - reach) : centre_y + reach + 1, max(0, centre_x - reach) : centre_x + reach + 1]
-        table = build_prf_table(
+        stamps, phases, half_size, _ = prf_table_arrays(
             cut, oversampling, n_phase=prf_table.phases.size, enclosed_fraction=1.0, max_half_size=prf_table.half_size,
         )
-        tables.append(PRFTable(table.stamps * (flux_fraction * cut.sum() / drawn.sum()) - wings, table.phases, table.half_size))
+        stamps *= flux_fraction * cut.sum() / drawn.sum()
+        stamps -= wings
+        tables.append(PRFTable(stamps, phases, half_size))
     return tables
 
 

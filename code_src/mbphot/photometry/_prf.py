@@ -8,7 +8,8 @@ from astropy.io import fits
 
 from ..bands import BANDS, Band
 from ..calibration import Calibration
-from ..engine import PRFTable, build_prf_table
+from ..engine import PRFTable
+from ..engine.prf import prf_table_arrays
 from ..engine.scene import disc_tables
 
 
@@ -37,11 +38,12 @@ def tabulate_prf(prf, oversampling, band: Band, split_wings: bool = False, flux_
     wing kernel. A source of unit total flux puts ``flux_fraction`` on the image (the rest
     lies beyond the PRF's reach; `mbphot.calibration.Calibration.flux_fraction`)."""
     core_radius = band.prf_core_radius_pixels if split_wings else None
-    table = build_prf_table(prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=core_radius)
-    if flux_fraction == 1.0:
-        return table
-    wings = None if table.wings is None else table.wings * flux_fraction
-    return PRFTable(stamps=table.stamps * flux_fraction, phases=table.phases, half_size=table.half_size, wings=wings)
+    stamps, phases, half_size, wings = prf_table_arrays(
+        prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=core_radius
+    )
+    wings = None if wings is None else wings * flux_fraction
+    stamps *= flux_fraction
+    return PRFTable(stamps=stamps, phases=phases, half_size=half_size, wings=wings)
 
 
 def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:
