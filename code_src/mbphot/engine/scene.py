@@ -300,8 +300,8 @@ def _local_variances(normal, centres, extents, target_unknowns, cell_size, halo,
     in one compiled loop (`kernels.envelope_inverse_diagonals`): the other unknowns along the
     rows, each row of the factor starts at its first coupling. On the realistic bench field's
     irac1 scenes this took 0.055 s against 0.10 s for LAPACK on cells of
-    `_VARIANCE_BLOCK_UNKNOWNS` unknowns, whose Python per block cost as much as its
-    factorisation. In crowded fields (GALEX: a block of cells two halos wide would hold 600)
+    `_VARIANCE_BLOCK_UNKNOWNS` unknowns (with a halo four pixels narrower, too), whose Python
+    per block cost as much as its factorisation. In crowded fields (GALEX: a block of cells two halos wide would hold 600)
     the cells hold about `_VARIANCE_BLOCK_UNKNOWNS` unknowns and LAPACK factorises each, the
     other unknowns eliminated in pieces of the ring around the cell, corners first
     (`_trailing_variances`): the ring is as wide as the couplings reach, so opposite pieces
