@@ -246,8 +246,11 @@ def placed_wings(wings, phases, half_size):
     # Stamp pixel k of a source at phase p takes the kernel's pixel j from the placement tap
     # k - j, at distance k - j - p from the source.
     weights = cubic_convolution(grid[None, :, None] - wing_grid[None, None, :] - np.asarray(phases)[:, None, None])
-    along_y = np.einsum("pkj,ji->pki", weights, wings)
-    return np.einsum("pki,qli->pqkl", along_y, weights)
+    n_phase, size = weights.shape[:2]
+    # Matrix products (BLAS) rather than einsum: a fifth of the time for IRAC's 41-pixel kernel.
+    by_row = (weights.reshape(-1, wings.shape[0]) @ wings).reshape(n_phase, size, -1)
+    placed = by_row.reshape(-1, wings.shape[1]) @ weights.reshape(-1, wings.shape[1]).T
+    return np.ascontiguousarray(placed.reshape(n_phase, size, n_phase, size).transpose(0, 2, 1, 3))
 
 
 def cubic_convolution(distance):
@@ -288,8 +291,10 @@ def _spline_weights(coordinates, n):
     taps = np.mod(taps, period)
     taps = np.where(taps > n - 1, period - taps, taps)
     weights[(coordinates < 0) | (coordinates > n - 1)] = 0.0
-    rows = np.repeat(np.arange(coordinates.size), 4)
-    return sparse.csr_matrix((weights.ravel(), (rows, taps.ravel())), shape=(coordinates.size, n))
+    # Straight into CSR, four entries a row (a repeated tap, mirrored at an edge, is summed
+    # by the products): through COO, a third of a table's time went on the conversion.
+    row_starts = np.arange(0, 4 * coordinates.size + 1, 4)
+    return sparse.csr_matrix((weights.ravel(), taps.ravel(), row_starts), shape=(coordinates.size, n))
 
 
 def _spline_samples(coefficients, rows, cols):
