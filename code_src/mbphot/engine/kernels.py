@@ -136,17 +136,28 @@ def _difference_taps(table, phase_y, phase_x, weight, derivative, phase_step):
 
 @njit(cache=True, nogil=True)
 def weighted_stamps(
-    table, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight, valid, reach,
-    slots, weighted, indices, rhs, diagonal, covered, derivative=0,
+    tables, table_of_source, derivative, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight,
+    valid, reach, slots, weighted, indices, rhs, diagonal, covered,
 ):
     """Each source's PRF stamp, interpolated between tabulated phases and multiplied by the
     square-root weights of the pixels it lands on, with its terms of the normal equations,
     written into the given arrays (in place).
 
+    The sources are taken in the order given, whatever their tables: in a scene's strip
+    order, each stamp finds most of its pixels' weights and data in the cache from its
+    neighbours'. (Grouped by table, each group spread over the whole scene, irac1's stamps
+    took twice as long.)
+
     Parameters
     ----------
-    table : ndarray, shape (n_phase, n_phase, size, size)
-        PRF stamps at regularly spaced sub-pixel phases (see `PRFTable`).
+    tables : numba.typed.List of ndarray, each of shape (n_phase, n_phase, size, size)
+        PRF stamps at regularly spaced sub-pixel phases (see `PRFTable`), the same phases
+        and size in every table.
+    table_of_source : ndarray of int
+        Each source's table.
+    derivative : ndarray of int
+        Per source, 0: its stamp; 1 or 2: the derivative of its stamp with respect to the
+        source's x or y position, differenced between the table's phases.
     first_phase, phase_step : float
         The phase of the first stamp and the spacing of the phases, in pixels.
     offset_x, offset_y : ndarray
@@ -163,45 +174,24 @@ def weighted_stamps(
     weighted : ndarray, shape (n_slot, size, size)
         Stamp times sqrt(weight).
     indices : ndarray of int
-        Where each source's terms go in the arrays below: the sources sharing one table are
-        computed together, and the scene's arrays hold every table's sources.
+        Where each source's terms go in the arrays below.
     rhs, diagonal : ndarray, shape (n_index,)
         ``weighted . whitened`` and ``weighted . weighted`` per source.
     covered : ndarray, shape (n_index,)
-        Fraction of the stamp's flux within ``reach`` that falls on usable pixels.
-    derivative : int
-        0: the stamps; 1 or 2: their derivatives with respect to the source's x or y
-        position, differenced between the table's phases (`_tabulated`).
+        Fraction of the stamp's flux within ``reach`` that falls on usable pixels (0 for a
+        derivative: its source's stamp has the coverage).
     """
-    n_phase = table.shape[0]
-    size = table.shape[2]
+    n_phase = tables[0].shape[0]
+    size = tables[0].shape[2]
     half = size // 2
     for source in range(col.size):
+        table = tables[table_of_source[source]]
         slot = slots[source]
         low_x, weight_x = _phase(offset_x[source], first_phase, phase_step, n_phase)
         low_y, weight_y = _phase(offset_y[source], first_phase, phase_step, n_phase)
         # Bilinear weights of the four tabulated phases around the source's.
         w00, w01 = (1 - weight_y) * (1 - weight_x), (1 - weight_y) * weight_x
         w10, w11 = weight_y * (1 - weight_x), weight_y * weight_x
-        # The interpolated stamp first, in its slot: the stamps' own loop stays free of the
-        # derivatives' branches. A derivative is the same bilinear sum of central differences.
-        if derivative == 0:
-            t00, t01 = table[low_y, low_x], table[low_y, low_x + 1]
-            t10, t11 = table[low_y + 1, low_x], table[low_y + 1, low_x + 1]
-            for a in range(size):
-                for b in range(size):
-                    weighted[slot, a, b] = w00 * t00[a, b] + w01 * t01[a, b] + w10 * t10[a, b] + w11 * t11[a, b]
-        else:
-            p00, m00, c00 = _difference_taps(table, low_y, low_x, w00, derivative, phase_step)
-            p01, m01, c01 = _difference_taps(table, low_y, low_x + 1, w01, derivative, phase_step)
-            p10, m10, c10 = _difference_taps(table, low_y + 1, low_x, w10, derivative, phase_step)
-            p11, m11, c11 = _difference_taps(table, low_y + 1, low_x + 1, w11, derivative, phase_step)
-            for a in range(size):
-                for b in range(size):
-                    weighted[slot, a, b] = (
-                        c00 * (p00[a, b] - m00[a, b]) + c01 * (p01[a, b] - m01[a, b])
-                        + c10 * (p10[a, b] - m10[a, b]) + c11 * (p11[a, b] - m11[a, b])
-                    )
         # The padding is size - 1, so a stamp centred on pixel (row, col) starts at row + half.
         top = row[source] + half
         left = col[source] + half
@@ -209,17 +199,40 @@ def weighted_stamps(
         a_sum = 0.0
         core_total = 0.0
         core_on_data = 0.0
-        for a in range(size):
-            for b in range(size):
-                value = weighted[slot, a, b]
-                w = value * sqrt_weight[top + a, left + b]
-                weighted[slot, a, b] = w
-                b_sum += w * whitened[top + a, left + b]
-                a_sum += w * w
-                if abs(a - half) <= reach and abs(b - half) <= reach:
-                    core_total += value
-                    if valid[top + a, left + b]:
-                        core_on_data += value
+        # Each pixel interpolated, weighted and summed in one pass (the stamp's terms were a
+        # second pass over it). A derivative is the same bilinear sum of central differences;
+        # its coverage is never read (its source's own stamp has one).
+        axis = derivative[source]
+        if axis == 0:
+            t00, t01 = table[low_y, low_x], table[low_y, low_x + 1]
+            t10, t11 = table[low_y + 1, low_x], table[low_y + 1, low_x + 1]
+            for a in range(size):
+                in_core = abs(a - half) <= reach
+                for b in range(size):
+                    value = w00 * t00[a, b] + w01 * t01[a, b] + w10 * t10[a, b] + w11 * t11[a, b]
+                    w = value * sqrt_weight[top + a, left + b]
+                    weighted[slot, a, b] = w
+                    b_sum += w * whitened[top + a, left + b]
+                    a_sum += w * w
+                    if in_core and abs(b - half) <= reach:
+                        core_total += value
+                        if valid[top + a, left + b]:
+                            core_on_data += value
+        else:
+            p00, m00, c00 = _difference_taps(table, low_y, low_x, w00, axis, phase_step)
+            p01, m01, c01 = _difference_taps(table, low_y, low_x + 1, w01, axis, phase_step)
+            p10, m10, c10 = _difference_taps(table, low_y + 1, low_x, w10, axis, phase_step)
+            p11, m11, c11 = _difference_taps(table, low_y + 1, low_x + 1, w11, axis, phase_step)
+            for a in range(size):
+                for b in range(size):
+                    value = (
+                        c00 * (p00[a, b] - m00[a, b]) + c01 * (p01[a, b] - m01[a, b])
+                        + c10 * (p10[a, b] - m10[a, b]) + c11 * (p11[a, b] - m11[a, b])
+                    )
+                    w = value * sqrt_weight[top + a, left + b]
+                    weighted[slot, a, b] = w
+                    b_sum += w * whitened[top + a, left + b]
+                    a_sum += w * w
         index = indices[source]
         rhs[index] = b_sum
         diagonal[index] = a_sum
@@ -361,13 +374,16 @@ def add_interpolated_stamps(table, first_phase, phase_step, offset_x, offset_y, 
 
 
 @njit(cache=True, nogil=True)
-def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, chi, model, model_error, sqrt_weight, valid):
+def residual_sums(
+    tables, table_of_source, first_phase, phase_step, offset_x, offset_y, col, row, chi, model, model_error, sqrt_weight,
+    valid,
+):
     """Sums over each source's stamp of its PRF profile, the residuals and the PRF's gradient.
 
     Parameters
     ----------
-    table, first_phase, phase_step, offset_x, offset_y, col, row, sqrt_weight, valid
-        As in `weighted_stamps`.
+    tables, table_of_source, first_phase, phase_step, offset_x, offset_y, col, row, sqrt_weight, valid
+        As in `weighted_stamps` (the sources best in strip order, for the same reason).
     chi : ndarray
         The padded residual image divided by the noise: (data - sky - model) / sigma.
     model : ndarray
@@ -385,16 +401,19 @@ def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, 
         sum P, sum P chi^2 / (1 + (model_error model)^2), sum g chi sqrt(w), sum h chi sqrt(w),
         sum g g w, sum g h w, sum h h w.
     """
-    n_phase = table.shape[0]
-    size = table.shape[2]
+    n_phase = tables[0].shape[0]
+    size = tables[0].shape[2]
     half = size // 2
     n = col.size
     sums = np.zeros((n, 7))
     for source in range(n):
+        table = tables[table_of_source[source]]
         low_x, weight_x = _phase(offset_x[source], first_phase, phase_step, n_phase)
         low_y, weight_y = _phase(offset_y[source], first_phase, phase_step, n_phase)
         first_row = row[source] + half
         first_col = col[source] + half
+        # Sums in registers, written once: the same additions in the same order.
+        profile_sum = chi_sq = gx_chi = gy_chi = gx_gx = gx_gy = gy_gy = 0.0
         for a in range(size):
             for b in range(size):
                 if not valid[first_row + a, first_col + b]:
@@ -411,13 +430,20 @@ def residual_sums(table, first_phase, phase_step, offset_x, offset_y, col, row, 
                 s = sqrt_weight[first_row + a, first_col + b]
                 c = chi[first_row + a, first_col + b]
                 m = model_error[source] * model[first_row + a, first_col + b]
-                sums[source, 0] += value
-                sums[source, 1] += value * c * c / (1.0 + m * m)
-                sums[source, 2] += grad_x * c * s
-                sums[source, 3] += grad_y * c * s
-                sums[source, 4] += grad_x * grad_x * s * s
-                sums[source, 5] += grad_x * grad_y * s * s
-                sums[source, 6] += grad_y * grad_y * s * s
+                profile_sum += value
+                chi_sq += value * c * c / (1.0 + m * m)
+                gx_chi += grad_x * c * s
+                gy_chi += grad_y * c * s
+                gx_gx += grad_x * grad_x * s * s
+                gx_gy += grad_x * grad_y * s * s
+                gy_gy += grad_y * grad_y * s * s
+        sums[source, 0] = profile_sum
+        sums[source, 1] = chi_sq
+        sums[source, 2] = gx_chi
+        sums[source, 3] = gy_chi
+        sums[source, 4] = gx_gx
+        sums[source, 5] = gx_gy
+        sums[source, 6] = gy_gy
     return sums
 
 

@@ -22,6 +22,7 @@ GALEX-like sources with 21 x 21 stamps: 18 s and 11 kB per source; IRAC-like: 10
 from dataclasses import dataclass
 
 import numpy as np
+from numba import typed
 from scipy import fft as sp_fft
 from scipy import linalg, sparse
 from scipy.linalg import blas
@@ -118,30 +119,6 @@ def _pixel_arrays(image, sky, sigma, margin):
     return np.pad(whitened, pad), np.pad(sqrt_weight, pad), np.pad(valid, pad)
 
 
-def _profile_groups(profile):
-    """(profile, positions) of each group of entries of ``profile`` sharing a value, the
-    positions in increasing order: one sort, where a comparison per profile cost a pass over
-    every source for each of a realistic IRAC scene's 28-84 tables."""
-    order = np.argsort(profile, kind="stable")
-    bounds = np.flatnonzero(np.diff(profile[order])) + 1
-    return [(profile[group[0]], group) for group in np.split(order, bounds)] if profile.size else []
-
-
-def _by_profile(tables, profile, kernel, *per_source):
-    """Run a per-source ``kernel(table, *arrays)`` on each group of sources sharing a profile
-    (``profile`` indexes ``tables``) and put the results back in source order."""
-    results = None
-    for index, members in _profile_groups(profile):
-        table = tables[index]
-        outputs = kernel(table, *(array[members] for array in per_source))
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        if results is None:
-            results = [np.empty((profile.size, *o.shape[1:]), dtype=o.dtype) for o in outputs]
-        for result, output in zip(results, outputs):
-            result[members] = output
-    return tuple(results) if len(results) > 1 else results[0]
-
-
 class _StampPool:
     """The whitened stamps of one `scene_photometry` call's scenes, each source's in a slot.
 
@@ -190,16 +167,28 @@ def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, pool, pr
         covered[kept] = previous.covered[old[kept]]
         fresh = np.flatnonzero(old < 0)
     slots[fresh] = pool.allocate(fresh.size)
-    for index, group in _profile_groups(profile[fresh]):
-        members = fresh[group]
-        table = tables[index]
+    if fresh.size:
+        stamps, axes = _stamp_tables(tables)
+        phases = tables[0].phases
         weighted_stamps(
-            table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
-            x[members] - col[members], y[members] - row[members], col[members], row[members],
-            whitened, sqrt_weight, valid, min(table.half_size, half_cutout), slots[members], pool.stamps,
-            members, rhs, diagonal, covered, table.axis if isinstance(table, _Derivative) else 0,
+            stamps, profile[fresh], axes[profile[fresh]], float(phases[0]), float(phases[1] - phases[0]),
+            x[fresh] - col[fresh], y[fresh] - row[fresh], col[fresh], row[fresh], whitened, sqrt_weight, valid,
+            min(tables[0].half_size, half_cutout), slots[fresh], pool.stamps, fresh, rhs, diagonal, covered,
         )
     return slots, rhs, diagonal, covered
+
+
+def _stamp_tables(tables):
+    """The tables' stamps as `kernels.weighted_stamps` takes them, a typed list of one array
+    type (read-only float64 views, whatever the arrays' own flags), and each table's
+    derivative axis (0: the profile itself, else a `_Derivative`'s)."""
+    views = []
+    for table in tables:
+        view = np.asarray(table.stamps, dtype=np.float64).view()
+        view.flags.writeable = False
+        views.append(view)
+    axes = np.array([table.axis if isinstance(table, _Derivative) else 0 for table in tables], dtype=np.intp)
+    return typed.List(views), axes
 
 
 def _overlap_couplings(weighted, slots, col, row, half, previous=None, old=None):
@@ -1418,16 +1407,15 @@ def scene_photometry(
         fracflux = neighbour_flux / np.abs(fitted)
     target_sources = targets[measured]
 
-    def kernel(table, offset_x, offset_y, source_col, source_row, model_error):
-        return residual_sums(
-            table.stamps, float(table.phases[0]), float(table.phases[1] - table.phases[0]),
-            offset_x, offset_y, source_col, source_row, chi, model, model_error, scene.padded[1], scene.padded[2],
-        )
-
-    sums = _by_profile(
-        tables, profile[target_sources], kernel, x[target_sources] - col[target_sources],
-        y[target_sources] - row[target_sources], col[target_sources].astype(np.intp), row[target_sources].astype(np.intp),
-        np.ascontiguousarray(source_pixel_error[target_sources]),
+    # In strip order (`kernels.weighted_stamps`), the targets being in catalogue order.
+    target_col, target_row = col[target_sources].astype(np.intp), row[target_sources].astype(np.intp)
+    order = np.lexsort((target_col, target_row // (2 * half + 1)))
+    stamps, _ = _stamp_tables(tables)
+    sums = np.empty((order.size, 7))
+    sums[order] = residual_sums(
+        stamps, profile[target_sources][order], float(prf_table.phases[0]), float(prf_table.phases[1] - prf_table.phases[0]),
+        (x - col)[target_sources][order], (y - row)[target_sources][order], target_col[order], target_row[order], chi, model,
+        np.ascontiguousarray(source_pixel_error[target_sources][order]), scene.padded[1], scene.padded[2],
     )
     with np.errstate(invalid="ignore", divide="ignore"):
         rchisq = sums[:, 1] / sums[:, 0]
