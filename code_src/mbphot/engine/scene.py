@@ -145,14 +145,14 @@ class _StampPool:
 
 def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, pool, previous=None, old=None):
     """Each source's slot of ``pool`` (its whitened stamp), A diagonal, b and the
-    per-source-engine coverage.
+    per-source-engine coverage; ``profile`` indexes ``tables`` (`_Tables`).
 
     ``covered`` is the fraction of the stamp's flux inside the target's cutout that falls on
     usable pixels, as `solve.forced_photometry` computes it, so both engines flag alike.
 
     With a ``previous`` scene (whose pool ``pool`` is), a source whose unknown there is
-    ``old`` (-1: none) keeps its slot and terms from it; the others are computed, each
-    table's sources at once.
+    ``old`` (-1: none) keeps its slot and terms from it; the others are computed in one
+    pass, in the sources' (strip) order.
     """
     whitened, sqrt_weight, valid = padded
     n = col.size
@@ -168,27 +168,43 @@ def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, pool, pr
         fresh = np.flatnonzero(old < 0)
     slots[fresh] = pool.allocate(fresh.size)
     if fresh.size:
-        stamps, axes = _stamp_tables(tables)
         phases = tables[0].phases
         weighted_stamps(
-            stamps, profile[fresh], axes[profile[fresh]], float(phases[0]), float(phases[1] - phases[0]),
-            x[fresh] - col[fresh], y[fresh] - row[fresh], col[fresh], row[fresh], whitened, sqrt_weight, valid,
+            tables.stamps, tables.base[profile[fresh]], tables.axis[profile[fresh]], float(phases[0]),
+            float(phases[1] - phases[0]), x[fresh] - col[fresh], y[fresh] - row[fresh], col[fresh], row[fresh], whitened, sqrt_weight, valid,
             min(tables[0].half_size, half_cutout), slots[fresh], pool.stamps, fresh, rhs, diagonal, covered,
         )
     return slots, rhs, diagonal, covered
 
 
-def _stamp_tables(tables):
-    """The tables' stamps as `kernels.weighted_stamps` takes them, a typed list of one array
-    type (read-only float64 views, whatever the arrays' own flags), and each table's
-    derivative axis (0: the profile itself, else a `_Derivative`'s)."""
-    views = []
-    for table in tables:
-        view = np.asarray(table.stamps, dtype=np.float64).view()
-        view.flags.writeable = False
-        views.append(view)
-    axes = np.array([table.axis if isinstance(table, _Derivative) else 0 for table in tables], dtype=np.intp)
-    return typed.List(views), axes
+class _Tables(list):
+    """A scene's tables (`_profiles`; with a position step's gradients after them,
+    `with_gradients`) and their stamps as the compiled kernels take them.
+
+    ``stamps`` holds each profile's stamps once, a typed list of one array type (read-only
+    float64 views, whatever the arrays' own flags); ``base`` and ``axis`` give each table's
+    entry there and its derivative axis (0: the profile itself, else a `_Derivative`'s). A
+    typed list takes about 10 us an entry to build: once per `scene_photometry` call.
+    """
+
+    def __init__(self, tables, stamps=None, base=None, axis=None):
+        super().__init__(tables)
+        if stamps is None:
+            views = []
+            for table in tables:
+                view = np.asarray(table.stamps, dtype=np.float64).view()
+                view.flags.writeable = False
+                views.append(view)
+            stamps, base, axis = typed.List(views), np.arange(len(tables)), np.zeros(len(tables), dtype=np.intp)
+        self.stamps, self.base, self.axis = stamps, base, axis
+
+    def with_gradients(self):
+        """These tables, then their derivatives along x, then along y."""
+        gradients = [*(_Derivative(t, 1) for t in self), *(_Derivative(t, 2) for t in self)]
+        n = len(self)
+        return _Tables(
+            [*self, *gradients], self.stamps, np.tile(self.base, 3), np.concatenate([self.axis, np.full(n, 1), np.full(n, 2)])
+        )
 
 
 def _overlap_couplings(weighted, slots, col, row, half, previous=None, old=None):
@@ -844,11 +860,11 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
 def _profiles(prf_table, extended, n_source):
     """All tables and each source's index into them (0: the point PRF)."""
     if extended is None:
-        return [prf_table], np.zeros(n_source, dtype=np.intp)
+        return _Tables([prf_table]), np.zeros(n_source, dtype=np.intp)
     tables, index = extended
     if any(t.half_size != prf_table.half_size or t.phases.size != prf_table.phases.size for t in tables):
         raise ValueError("extended profiles need the point PRF's stamp size and phases")
-    return [prf_table, *tables], np.asarray(index, dtype=np.intp) + 1
+    return _Tables([prf_table, *tables]), np.asarray(index, dtype=np.intp) + 1
 
 
 def extended_profiles(prf, oversampling, radii_pix, prf_table: PRFTable, flux_fraction: float = 1.0) -> list:
@@ -1025,7 +1041,7 @@ def _position_shifts(solve, tables, profile, x, y, candidates, max_shift_pix, pr
         return shift_x, shift_y, None, None, None
     x, y = x + start_x, y + start_y
     n_table = len(tables)
-    augmented_tables = [*tables, *(_Derivative(t, 1) for t in tables), *(_Derivative(t, 2) for t in tables)]
+    augmented_tables = tables.with_gradients()
     augmented_profile = np.concatenate([profile, profile[candidates] + n_table, profile[candidates] + 2 * n_table])
     prior_sigma = prior_mean = None
     if prior is not None:
@@ -1410,10 +1426,9 @@ def scene_photometry(
     # In strip order (`kernels.weighted_stamps`), the targets being in catalogue order.
     target_col, target_row = col[target_sources].astype(np.intp), row[target_sources].astype(np.intp)
     order = np.lexsort((target_col, target_row // (2 * half + 1)))
-    stamps, _ = _stamp_tables(tables)
     sums = np.empty((order.size, 7))
     sums[order] = residual_sums(
-        stamps, profile[target_sources][order], float(prf_table.phases[0]), float(prf_table.phases[1] - prf_table.phases[0]),
+        tables.stamps, tables.base[profile[target_sources]][order], float(prf_table.phases[0]), float(prf_table.phases[1] - prf_table.phases[0]),
         (x - col)[target_sources][order], (y - row)[target_sources][order], target_col[order], target_row[order], chi, model,
         np.ascontiguousarray(source_pixel_error[target_sources][order]), scene.padded[1], scene.padded[2],
     )
