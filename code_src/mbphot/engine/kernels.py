@@ -383,7 +383,7 @@ def residual_sums(
     Parameters
     ----------
     tables, table_of_source, first_phase, phase_step, offset_x, offset_y, col, row, sqrt_weight, valid
-        As in `weighted_stamps` (the sources best in strip order, for the same reason).
+        As in `weighted_stamps`; the sources best in strip order, as there.
     chi : ndarray
         The padded residual image divided by the noise: (data - sky - model) / sigma.
     model : ndarray

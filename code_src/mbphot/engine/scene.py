@@ -171,8 +171,9 @@ def _source_terms(tables, profile, x, y, col, row, padded, half_cutout, pool, pr
         phases = tables[0].phases
         weighted_stamps(
             tables.stamps, tables.base[profile[fresh]], tables.axis[profile[fresh]], float(phases[0]),
-            float(phases[1] - phases[0]), x[fresh] - col[fresh], y[fresh] - row[fresh], col[fresh], row[fresh], whitened, sqrt_weight, valid,
-            min(tables[0].half_size, half_cutout), slots[fresh], pool.stamps, fresh, rhs, diagonal, covered,
+            float(phases[1] - phases[0]), x[fresh] - col[fresh], y[fresh] - row[fresh], col[fresh], row[fresh],
+            whitened, sqrt_weight, valid, min(tables[0].half_size, half_cutout), slots[fresh], pool.stamps, fresh,
+            rhs, diagonal, covered,
         )
     return slots, rhs, diagonal, covered
 
@@ -202,9 +203,8 @@ class _Tables(list):
         """These tables, then their derivatives along x, then along y."""
         gradients = [*(_Derivative(t, 1) for t in self), *(_Derivative(t, 2) for t in self)]
         n = len(self)
-        return _Tables(
-            [*self, *gradients], self.stamps, np.tile(self.base, 3), np.concatenate([self.axis, np.full(n, 1), np.full(n, 2)])
-        )
+        axis = np.concatenate([self.axis, np.full(n, 1), np.full(n, 2)])
+        return _Tables([*self, *gradients], self.stamps, np.tile(self.base, 3), axis)
 
 
 def _overlap_couplings(weighted, slots, col, row, half, previous=None, old=None):
@@ -1427,10 +1427,11 @@ def scene_photometry(
     target_col, target_row = col[target_sources].astype(np.intp), row[target_sources].astype(np.intp)
     order = np.lexsort((target_col, target_row // (2 * half + 1)))
     sums = np.empty((order.size, 7))
+    phases = prf_table.phases
     sums[order] = residual_sums(
-        tables.stamps, tables.base[profile[target_sources]][order], float(prf_table.phases[0]), float(prf_table.phases[1] - prf_table.phases[0]),
-        (x - col)[target_sources][order], (y - row)[target_sources][order], target_col[order], target_row[order], chi, model,
-        np.ascontiguousarray(source_pixel_error[target_sources][order]), scene.padded[1], scene.padded[2],
+        tables.stamps, tables.base[profile[target_sources]][order], float(phases[0]), float(phases[1] - phases[0]),
+        (x - col)[target_sources][order], (y - row)[target_sources][order], target_col[order], target_row[order],
+        chi, model, np.ascontiguousarray(source_pixel_error[target_sources][order]), scene.padded[1], scene.padded[2],
     )
     with np.errstate(invalid="ignore", divide="ignore"):
         rchisq = sums[:, 1] / sums[:, 0]
