@@ -240,7 +240,7 @@ def weighted_stamps(
 
 
 @njit(cache=True, nogil=True)
-def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span):
+def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span, n_tile_rows, n_tile_cols):
     """Each weighted stamp times the square-root weights, summed over each square sky tile.
 
     Parameters
@@ -258,13 +258,16 @@ def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span):
         Side of the tiles; tile (i, j) holds image rows i * tile_size ... and likewise columns.
     span : int
         Tiles per axis that a stamp can meet.
+    n_tile_rows, n_tile_cols : int
+        The image's tiles per column and per row.
 
     Returns
     -------
-    sums : ndarray, shape (n, span, span)
-        Sum per tile, the tiles counted from ``first_tile_row``, ``first_tile_col``.
-    first_tile_row, first_tile_col : ndarray of int
-        Tile of each stamp's first row and column.
+    sources, tiles : ndarray of int
+        For each nonzero sum over a tile of the image, its source (an index into ``slots``)
+        and its tile (numbered along rows), by source, then tile row, then tile column.
+    values : ndarray
+        The sums.
     """
     n, size = slots.size, weighted.shape[1]
     half = size // 2
@@ -272,7 +275,7 @@ def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span):
     first_tile_row = np.empty(n, dtype=np.int64)
     first_tile_col = np.empty(n, dtype=np.int64)
     # Each stamp column's tile, worked out once per source rather than at every pixel.
-    tile_col = np.empty(size, dtype=np.int64)
+    tile_of_column = np.empty(size, dtype=np.int64)
     for source in range(n):
         stamp = weighted[slots[source]]
         top = row[source] - half
@@ -280,15 +283,28 @@ def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span):
         first_tile_row[source] = top // tile_size
         first_tile_col[source] = left // tile_size
         for b in range(size):
-            tile_col[b] = (left + b) // tile_size - first_tile_col[source]
+            tile_of_column[b] = (left + b) // tile_size - first_tile_col[source]
         for a in range(size):
             tile_row = (top + a) // tile_size - first_tile_row[source]
             # The padding is size - 1, so image pixel (top + a) is padded row top + a + 2 half.
             weights = sqrt_weight[row[source] + half + a]
             tile = sums[source, tile_row]
             for b in range(size):
-                tile[tile_col[b]] += stamp[a, b] * weights[col[source] + half + b]
-    return sums, first_tile_row, first_tile_col
+                tile[tile_of_column[b]] += stamp[a, b] * weights[col[source] + half + b]
+    sources = np.empty(sums.size, dtype=np.intp)
+    tiles = np.empty(sums.size, dtype=np.intp)
+    values = np.empty(sums.size)
+    k = 0
+    for source in range(n):
+        for a in range(span):
+            for b in range(span):
+                tile_row, tile_col = first_tile_row[source] + a, first_tile_col[source] + b
+                if sums[source, a, b] != 0 and 0 <= tile_row < n_tile_rows and 0 <= tile_col < n_tile_cols:
+                    sources[k] = source
+                    tiles[k] = tile_row * n_tile_cols + tile_col
+                    values[k] = sums[source, a, b]
+                    k += 1
+    return sources[:k], tiles[:k], values[:k]
 
 
 @njit(cache=True, nogil=True)

@@ -271,16 +271,12 @@ def _sky_couplings(weighted, slots, col, row, padded, tile_of_pixel, tile_size, 
 
     size = 2 * half + 1
     span = (size - 1) // tile_size + 2  # tiles per axis a stamp can meet
-    sums, first_tile_row, first_tile_col = tile_sums(weighted, slots[fresh], col[fresh], row[fresh], sqrt_weight, tile_size, span)
-    local = np.arange(span)
-    tile_row = first_tile_row[:, None, None] + local[None, :, None]
-    tile_col = first_tile_col[:, None, None] + local[None, None, :]
-    keep = (sums != 0) & (tile_row >= 0) & (tile_row < n_rows) & (tile_col >= 0) & (tile_col < n_cols)
-    sources = np.broadcast_to(fresh[:, None, None], keep.shape)[keep]
-    tiles = (tile_row * n_cols + tile_col)[keep]
+    sources, tiles, values = tile_sums(
+        weighted, slots[fresh], col[fresh], row[fresh], sqrt_weight, tile_size, span, n_rows, n_cols
+    )
     return (
-        np.concatenate([kept_sources, sources]), np.concatenate([kept_tiles, tiles]), np.concatenate([kept_values, sums[keep]]),
-        tile_diagonal, tile_rhs, n_cols,
+        np.concatenate([kept_sources, fresh[sources]]), np.concatenate([kept_tiles, tiles]),
+        np.concatenate([kept_values, values]), tile_diagonal, tile_rhs, n_cols,
     )
 
 
