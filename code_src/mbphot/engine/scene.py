@@ -25,7 +25,7 @@ import numpy as np
 from numba import typed
 from scipy import fft as sp_fft
 from scipy import linalg, sparse
-from scipy.linalg import blas
+from scipy.linalg import blas, lapack
 from scipy.sparse.linalg import splu
 
 from .kernels import (
@@ -493,11 +493,16 @@ class _BandedCholesky:
         span = centres.max(axis=0) - centres.min(axis=0)
         self.order = np.argsort(centres[:, int(span[1] > span[0])], kind="stable")
         band = band_block(normal.indptr, normal.indices, normal.data, index[self.order], position)
-        self.factor = linalg.cholesky_banded(band, overwrite_ab=True, check_finite=False)
+        # LAPACK's band routines straight, as `linalg.cholesky_banded` and
+        # `linalg.cho_solve_banded` call them: their array checks took as long as a solve of
+        # irac1's subdomains.
+        self.factor, info = lapack.dpbtrf(band, overwrite_ab=True)
+        if info > 0:
+            raise linalg.LinAlgError(f"{info}-th leading minor not positive definite")
 
     def solve(self, rhs):
         result = np.empty_like(rhs)
-        result[self.order] = linalg.cho_solve_banded((self.factor, False), rhs[self.order], overwrite_b=True, check_finite=False)
+        result[self.order] = lapack.dpbtrs(self.factor, rhs[self.order], overwrite_b=True)[0]
         return result
 
 
