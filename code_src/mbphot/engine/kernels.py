@@ -8,9 +8,9 @@ import numpy as np
 from numba import njit
 
 __all__ = [
-    "add_interpolated_stamps", "add_stamps", "band_block", "block_members", "envelope_inverse_diagonals",
-    "overlapping_pairs", "pair_overlaps", "residual_sums", "stamp_dots", "submatrix_entries", "symmetric_csr", "tile_sums",
-    "weighted_stamps",
+    "add_interpolated_stamps", "add_stamps", "add_tile_levels", "band_block", "block_members",
+    "envelope_inverse_diagonals", "overlapping_pairs", "pair_overlaps", "residual_sums", "stamp_dots", "submatrix_entries",
+    "symmetric_csr", "tile_dots", "tile_sums", "weighted_stamps",
 ]
 
 
@@ -305,6 +305,26 @@ def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span, n_tile_ro
                     values[k] = sums[source, a, b]
                     k += 1
     return sources[:k], tiles[:k], values[:k]
+
+
+@njit(cache=True, nogil=True)
+def tile_dots(tile_of_pixel, weights, image, n_tiles):
+    """Per sky tile, the sum of ``weights * image`` over its pixels (``tile_of_pixel``: each
+    pixel's tile): ``np.bincount`` of the product, the same sums in the same order, without
+    the image-sized temporaries."""
+    sums = np.zeros(n_tiles)
+    for r in range(tile_of_pixel.shape[0]):
+        for c in range(tile_of_pixel.shape[1]):
+            sums[tile_of_pixel[r, c]] += weights[r, c] * image[r, c]
+    return sums
+
+
+@njit(cache=True, nogil=True)
+def add_tile_levels(image, tile_of_pixel, levels, weights):
+    """Add each pixel's tile's level times its weight to ``image`` (in place)."""
+    for r in range(tile_of_pixel.shape[0]):
+        for c in range(tile_of_pixel.shape[1]):
+            image[r, c] += levels[tile_of_pixel[r, c]] * weights[r, c]
 
 
 @njit(cache=True, nogil=True)

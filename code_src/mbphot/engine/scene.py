@@ -29,8 +29,8 @@ from scipy.linalg import blas, lapack
 from scipy.sparse.linalg import splu
 
 from .kernels import (
-    add_stamps, band_block, block_members, envelope_inverse_diagonals, overlapping_pairs, pair_overlaps, residual_sums,
-    stamp_dots, submatrix_entries, symmetric_csr, tile_sums, weighted_stamps,
+    add_stamps, add_tile_levels, band_block, block_members, envelope_inverse_diagonals, overlapping_pairs, pair_overlaps,
+    residual_sums, stamp_dots, submatrix_entries, symmetric_csr, tile_dots, tile_sums, weighted_stamps,
 )
 from .prf import PRFTable, placed_wings, point_weights, prf_table_arrays
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
@@ -726,7 +726,7 @@ def _whitened_model(scene: _Scene, solution, wings=None):
     model = np.zeros_like(scene.padded[0])
     add_stamps(scene.weighted, scene.slots, scene.col, scene.row, flux[: scene.n_source], model)
     if scene.tile_of_pixel is not None:
-        _tile_view(scene, model)[...] += flux[scene.n_source :][scene.tile_of_pixel] * _tile_view(scene, scene.padded[1])
+        add_tile_levels(_tile_view(scene, model), scene.tile_of_pixel, flux[scene.n_source :], _tile_view(scene, scene.padded[1]))
     if wings is not None:
         model += wings.image(flux[: scene.n_source])
     return model
@@ -825,8 +825,9 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
         """(C, S)^T W times a model image given whitened: the cores' and sky tiles' rows."""
         return np.concatenate([
             stamp_dots(scene.weighted, scene.slots, scene.col, scene.row, image),
-            np.bincount(scene.tile_of_pixel.ravel(), (_tile_view(scene, scene.padded[1]) * _tile_view(scene, image)).ravel(),
-                        minlength=scene.rhs.size - n_source) if scene.tile_of_pixel is not None else np.empty(0),
+            tile_dots(
+                scene.tile_of_pixel, _tile_view(scene, scene.padded[1]), _tile_view(scene, image), scene.rhs.size - n_source
+            ) if scene.tile_of_pixel is not None else np.empty(0),
         ])
 
     def normal_product(solution):
