@@ -254,10 +254,9 @@ def _sky_couplings(weighted, slots, col, row, padded, tile_of_pixel, tile_size, 
     fresh = np.arange(col.size)
     if previous is None:
         margin = 2 * half
-        tile = tile_of_pixel.ravel()
         inner = (slice(margin, margin + image_shape[0]), slice(margin, margin + image_shape[1]))
-        tile_diagonal = np.bincount(tile, (sqrt_weight[inner] ** 2).ravel(), minlength=n_rows * n_cols)
-        tile_rhs = np.bincount(tile, (sqrt_weight[inner] * whitened[inner]).ravel(), minlength=n_rows * n_cols)
+        tile_diagonal = tile_dots(tile_of_pixel, sqrt_weight[inner], sqrt_weight[inner], n_rows * n_cols)
+        tile_rhs = tile_dots(tile_of_pixel, sqrt_weight[inner], whitened[inner], n_rows * n_cols)
         kept_sources = kept_tiles = np.zeros(0, dtype=np.intp)
         kept_values = np.zeros(0)
     else:
