@@ -403,13 +403,14 @@ def test_symmetric_csr_is_scipys_conversion_and_submatrices_and_bands_its_indexi
     # Two runs, each sorted by (first, second), as kept and new pairs come.
     runs = np.concatenate([np.flatnonzero(first % 3 == 0), np.flatnonzero(first % 3 != 0)])
     first, second, values = first[runs], second[runs], values[runs]
-    data, indices, indptr = symmetric_csr(n, 1.5, first, second, values, scale)
+    diagonal = rng.uniform(1.0, 2.0, n)
+    data, indices, indptr = symmetric_csr(n, diagonal, first, second, values, scale)
 
     keep = values != 0
     scaled = values[keep] * scale[first[keep]] * scale[second[keep]]
     everything = np.arange(n)
     expected = sparse.coo_matrix(
-        (np.r_[np.full(n, 1.5), scaled, scaled],
+        (np.r_[diagonal, scaled, scaled],
          (np.r_[everything, first[keep], second[keep]], np.r_[everything, second[keep], first[keep]])), shape=(n, n),
     ).tocsr()
     np.testing.assert_array_equal(indptr, expected.indptr)

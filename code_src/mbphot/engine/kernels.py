@@ -485,8 +485,8 @@ def residual_sums(
 
 @njit(cache=True, nogil=True)
 def symmetric_csr(n, diagonal, first, second, values, scale):
-    """CSR arrays (data, indices, indptr) of the n x n symmetric matrix with ``diagonal`` on its
-    diagonal and ``values[k] * scale[first[k]] * scale[second[k]]`` at (first[k], second[k])
+    """CSR arrays (data, indices, indptr) of the n x n symmetric matrix with ``diagonal`` (one
+    value per row) on its diagonal and ``values[k] * scale[first[k]] * scale[second[k]]`` at (first[k], second[k])
     and (second[k], first[k]), for every k whose value is nonzero.
 
     The pairs must be distinct, with ``first < second``. Each row's columns come out in
@@ -509,7 +509,7 @@ def symmetric_csr(n, diagonal, first, second, values, scale):
     fill = indptr[:n].copy()
     for i in range(n):
         indices[fill[i]] = i
-        data[fill[i]] = diagonal
+        data[fill[i]] = diagonal[i]
         fill[i] += 1
     for k in range(first.size):
         if values[k] != 0.0:

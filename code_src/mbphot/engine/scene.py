@@ -635,22 +635,30 @@ def _previous_unknowns(previous, modelled, x, y, tables, profile):
     source, unknown = modelled[there], old[there]
     # A table is the same object, not only the same index: the scenes of a position step
     # add gradient tables after the profiles.
-    previous_tables = previous.terms.tables
-    same_table = np.array([[a is b for b in tables] for a in previous_tables])
+    index_of_table = {id(table): k for k, table in enumerate(tables)}
+    now_index = np.array([index_of_table.get(id(table), -1) for table in previous.terms.tables], dtype=np.intp)
     same = (
         (previous.terms.x[unknown] == x[source]) & (previous.terms.y[unknown] == y[source])
-        & same_table[previous.terms.profile[unknown], profile[source]]
+        & (now_index[previous.terms.profile[unknown]] == profile[source])
     )
     old[there[~same]] = -1
     return old
 
 
-def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous=None) -> _Scene:
+def _normal_equations(
+    image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous=None, prior_sigma=None,
+    prior_mean=None,
+) -> _Scene:
     """Assemble the scene's normal equations from stamp overlaps (see `scene_photometry`).
 
     ``previous``: a scene of the same image, sky, noise and PRF. Its terms are reused for
     every source at the same index, position and table: the scenes of one `scene_photometry`
     call differ only in the bright sources moved onto their light and their gradients.
+
+    ``prior_sigma`` and ``prior_mean`` (per source of ``x``; sigma infinite for none): a
+    Gaussian prior N(mean, sigma^2) on each source's coefficient. It adds 1 / sigma^2 to the
+    unknown's diagonal and mean / sigma^2 to its right-hand side: in the scaled unknowns,
+    scale^2 / sigma^2 and scale mean / sigma^2.
     """
     ny, nx = image.shape
     half = prf_table.half_size
@@ -705,11 +713,18 @@ def _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, 
     scale = 1.0 / np.sqrt(np.where(unconstrained, 1.0, diagonal))
     rhs = np.where(unconstrained, 0.0, rhs) * scale
     n_unknown = diagonal.size
-    normal = sparse.csr_matrix(symmetric_csr(n_unknown, 1.0 + _RIDGE, first, second, values, scale), shape=(n_unknown, n_unknown))
+    prior = None
+    if prior_sigma is not None:
+        prior = np.zeros(n_unknown)
+        prior[:n_source] = (scale[:n_source] / prior_sigma[modelled]) ** 2
+        if prior_mean is not None:
+            rhs[:n_source] += scale[:n_source] * prior_mean[modelled] / prior_sigma[modelled] ** 2
+    unit_diagonal = np.full(n_unknown, 1.0 + _RIDGE) if prior is None else (1.0 + _RIDGE) + prior
+    normal = sparse.csr_matrix(symmetric_csr(n_unknown, unit_diagonal, first, second, values, scale), shape=(n_unknown, n_unknown))
     normal.has_sorted_indices = True
     return _Scene(
         normal, rhs, scale, unconstrained, covered, unknown_of_source, n_source, centres, extents,
-        modelled, m_col, m_row, slots, pool, padded, tile_of_pixel, terms,
+        modelled, m_col, m_row, slots, pool, padded, tile_of_pixel, terms, prior,
     )
 
 
@@ -1289,17 +1304,9 @@ def scene_photometry(
     def solve(x, y, tables=tables, profile=profile, cores_only=False, prior_sigma=None, prior_mean=None):
         nonlocal last_fit
         previous, previous_solution = last_fit
-        scene = _normal_equations(image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous)
-        if prior_sigma is not None:
-            # A Gaussian prior N(m, s^2) on an unknown adds 1 / s^2 to its diagonal and m / s^2
-            # to its right-hand side: in the scaled unknowns, scale^2 / s^2 and scale m / s^2.
-            extra = np.zeros(scene.normal.shape[0])
-            source_scale = scene.scale[: scene.n_source]
-            extra[: scene.n_source] = (source_scale / prior_sigma[scene.modelled]) ** 2
-            scene.normal = (scene.normal + sparse.diags(extra)).tocsr()
-            scene.prior = extra
-            if prior_mean is not None:
-                scene.rhs[: scene.n_source] += source_scale * prior_mean[scene.modelled] / prior_sigma[scene.modelled] ** 2
+        scene = _normal_equations(
+            image, x, y, prf_table, cutout_size, sky, sigma, fit_sky, tables, profile, previous, prior_sigma, prior_mean
+        )
         subdomains = _subdomains(scene.centres, scene.extents, image.shape, half, scene.n_source)
         solver = _Solver(scene.normal, subdomains, scene.centres)
         start = None
