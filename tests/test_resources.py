@@ -1,4 +1,4 @@
-"""Worker counts honour the container's CPU limit; workers die with their parent."""
+"""Worker counts honour the container's CPU limit; workers die with their parent and start in the engine's environment."""
 
 import os
 import subprocess
@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from mbphot.photometry._executors import _executor
 from mbphot.resources import available_cpus
 from processes import ended, is_running
 
@@ -58,3 +59,16 @@ def test_a_pool_worker_dies_when_its_parent_is_killed(tmp_path):
     parent.kill()
     parent.wait()
     assert ended([worker]) == [], "the worker outlived its killed parent"
+
+
+def test_local_workers_start_with_one_blas_thread_numpy_without_huge_pages_and_the_users_settings(monkeypatch):
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1234")
+    names = ["OMP_NUM_THREADS", "NUMPY_MADVISE_HUGEPAGE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
+    with _executor(2, None) as run:
+        seen = dict(run(os.getenv, names))
+    assert seen == {
+        "OMP_NUM_THREADS": "1", "NUMPY_MADVISE_HUGEPAGE": "0", "MALLOC_MMAP_THRESHOLD_": str(256 * 1024**2),
+        "MALLOC_TRIM_THRESHOLD_": "1234",
+    }
+    assert "NUMPY_MADVISE_HUGEPAGE" not in os.environ
