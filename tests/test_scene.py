@@ -10,7 +10,7 @@ from scipy import signal, sparse
 
 from mbphot.engine import FLAGS, build_prf_table, forced_photometry, scene
 from mbphot.engine.epsf import render_sources
-from mbphot.engine.kernels import band_block, overlapping_pairs, submatrix_entries, symmetric_csr
+from mbphot.engine.kernels import band_block, overlapping_pairs, padded_pixels, submatrix_entries, symmetric_csr
 from mbphot.engine.scene import scene_photometry
 from mbphot.engine.solve import fit_quality_scale
 from synthetic import OVERSAMPLING, SIGMA_PIX, gaussian_prf_file, render
@@ -390,6 +390,27 @@ def test_overlapping_pairs_are_every_pair_within_reach_in_order(reach):
     np.testing.assert_array_equal(second, expected_second)
     everything = overlapping_pairs(col, row, reach, np.ones(n, dtype=bool))
     assert everything[0].size == np.count_nonzero(np.triu(near, k=1))
+
+
+def test_padded_pixels_whiten_the_usable_pixels_and_zero_the_rest():
+    rng = np.random.default_rng(3)
+    image = rng.normal(10.0, 2.0, (6, 7))
+    sky = rng.normal(1.0, 0.1, (6, 7))
+    sigma = rng.uniform(0.5, 2.0, (6, 7))
+    image[0, 0], image[1, 2] = np.nan, np.inf
+    sky[2, 3] = np.nan
+    sigma[3, 4], sigma[4, 5], sigma[5, 6] = 0.0, -1.0, np.nan
+    whitened, sqrt_weight, valid = padded_pixels(image, sky, sigma, 2)
+
+    usable = np.ones((6, 7), dtype=bool)
+    usable[[0, 1, 2, 3, 4, 5], [0, 2, 3, 4, 5, 6]] = False
+    assert whitened.shape == sqrt_weight.shape == valid.shape == (10, 11)
+    inner = (slice(2, 8), slice(2, 9))
+    np.testing.assert_array_equal(valid[inner], usable)
+    assert valid.sum() == usable.sum() and np.count_nonzero(sqrt_weight) == usable.sum()
+    np.testing.assert_array_equal(sqrt_weight[inner][usable], 1.0 / sigma[usable])
+    np.testing.assert_array_equal(whitened[inner][usable], (image - sky)[usable] * (1.0 / sigma[usable]))
+    assert np.all(whitened[inner][~usable] == 0.0) and np.all(sqrt_weight[inner][~usable] == 0.0)
 
 
 def test_symmetric_csr_is_scipys_conversion_and_submatrices_and_bands_its_indexing():

@@ -9,8 +9,8 @@ from numba import njit
 
 __all__ = [
     "add_interpolated_stamps", "add_stamps", "add_tile_levels", "band_block", "block_members",
-    "envelope_inverse_diagonals", "overlapping_pairs", "pair_overlaps", "residual_sums", "stamp_dots", "submatrix_entries",
-    "symmetric_csr", "tile_dots", "tile_sums", "weighted_stamps",
+    "envelope_inverse_diagonals", "overlapping_pairs", "padded_pixels", "pair_overlaps", "residual_sums", "stamp_dots",
+    "submatrix_entries", "symmetric_csr", "tile_dots", "tile_sums", "weighted_stamps",
 ]
 
 
@@ -70,6 +70,27 @@ def overlapping_pairs(col, row, reach, fresh):
     second = np.empty(count, dtype=np.intp)
     _strip_pairs(col, row, reach, fresh, first, second)
     return first, second
+
+
+@njit(cache=True, nogil=True)
+def padded_pixels(image, sky, sigma, margin):
+    """The whitened data (image less sky, over sigma), square-root weights (1 / sigma) and
+    usability of every pixel, each padded by ``margin`` zeros (False) on every side, in one
+    pass. A pixel is usable where image, sky and sigma are finite and sigma is positive;
+    elsewhere both values are 0. ``image``, ``sky`` and ``sigma``: arrays of one shape."""
+    ny, nx = image.shape
+    whitened = np.zeros((ny + 2 * margin, nx + 2 * margin))
+    sqrt_weight = np.zeros((ny + 2 * margin, nx + 2 * margin))
+    valid = np.zeros((ny + 2 * margin, nx + 2 * margin), dtype=np.bool_)
+    for r in range(ny):
+        for c in range(nx):
+            data, level, noise = image[r, c], sky[r, c], sigma[r, c]
+            if np.isfinite(data) and np.isfinite(level) and np.isfinite(noise) and noise > 0:
+                weight = 1.0 / noise
+                sqrt_weight[r + margin, c + margin] = weight
+                whitened[r + margin, c + margin] = (data - level) * weight
+                valid[r + margin, c + margin] = True
+    return whitened, sqrt_weight, valid
 
 
 @njit(cache=True, nogil=True)

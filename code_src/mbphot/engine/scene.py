@@ -29,8 +29,8 @@ from scipy.linalg import blas, lapack
 from scipy.sparse.linalg import splu
 
 from .kernels import (
-    add_stamps, add_tile_levels, band_block, block_members, envelope_inverse_diagonals, overlapping_pairs, pair_overlaps,
-    residual_sums, stamp_dots, submatrix_entries, symmetric_csr, tile_dots, tile_sums, weighted_stamps,
+    add_stamps, add_tile_levels, band_block, block_members, envelope_inverse_diagonals, overlapping_pairs, padded_pixels,
+    pair_overlaps, residual_sums, stamp_dots, submatrix_entries, symmetric_csr, tile_dots, tile_sums, weighted_stamps,
 )
 from .prf import PRFTable, placed_wings, point_weights, prf_table_arrays
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
@@ -109,19 +109,17 @@ _MAX_RESIZE_BINS = 2
 
 
 def _pixel_arrays(image, sky, sigma, margin):
-    """Whitened data, square-root weights and usability of every pixel, padded by ``margin``.
+    """Whitened data, square-root weights and usability of every pixel, padded by ``margin``
+    (`kernels.padded_pixels`).
 
     Whitening (dividing by sigma) lets every A element be a plain dot product of two
     weighted stamps: u_i = P_i sqrt(W), A_ij = u_i . u_j, b_i = u_i . (d sqrt(W)).
     """
-    data = np.asarray(image, dtype=np.float64)
-    sky_values = np.broadcast_to(np.asarray(sky, dtype=np.float64), data.shape)
-    sigma_values = np.broadcast_to(np.asarray(sigma, dtype=np.float64), data.shape)
-    valid = np.isfinite(data) & np.isfinite(sky_values) & np.isfinite(sigma_values) & (sigma_values > 0)
-    sqrt_weight = np.where(valid, 1.0 / np.where(valid, sigma_values, 1.0), 0.0)
-    whitened = np.where(valid, (data - np.where(valid, sky_values, 0.0)) * sqrt_weight, 0.0)
-    pad = ((margin, margin), (margin, margin))
-    return np.pad(whitened, pad), np.pad(sqrt_weight, pad), np.pad(valid, pad)
+    data = np.ascontiguousarray(image, dtype=np.float64)
+    sky_values, sigma_values = (
+        np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype=np.float64), data.shape)) for values in (sky, sigma)
+    )
+    return padded_pixels(data, sky_values, sigma_values, margin)
 
 
 class _StampPool:
