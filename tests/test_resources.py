@@ -1,4 +1,5 @@
-"""Worker counts honour the container's CPU limit; workers die with their parent and start in the engine's environment."""
+"""Worker counts honour the container's CPU limit; workers die with their parent and start in
+the engine's environment."""
 
 import os
 import subprocess

@@ -60,8 +60,8 @@ class Band:
         of the engine's CPU time; from 7 to 6 pixels, IRAC's by a median 0.00-0.03 % (2 % of
         those at S/N > 10 by more than a sigma, as the size and position choices made on the
         cores change: their pulls' rms went from 1.16 to 1.10 in irac1, 1.01 to 1.27 in irac2),
-        in 13 % less (replayed irac1 scenes: 0.447
-        against 0.515 s). 5-pixel cores flagged 6 % of irac1 and irac2 at S/N > 10.
+        in 13 % less (replayed irac1 scenes: 0.447 against 0.515 s). 5-pixel cores flagged 6 %
+        of irac1 and irac2 at S/N > 10.
     calibration_core_radius_pixels : float or None
         The same split for the calibration's fits (`mbphot.calibration`). It measures the
         PRF's profile from the residuals of those fits: with IRAC's 7-pixel cores it came out

@@ -523,8 +523,8 @@ def residual_sums(
 @njit(cache=True, nogil=True)
 def symmetric_csr(n, diagonal, first, second, values, scale):
     """CSR arrays (data, indices, indptr) of the n x n symmetric matrix with ``diagonal`` (one
-    value per row) on its diagonal and ``values[k] * scale[first[k]] * scale[second[k]]`` at (first[k], second[k])
-    and (second[k], first[k]), for every k whose value is nonzero.
+    value per row) on its diagonal and ``values[k] * scale[first[k]] * scale[second[k]]`` at
+    (first[k], second[k]) and (second[k], first[k]), for every k whose value is nonzero.
 
     The pairs must be distinct, with ``first < second``. Each row's columns come out in
     increasing order, as scipy's conversion from coordinates sorts them, and the same

@@ -117,7 +117,8 @@ def _pixel_arrays(image, sky, sigma, margin):
     """
     data = np.ascontiguousarray(image, dtype=np.float64)
     sky_values, sigma_values = (
-        np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype=np.float64), data.shape)) for values in (sky, sigma)
+        np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype=np.float64), data.shape))
+        for values in (sky, sigma)
     )
     return padded_pixels(data, sky_values, sigma_values, margin)
 
@@ -872,9 +873,11 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
             break
         solution = step
         # The steps shrink geometrically: what they would still change after this one is
-        # about change * ratio / (1 - ratio), the ratio that of the last two changes.
+        # about change * ratio / (1 - ratio), the ratio that of the last two changes (after
+        # the first step, unknown: its change).
         ratio = change / last_change
-        if change * ratio / (1.0 - ratio) < _WING_TOLERANCE if np.isfinite(last_change) else change < _WING_TOLERANCE:
+        still_to_change = change if ratio == 0.0 else change * ratio / (1.0 - ratio)
+        if still_to_change < _WING_TOLERANCE:
             return solution, wings
         last_change = change
     # Steps that shrink slowly or grow (where a source's wings outweigh what its core sees:

@@ -71,10 +71,11 @@ def _worker_environment():
     allocates and frees such arrays for every scene, and the page faults of fresh memory cost
     about 5 % of its time. NumPy does not ask for transparent huge pages for its large
     arrays: where the kernel compacts memory to find them when first touched (``defrag`` set
-    to ``madvise``, as here), a fresh process's first IRAC scene of the bench field took
+    to ``madvise``, as here), the bench field's irac1 scenes replayed in a fresh process took
     0.49-0.80 s of engine time instead of 0.47-0.48. Settings the user made are kept.
     """
-    saved = {name: os.environ.get(name) for name in (*_BLAS_THREAD_VARIABLES, *_MALLOC_VARIABLES, _NUMPY_HUGEPAGE_VARIABLE)}
+    names = (*_BLAS_THREAD_VARIABLES, *_MALLOC_VARIABLES, _NUMPY_HUGEPAGE_VARIABLE)
+    saved = {name: os.environ.get(name) for name in names}
     os.environ.update({name: "1" for name in _BLAS_THREAD_VARIABLES})
     for name in _MALLOC_VARIABLES:
         os.environ.setdefault(name, str(_MALLOC_KEEP_BYTES))
