@@ -1473,8 +1473,6 @@ def scene_photometry(
         blended = is_blended(neighbour_flux, fitted, noise_scale * np.sqrt(variance))
     variance = total_variance(variance, fitted, light_error, noise_scale, prf_error, 1.0)
 
-    target_col = col[target_sources]
-    target_row = row[target_sources]
     cutout_inside = (
         (target_col >= half_cutout) & (target_col < nx - half_cutout)
         & (target_row >= half_cutout) & (target_row < ny - half_cutout)
