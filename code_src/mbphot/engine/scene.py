@@ -738,15 +738,16 @@ def _tile_view(scene: _Scene, padded_image):
     return padded_image[margin : padded_image.shape[0] - margin, margin : padded_image.shape[1] - margin]
 
 
-def _whitened_model(scene: _Scene, solution, wings=None):
-    """The fitted model of the scene's data over the noise, on the padded grid."""
+def _whitened_model(scene: _Scene, solution, wings=None, wing_image=None):
+    """The fitted model of the scene's data over the noise, on the padded grid; with ``wings``,
+    their image of the solution's fluxes, or ``wing_image`` where given."""
     flux = solution * scene.scale
     model = np.zeros_like(scene.padded[0])
     add_stamps(scene.weighted, scene.slots, scene.col, scene.row, flux[: scene.n_source], model)
     if scene.tile_of_pixel is not None:
         add_tile_levels(_tile_view(scene, model), scene.tile_of_pixel, flux[scene.n_source :], _tile_view(scene, scene.padded[1]))
     if wings is not None:
-        model += wings.image(flux[: scene.n_source])
+        model += wings.image(flux[: scene.n_source]) if wing_image is None else wing_image
     return model
 
 
@@ -755,7 +756,8 @@ class _Wings:
 
     `image` spreads each flux over the 4 x 4 pixels around its source (`point_weights`: the
     kernel is interpolated to the source's sub-pixel position by cubic convolution) and
-    convolves with the wing kernel; `adjoint` is its transpose.
+    convolves with the wing kernel; `adjoint` is its transpose. ``fitted_image``: the image
+    that the final fit of the cores was made against (`_solve_with_wings`), None if unknown.
 
     The convolutions are those of ``scipy.signal.fftconvolve(..., mode="same")``, with the
     kernel's transforms computed once rather than at every product, and on a periodic grid
@@ -778,6 +780,7 @@ class _Wings:
         # Only the conjugate gradients' fallback takes the adjoint: its transform when needed.
         self.flipped_transform = None
         self.with_wings = with_wings
+        self.fitted_image = None
         shape = sqrt_weight.shape
         rows, cols, shares = point_weights(x, y)
         rows, cols = rows + margin, cols + margin
@@ -866,7 +869,8 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
     flux_scale = scene.scale[:n_source]
     last_change = np.inf
     for _ in range(_WING_STEPS):
-        wing_light = cores_adjoint(wings.image(solution[:n_source] * flux_scale)) * scene.scale
+        wing_image = wings.image(solution[:n_source] * flux_scale)
+        wing_light = cores_adjoint(wing_image) * scene.scale
         step = solver.solve(scene.rhs - np.where(scene.unconstrained, 0.0, wing_light), start=solution, tolerance=_STEP_TOLERANCE)
         change = np.max(np.abs(step - solution), initial=0.0)
         if not change < _WING_CONTRACTION * last_change:
@@ -878,6 +882,10 @@ def _solve_with_wings(scene: _Scene, solver: _Solver, prf_table, x, y, shape, co
         ratio = change / last_change
         still_to_change = change if ratio == 0.0 else change * ratio / (1.0 - ratio)
         if still_to_change < _WING_TOLERANCE:
+            # The quality metrics' model takes the wings this fit subtracted, made from the
+            # fluxes one step back, rather than a wing image more: on the realistic bench
+            # field the fluxes moved by at most 1.6e-4 sigma (NUV 2e-5), rchisq by 0.4 %.
+            wings.fitted_image = wing_image
             return solution, wings
         last_change = change
     # Steps that shrink slowly or grow (where a source's wings outweigh what its core sees:
@@ -1415,7 +1423,7 @@ def scene_photometry(
 
     # Quality metrics from the residual of the whole fit. In the scaled equations A_ii = 1,
     # so a target's neighbours put (A x)_i - x_i of light into its profile (x in sigma units).
-    model = _whitened_model(scene, solution, wings)
+    model = _whitened_model(scene, solution, wings, None if wings is None else wings.fitted_image)
     chi = np.where(scene.padded[2], scene.padded[0] - model, 0.0)
     # A position step's gradients are their sources' own model, not neighbours' light.
     real = scene.modelled < n_catalogue
