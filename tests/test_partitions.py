@@ -197,3 +197,33 @@ def test_a_partition_write_cut_short_leaves_no_result_under_its_final_name(manif
 
     resumed = measure_field(manifest, BANDS, n_workers=1, progress=False, partition_arcmin=1.0, **SMALL_GRID)
     _assert_identical(reference, resumed)
+
+
+def test_after_the_warm_up_a_scene_fit_as_the_photometry_makes_it_compiles_nothing_more():
+    """The warm-up loads every kernel signature a scene fit uses, whatever arrays it is given
+    (maps or scalars, writeable or not): a signature loaded later is charged to a band."""
+    script = textwrap.dedent("""\
+        import numpy as np
+        from numba.core.registry import CPUDispatcher
+        from mbphot.engine import kernels
+        from mbphot.engine.prf import build_prf_table
+        from mbphot.engine.scene import scene_photometry
+        from mbphot.photometry._partitions import _warm_up
+
+        _warm_up()
+        dispatchers = [f for f in vars(kernels).values() if isinstance(f, CPUDispatcher)]
+        before = [len(f.signatures) for f in dispatchers]
+        yy, xx = np.mgrid[-8:9, -8:9]
+        table = build_prf_table(np.exp(-(xx**2 + yy**2) / 3.0), n_phase=5, max_half_size=4)
+        rng = np.random.default_rng(3)
+        image = rng.normal(size=(40, 40))
+        image.flags.writeable = False
+        # A sparse field, and one as crowded as GALEX's (the variances' other path).
+        for n in (12, 700):
+            x, y = rng.uniform(5, 35, n), rng.uniform(5, 35, n)
+            for sky, sigma in ((np.zeros((40, 40)), np.ones((40, 40))), (0.0, 1.0)):
+                scene_photometry(image, x, y, np.arange(n), table, 9, sky=sky, sigma=sigma, fit_sky=True)
+        print([f.__name__ for f, n in zip(dispatchers, before) if len(f.signatures) != n])
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -200,6 +200,11 @@ def _tiny_fits() -> None:
         position_error_pix=0.1, extended=([table, wider], np.array([0, -1])), sizes=(0, 2, 0.7),
         pixel_error=np.array([0.01, 0.02]),
     )
+    # Sources as crowded as GALEX's: the variances take their LAPACK path (`_local_variances`).
+    crowded_x, crowded_y = np.random.default_rng(0).uniform(1.0, 13.0, (2, 90))
+    _engine_function("mbphot", "scene")(
+        np.zeros((15, 15)), crowded_x, crowded_y, np.arange(90), table, 5, sky=0.0, sigma=1.0, fit_sky=True
+    )
 
 
 def _warm_up() -> float:
