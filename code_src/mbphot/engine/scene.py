@@ -780,28 +780,38 @@ class _Wings:
             sp_fft.next_fast_len(n + k - 1 - c, real=True) for n, k, c in zip(sqrt_weight.shape, kernel.shape, self.centre)
         )
         self.kernel = np.asarray(kernel, dtype=np.float32)
-        self.kernel_transform = sp_fft.rfft2(self.kernel, self.fft_shape)
+        self.kernel_transform = self._transform(self.kernel)
         # Only the conjugate gradients' fallback takes the adjoint: its transform when needed.
         self.flipped_transform = None
-        self.with_wings = with_wings
         self.fitted_image = None
+        # Only the sources with wings are placed (a position step's gradients, a third of
+        # irac1's bright scenes' unknowns, have none).
+        self.n_source = x.size
+        self.sources = np.flatnonzero(with_wings)
         shape = sqrt_weight.shape
-        rows, cols, shares = point_weights(x, y)
+        rows, cols, shares = point_weights(x[self.sources], y[self.sources])
         rows, cols = rows + margin, cols + margin
         inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
         self.indices = np.where(inside, rows * shape[1] + cols, 0)
         self.shares = np.where(inside, shares, 0.0)
 
+    def _transform(self, kernel):
+        """``rfft2(kernel, fft_shape)``, the rows' transforms taken of the kernel's own rows
+        only (the same numbers in a third of the time: the padding rows are zeros)."""
+        return sp_fft.fft(sp_fft.rfft(kernel, n=self.fft_shape[1], axis=1), n=self.fft_shape[0], axis=0)
+
     def image(self, flux):
-        flux = np.where(self.with_wings, flux, 0.0)
-        points = np.bincount(self.indices.ravel(), (self.shares * flux).ravel(), minlength=self.sqrt_weight.size)
+        weights = self.shares * flux[self.sources]
+        points = np.bincount(self.indices.ravel(), weights.ravel(), minlength=self.sqrt_weight.size)
         return self._convolve(points.reshape(self.sqrt_weight.shape), self.kernel_transform) * self.sqrt_weight
 
     def adjoint(self, image):
         if self.flipped_transform is None:
-            self.flipped_transform = sp_fft.rfft2(self.kernel[::-1, ::-1], self.fft_shape)
+            self.flipped_transform = self._transform(self.kernel[::-1, ::-1])
         correlated = self._convolve(image * self.sqrt_weight, self.flipped_transform).ravel()
-        return np.where(self.with_wings, (correlated[self.indices] * self.shares).sum(axis=0), 0.0)
+        result = np.zeros(self.n_source)
+        result[self.sources] = (correlated[self.indices] * self.shares).sum(axis=0)
+        return result
 
     def _convolve(self, image, kernel_transform):
         """``image`` convolved with the kernel whose transform is given, "same" mode.
