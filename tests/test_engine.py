@@ -159,7 +159,10 @@ def test_table_is_the_prf_spline_at_every_phase(oversampling):
     for i, phase_y in enumerate(table.phases):
         for j, phase_x in enumerate(table.phases):
             rows, cols = np.meshgrid(grid - phase_y, grid - phase_x, indexing="ij")
-            np.testing.assert_allclose(table.stamps[i, j] + wings[i, j], spline(rows, cols), rtol=0, atol=1e-12)
+            # The stamps are stored in single precision (`PRFTable`): rounded once.
+            np.testing.assert_allclose(
+                table.stamps[i, j], spline(rows, cols) - wings[i, j], rtol=np.finfo(np.float32).eps, atol=1e-12
+            )
     wing_half = table.wings.shape[0] // 2
     wing_grid = np.arange(-wing_half, wing_half + 1)
     rows, cols = np.meshgrid(wing_grid, wing_grid, indexing="ij")
@@ -205,9 +208,15 @@ def test_fitted_sky_absorbs_a_wrong_sky_estimate(table):
 
 def test_tables_are_contiguous():
     rng = np.random.default_rng(2)
-    large = rng.random((33, 33, 21, 21))
-    table = PRFTable(large, np.linspace(-0.5, 0.5, 33), 10)
+    phases = np.linspace(-0.5, 0.5, 33)
+    large = rng.random((33, 33, 21, 21)).astype(np.float32)
+    table = PRFTable(large, phases, 10)
     assert table.stamps is large
-    # Every table in one layout, the one the kernels are compiled for when a process starts.
-    strided = PRFTable(large[:, :, 2:19, 2:19], np.linspace(-0.5, 0.5, 33), 8).stamps
+    # Every table in one layout and one of two types, those the kernels are compiled for
+    # when a process starts.
+    strided = PRFTable(large[:, :, 2:19, 2:19], phases, 8).stamps
     assert strided.flags.c_contiguous and np.array_equal(strided, large[:, :, 2:19, 2:19])
+    double = large.astype(np.float64)
+    assert PRFTable(double, phases, 10).stamps is double
+    assert PRFTable(large.astype(np.float16), phases, 10).stamps.dtype == np.float64
+    assert build_prf_table(np.ones((5, 5)), n_phase=3).stamps.dtype == np.float32

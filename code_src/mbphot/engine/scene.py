@@ -191,7 +191,7 @@ class _Tables(list):
     `with_gradients`) and their stamps as the compiled kernels take them.
 
     ``stamps`` holds each profile's stamps once, a typed list of one array type (read-only
-    float64 views, whatever the arrays' own flags); ``base`` and ``axis`` give each table's
+    float32 views, whatever the arrays' own flags); ``base`` and ``axis`` give each table's
     entry there and its derivative axis (0: the profile itself, else a `_Derivative`'s). A
     typed list takes about 10 us an entry to build: once per `scene_photometry` call.
     """
@@ -201,7 +201,7 @@ class _Tables(list):
         if stamps is None:
             views = []
             for table in tables:
-                view = np.asarray(table.stamps, dtype=np.float64).view()
+                view = np.asarray(table.stamps, dtype=np.float32).view()
                 view.flags.writeable = False
                 views.append(view)
             stamps, base, axis = typed.List(views), np.arange(len(tables)), np.zeros(len(tables), dtype=np.intp)
@@ -955,7 +955,7 @@ def disc_tables(images, oversampling, prf_table: PRFTable, flux_fraction: float 
     (`mbphot.engine.prf.placed_wings`), so that a source's model is its profile over the
     whole stamp and the point PRF's wings beyond (a disc of an arcsecond changes those
     little). The images are cut to the stamps' reach first, which keeps this quick for PRFs
-    with far wings.
+    with far wings. The stamps have the point table's type.
     """
     reach = (prf_table.half_size + _DISC_MARGIN_PIX) * oversampling
     wings = 0.0 if prf_table.wings is None else placed_wings(prf_table.wings, prf_table.phases, prf_table.half_size)
@@ -968,7 +968,7 @@ def disc_tables(images, oversampling, prf_table: PRFTable, flux_fraction: float 
         )
         stamps *= flux_fraction * cut.sum() / drawn.sum()
         stamps -= wings
-        tables.append(PRFTable(stamps, phases, half_size))
+        tables.append(PRFTable(stamps.astype(prf_table.stamps.dtype), phases, half_size))
     return tables
 
 

@@ -43,7 +43,7 @@ def tabulate_prf(prf, oversampling, band: Band, split_wings: bool = False, flux_
     )
     wings = None if wings is None else wings * flux_fraction
     stamps *= flux_fraction
-    return PRFTable(stamps=stamps, phases=phases, half_size=half_size, wings=wings)
+    return PRFTable(stamps=stamps.astype(np.float32), phases=phases, half_size=half_size, wings=wings)
 
 
 def load_prf(path, band: Band, split_wings: bool = False) -> PRFTable:

@@ -400,9 +400,9 @@ def _band_prf(name):
     band = BANDS[name]
     if name in IRAC_BANDS:
         prf = _airy_prf(band, IRAC_PRF_OVERSAMPLING, IRAC_PRF_HALF_SIZE)
-        return prf, build_prf_table(prf, IRAC_PRF_OVERSAMPLING, n_phase=65, enclosed_fraction=1.0)
+        return prf, build_prf_table(prf, IRAC_PRF_OVERSAMPLING, n_phase=65, enclosed_fraction=1.0, dtype=np.float64)
     truth_psf = _galex_psf(band, 5, GALEX_PSF_HALF_SIZE)
-    table = build_prf_table(truth_psf, 5, n_phase=65, enclosed_fraction=1.0, max_half_size=20)
+    table = build_prf_table(truth_psf, 5, n_phase=65, enclosed_fraction=1.0, max_half_size=20, dtype=np.float64)
     file_psf = _galex_psf(band, 1, GALEX_PSF_HALF_SIZE)
     return file_psf / file_psf.max(), table
 

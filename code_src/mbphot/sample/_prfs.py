@@ -281,7 +281,9 @@ def galaxy_table(prf, oversampling, pixel_arcsec, re_arcsec, core_half, total, n
     disc = galsim.Exponential(half_light_radius=re_arcsec)
     size = 2 * (half + 1) * oversampling + 1
     image = galsim.Convolve(disc, prf).drawImage(nx=size, ny=size, scale=fine, method="no_pixel")
-    table = build_prf_table(image.array, oversampling, n_phase=n_phase, enclosed_fraction=1.0, max_half_size=half)
+    table = build_prf_table(
+        image.array, oversampling, n_phase=n_phase, enclosed_fraction=1.0, max_half_size=half, dtype=np.float64
+    )
     return _with_stamp_sums(table, total)
 
 
@@ -375,7 +377,9 @@ def band_model(name: str, realism) -> BandModel:
     core_total = 1.0 - (wing.sum() if wing is not None else 0.0)
     components, galaxies, cores = [], [], []
     for core in cores_os:
-        table = build_prf_table(core, os_, n_phase=POINT_N_PHASE, enclosed_fraction=1.0, max_half_size=core_half)
+        table = build_prf_table(
+            core, os_, n_phase=POINT_N_PHASE, enclosed_fraction=1.0, max_half_size=core_half, dtype=np.float64
+        )
         components.append(_with_stamp_sums(table, core_total))
         if realism.resolved_galaxies:
             galaxies.append(galaxy_tables(core, os_, pixel, core_half, core_total))
