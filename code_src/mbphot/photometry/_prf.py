@@ -36,7 +36,8 @@ def tabulate_prf(prf, oversampling, band: Band, split_wings: bool = False, flux_
     """Tabulate a PRF for the band's image grid; with ``split_wings`` (scene mode), a PRF
     reaching beyond the band's ``prf_core_radius_pixels`` is split into core stamps and a
     wing kernel. A source of unit total flux puts ``flux_fraction`` on the image (the rest
-    lies beyond the PRF's reach; `mbphot.calibration.Calibration.flux_fraction`)."""
+    lies beyond the PRF's reach; `mbphot.calibration.Calibration.flux_fraction`). The stamps
+    are single precision, as the engine's tables are (`mbphot.engine.PRFTable`)."""
     core_radius = band.prf_core_radius_pixels if split_wings else None
     stamps, phases, half_size, wings = prf_table_arrays(
         prf, oversampling=oversampling, enclosed_fraction=band.prf_enclosed_fraction, core_radius=core_radius
