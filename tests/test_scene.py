@@ -82,7 +82,9 @@ def test_two_sources_one_fwhm_apart_match_the_per_source_engine(table):
 @pytest.mark.parametrize("fit_sky", [False, True])
 def test_fluxes_and_errors_match_a_dense_least_squares_fit(table, fit_sky):
     """The sparse normal equations are the dense ones, and the local-block errors are the
-    exact sqrt(diag(A^-1)) to 1e-4 (measured: 1e-5 or better at COSMOS density)."""
+    exact sqrt(diag(A^-1)) to 1e-4 (measured: 1e-5 or better at COSMOS density). The fluxes
+    agree to 1e-5 sigma: the scene keeps its weighted stamps in single precision (6e-8 of
+    each value), which moved them by up to 2e-6 of the largest error (1.3e-7 with double-precision stamps)."""
     rng = np.random.default_rng(5)
     noise = 0.02
     image, x, y, _, targets = crowded_field(rng, 90, noise)
@@ -94,7 +96,7 @@ def test_fluxes_and_errors_match_a_dense_least_squares_fit(table, fit_sky):
     exact_flux, exact_err = dense_least_squares(image, x, y, table, noise, sky_tile=17 if fit_sky else None)
     good = (flag & (FLAGS["no_data"] | FLAGS["fit_failed"])) == 0
     assert good.sum() > 0.9 * targets.size
-    np.testing.assert_allclose(flux[good], exact_flux[targets[good]], rtol=0, atol=1e-6 * err[good].max())
+    np.testing.assert_allclose(flux[good], exact_flux[targets[good]], rtol=0, atol=1e-5 * err[good].max())
     np.testing.assert_allclose(err[good], exact_err[targets[good]], rtol=1e-4)
 
 

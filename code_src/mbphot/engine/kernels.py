@@ -101,7 +101,7 @@ def pair_overlaps(stamps, slots, col, row, first, second):
     ----------
     stamps : ndarray, shape (n_slot, size, size)
         The stamps; source i's is ``stamps[slots[i]]``, centred on pixel (``row[i]``,
-        ``col[i]``) of the grid.
+        ``col[i]``) of the grid. Single-precision stamps are multiplied in double precision.
     slots : ndarray of int
         Each source's stamp.
     col, row : ndarray of int
@@ -135,7 +135,7 @@ def pair_overlaps(stamps, slots, col, row, first, second):
             row_i = stamp_i[a, low:high]
             row_j = stamp_j[a - d_row, low - d_col : high - d_col]
             for b in range(width):
-                column_sums[b] += row_i[b] * row_j[b]
+                column_sums[b] += np.float64(row_i[b]) * np.float64(row_j[b])
         total = 0.0
         for b in range(width):
             total += column_sums[b]
@@ -202,8 +202,11 @@ def weighted_stamps(
         Half-side of the square (around the centre) over which the coverage is measured.
     slots : ndarray of int
         Where each source's stamp goes in ``weighted``.
-    weighted : ndarray, shape (n_slot, size, size)
-        Stamp times sqrt(weight).
+    weighted : ndarray of float32, shape (n_slot, size, size)
+        Stamp times sqrt(weight), rounded to single precision. The terms below are summed
+        (in double precision) from the rounded values, as `pair_overlaps` sums the products
+        of two stamps: the normal matrix is the exact Gram matrix of the stamps as stored,
+        positive semi-definite whatever the rounding (two sources at one position included).
     indices : ndarray of int
         Where each source's terms go in the arrays below.
     rhs, diagonal : ndarray, shape (n_index,)
@@ -241,7 +244,7 @@ def weighted_stamps(
                 in_core = abs(a - half) <= reach
                 for b in range(size):
                     value = w00 * t00[a, b] + w01 * t01[a, b] + w10 * t10[a, b] + w11 * t11[a, b]
-                    w = value * sqrt_weight[top + a, left + b]
+                    w = np.float64(np.float32(value * sqrt_weight[top + a, left + b]))
                     weighted[slot, a, b] = w
                     b_sum += w * whitened[top + a, left + b]
                     a_sum += w * w
@@ -260,7 +263,7 @@ def weighted_stamps(
                         c00 * (p00[a, b] - m00[a, b]) + c01 * (p01[a, b] - m01[a, b])
                         + c10 * (p10[a, b] - m10[a, b]) + c11 * (p11[a, b] - m11[a, b])
                     )
-                    w = value * sqrt_weight[top + a, left + b]
+                    w = np.float64(np.float32(value * sqrt_weight[top + a, left + b]))
                     weighted[slot, a, b] = w
                     b_sum += w * whitened[top + a, left + b]
                     a_sum += w * w
