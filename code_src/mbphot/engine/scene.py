@@ -147,7 +147,7 @@ class _StampPool:
         """Slots for ``n`` new stamps."""
         if self.used + n > self.stamps.shape[0]:
             capacity = max(self.used + n, self.stamps.shape[0] * 3 // 2)
-            grown = np.empty((capacity, *self.stamps.shape[1:]), dtype=np.float32)
+            grown = np.empty((capacity, *self.stamps.shape[1:]), dtype=self.stamps.dtype)
             grown[: self.used] = self.stamps[: self.used]
             self.stamps = grown
         slots = np.arange(self.used, self.used + n)
