@@ -165,7 +165,7 @@ def _difference_taps(table, phase_y, phase_x, weight, derivative, phase_step):
     return table[high, phase_x], table[low, phase_x], weight / ((high - low) * phase_step)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def weighted_stamps(
     tables, table_of_source, derivative, first_phase, phase_step, offset_x, offset_y, col, row, whitened, sqrt_weight,
     valid, reach, slots, weighted, indices, rhs, diagonal, covered,
@@ -207,6 +207,8 @@ def weighted_stamps(
         (in double precision) from the rounded values, as `pair_overlaps` sums the products
         of two stamps: the normal matrix is the exact Gram matrix of the stamps as stored,
         positive semi-definite whatever the rounding (two sources at one position included).
+        The sums may be reassociated (``fastmath`` reassoc), so that they vectorise: the
+        rounding of a few hundred double-precision terms in another order.
     indices : ndarray of int
         Where each source's terms go in the arrays below.
     rhs, diagonal : ndarray, shape (n_index,)
@@ -218,6 +220,8 @@ def weighted_stamps(
     n_phase = tables[0].shape[0]
     size = tables[0].shape[2]
     half = size // 2
+    n_pixel = size * size
+    profile = np.empty(n_pixel, dtype=np.float32)
     for source in range(col.size):
         table = tables[table_of_source[source]]
         slot = slots[source]
@@ -229,44 +233,51 @@ def weighted_stamps(
         # The padding is size - 1, so a stamp centred on pixel (row, col) starts at row + half.
         top = row[source] + half
         left = col[source] + half
-        b_sum = 0.0
-        a_sum = 0.0
-        core_total = 0.0
-        core_on_data = 0.0
-        # Each pixel interpolated, weighted and summed in one pass (the stamp's terms were a
-        # second pass over it). A derivative is the same bilinear sum of central differences;
-        # its coverage is never read (its source's own stamp has one).
+        # The profile first, over the stamps' contiguous pixels in single precision (a loop
+        # the compiler vectorises; along rows as short as IRAC's 13 pixels it did not). A
+        # derivative is the same bilinear sum of central differences.
         axis = derivative[source]
         if axis == 0:
-            t00, t01 = table[low_y, low_x], table[low_y, low_x + 1]
-            t10, t11 = table[low_y + 1, low_x], table[low_y + 1, low_x + 1]
-            for a in range(size):
-                in_core = abs(a - half) <= reach
-                for b in range(size):
-                    value = w00 * t00[a, b] + w01 * t01[a, b] + w10 * t10[a, b] + w11 * t11[a, b]
-                    w = np.float64(np.float32(value * sqrt_weight[top + a, left + b]))
-                    weighted[slot, a, b] = w
-                    b_sum += w * whitened[top + a, left + b]
-                    a_sum += w * w
-                    if in_core and abs(b - half) <= reach:
-                        core_total += value
-                        if valid[top + a, left + b]:
-                            core_on_data += value
+            t00, t01 = table[low_y, low_x].ravel(), table[low_y, low_x + 1].ravel()
+            t10, t11 = table[low_y + 1, low_x].ravel(), table[low_y + 1, low_x + 1].ravel()
+            f00, f01, f10, f11 = np.float32(w00), np.float32(w01), np.float32(w10), np.float32(w11)
+            for k in range(n_pixel):
+                profile[k] = f00 * t00[k] + f01 * t01[k] + f10 * t10[k] + f11 * t11[k]
         else:
             p00, m00, c00 = _difference_taps(table, low_y, low_x, w00, axis, phase_step)
             p01, m01, c01 = _difference_taps(table, low_y, low_x + 1, w01, axis, phase_step)
             p10, m10, c10 = _difference_taps(table, low_y + 1, low_x, w10, axis, phase_step)
             p11, m11, c11 = _difference_taps(table, low_y + 1, low_x + 1, w11, axis, phase_step)
-            for a in range(size):
-                for b in range(size):
-                    value = (
-                        c00 * (p00[a, b] - m00[a, b]) + c01 * (p01[a, b] - m01[a, b])
-                        + c10 * (p10[a, b] - m10[a, b]) + c11 * (p11[a, b] - m11[a, b])
-                    )
-                    w = np.float64(np.float32(value * sqrt_weight[top + a, left + b]))
-                    weighted[slot, a, b] = w
-                    b_sum += w * whitened[top + a, left + b]
-                    a_sum += w * w
+            p00, p01, p10, p11 = p00.ravel(), p01.ravel(), p10.ravel(), p11.ravel()
+            m00, m01, m10, m11 = m00.ravel(), m01.ravel(), m10.ravel(), m11.ravel()
+            g00, g01, g10, g11 = np.float32(c00), np.float32(c01), np.float32(c10), np.float32(c11)
+            for k in range(n_pixel):
+                profile[k] = (
+                    g00 * (p00[k] - m00[k]) + g01 * (p01[k] - m01[k]) + g10 * (p10[k] - m10[k]) + g11 * (p11[k] - m11[k])
+                )
+        # Then weighted and summed, row by row of the image.
+        stamp = weighted[slot].ravel()
+        b_sum = 0.0
+        a_sum = 0.0
+        for a in range(size):
+            weight_row = sqrt_weight[top + a, left : left + size]
+            data_row = whitened[top + a, left : left + size]
+            for b in range(size):
+                w = np.float32(profile[a * size + b] * weight_row[b])
+                stamp[a * size + b] = w
+                b_sum += w * data_row[b]
+                a_sum += np.float64(w) * w
+        # A derivative's coverage is never read (its source's own stamp has one).
+        core_total = 0.0
+        core_on_data = 0.0
+        if axis == 0:
+            for a in range(half - reach, half + reach + 1):
+                valid_row = valid[top + a, left : left + size]
+                for b in range(half - reach, half + reach + 1):
+                    value = profile[a * size + b]
+                    core_total += value
+                    if valid_row[b]:
+                        core_on_data += value
         index = indices[source]
         rhs[index] = b_sum
         diagonal[index] = a_sum
@@ -449,7 +460,7 @@ def add_interpolated_stamps(table, first_phase, phase_step, offset_x, offset_y, 
                 )
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def residual_sums(
     tables, table_of_source, first_phase, phase_step, offset_x, offset_y, col, row, chi, model, model_error, sqrt_weight,
     valid,
@@ -480,32 +491,45 @@ def residual_sums(
     n_phase = tables[0].shape[0]
     size = tables[0].shape[2]
     half = size // 2
+    n_pixel = size * size
     n = col.size
     sums = np.zeros((n, 7))
+    profile = np.empty(n_pixel)
+    gradient_x = np.empty(n_pixel)
+    gradient_y = np.empty(n_pixel)
     for source in range(n):
         table = tables[table_of_source[source]]
         low_x, weight_x = _phase(offset_x[source], first_phase, phase_step, n_phase)
         low_y, weight_y = _phase(offset_y[source], first_phase, phase_step, n_phase)
+        # The profile and its gradient over the stamps' contiguous pixels first (a loop the
+        # compiler vectorises), then the sums row by row of the image.
+        t00, t01 = table[low_y, low_x].ravel(), table[low_y, low_x + 1].ravel()
+        t10, t11 = table[low_y + 1, low_x].ravel(), table[low_y + 1, low_x + 1].ravel()
+        for k in range(n_pixel):
+            profile[k] = (1 - weight_y) * ((1 - weight_x) * t00[k] + weight_x * t01[k]) + weight_y * (
+                (1 - weight_x) * t10[k] + weight_x * t11[k]
+            )
+            gradient_x[k] = ((1 - weight_y) * (t01[k] - t00[k]) + weight_y * (t11[k] - t10[k])) / phase_step
+            gradient_y[k] = ((1 - weight_x) * (t10[k] - t00[k]) + weight_x * (t11[k] - t01[k])) / phase_step
         first_row = row[source] + half
         first_col = col[source] + half
-        # Sums in registers, written once: the same additions in the same order.
+        error = model_error[source]
         profile_sum = chi_sq = gx_chi = gy_chi = gx_gx = gx_gy = gy_gy = 0.0
         for a in range(size):
+            valid_row = valid[first_row + a, first_col : first_col + size]
+            weight_row = sqrt_weight[first_row + a, first_col : first_col + size]
+            chi_row = chi[first_row + a, first_col : first_col + size]
+            model_row = model[first_row + a, first_col : first_col + size]
             for b in range(size):
-                if not valid[first_row + a, first_col + b]:
+                if not valid_row[b]:
                     continue
-                t00 = table[low_y, low_x, a, b]
-                t01 = table[low_y, low_x + 1, a, b]
-                t10 = table[low_y + 1, low_x, a, b]
-                t11 = table[low_y + 1, low_x + 1, a, b]
-                value = (1 - weight_y) * ((1 - weight_x) * t00 + weight_x * t01) + weight_y * (
-                    (1 - weight_x) * t10 + weight_x * t11
-                )
-                grad_x = ((1 - weight_y) * (t01 - t00) + weight_y * (t11 - t10)) / phase_step
-                grad_y = ((1 - weight_x) * (t10 - t00) + weight_x * (t11 - t01)) / phase_step
-                s = sqrt_weight[first_row + a, first_col + b]
-                c = chi[first_row + a, first_col + b]
-                m = model_error[source] * model[first_row + a, first_col + b]
+                k = a * size + b
+                value = profile[k]
+                grad_x = gradient_x[k]
+                grad_y = gradient_y[k]
+                s = weight_row[b]
+                c = chi_row[b]
+                m = error * model_row[b]
                 profile_sum += value
                 chi_sq += value * c * c / (1.0 + m * m)
                 gx_chi += grad_x * c * s
