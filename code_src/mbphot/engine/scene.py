@@ -1166,15 +1166,35 @@ def _size_steps(scene, solution, tables, profile, sequence, prior_sigma_bins, no
     if resized.size == 0:
         return profile
     own = unknown[resized]
-    own_model = (solution[own] * scene.scale[own])[:, None, None] * scene.weighted[scene.slots[own]]
-    residual = np.where(scene.padded[2], scene.padded[0] - _whitened_model(scene, solution), 0.0)
+    own_flux = solution[own] * scene.scale[own]
+    own_model = own_flux[:, None, None] * scene.weighted[scene.slots[own]]
+    # Off the usable pixels the whitened data and every model are 0 (their weight is).
+    residual = scene.padded[0] - _whitened_model(scene, solution)
     col, row = scene.col[own], scene.row[own]
     source_x, source_y = scene.terms.x[own], scene.terms.y[own]
     catalogue = profile[resized]
+
+    def cost_of(step, projection, diagonal):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            explained = np.where(diagonal > 0, projection**2 / diagonal, -np.inf)
+        return (step / prior_sigma_bins) ** 2 - explained / noise_scale**2
+
     cost = np.full((2 * _MAX_RESIZE_BINS + 1, resized.size), np.inf)
-    for step in range(-_MAX_RESIZE_BINS, _MAX_RESIZE_BINS + 1):
+    # The catalogue's bin is the scene's own stamp: u_j . s = u_j . r + f u_j . u_j.
+    own_diagonal = scene.terms.diagonal[own]
+    own_projection = stamp_dots(scene.weighted, scene.slots[own], col, row, residual) + own_flux * own_diagonal
+    cost[_MAX_RESIZE_BINS] = cost_of(0, own_projection, own_diagonal)
+    for step in sorted(range(-_MAX_RESIZE_BINS, _MAX_RESIZE_BINS + 1), key=abs)[1:]:
         candidate = catalogue + step
-        inside = np.flatnonzero((candidate >= first) & (candidate < stop))
+        eligible = (candidate >= first) & (candidate < stop)
+        if abs(step) > 1:
+            # A bin further out only where the one before it lowered the cost: a source's
+            # chi^2 changes smoothly with its size, and the prior's cost grows as the square.
+            nearer = _MAX_RESIZE_BINS + step - np.sign(step)
+            eligible &= cost[nearer] < cost[nearer - np.sign(step)]
+        inside = np.flatnonzero(eligible)
+        if inside.size == 0:
+            continue
         trial = _StampPool(scene.weighted.shape[1], inside.size)
         slots, _, diagonal, _ = _source_terms(
             tables, candidate[inside], source_x[inside], source_y[inside], col[inside], row[inside], scene.padded,
@@ -1183,9 +1203,7 @@ def _size_steps(scene, solution, tables, profile, sequence, prior_sigma_bins, no
         projection = stamp_dots(trial.stamps, slots, col[inside], row[inside], residual) + np.einsum(
             "nij,nij->n", trial.stamps, own_model[inside]
         )
-        with np.errstate(invalid="ignore", divide="ignore"):
-            explained = np.where(diagonal > 0, projection**2 / diagonal, -np.inf)
-        cost[step + _MAX_RESIZE_BINS, inside] = (step / prior_sigma_bins) ** 2 - explained / noise_scale**2
+        cost[step + _MAX_RESIZE_BINS, inside] = cost_of(step, projection, diagonal)
     new_profile = profile.copy()
     new_profile[resized] = catalogue + np.argmin(cost, axis=0) - _MAX_RESIZE_BINS
     return new_profile
@@ -1442,7 +1460,7 @@ def scene_photometry(
     # Quality metrics from the residual of the whole fit. In the scaled equations A_ii = 1,
     # so a target's neighbours put (A x)_i - x_i of light into its profile (x in sigma units).
     model = _whitened_model(scene, solution, wings, None if wings is None else wings.fitted_image)
-    chi = np.where(scene.padded[2], scene.padded[0] - model, 0.0)
+    chi = scene.padded[0] - model  # 0 off the usable pixels, as the data and the model are
     # A position step's gradients are their sources' own model, not neighbours' light.
     real = scene.modelled < n_catalogue
     sources_only = np.zeros(solution.size)
