@@ -319,23 +319,28 @@ def tile_sums(weighted, slots, col, row, sqrt_weight, tile_size, span, n_tile_ro
     sums = np.zeros((n, span, span))
     first_tile_row = np.empty(n, dtype=np.int64)
     first_tile_col = np.empty(n, dtype=np.int64)
-    # Each stamp column's tile, worked out once per source rather than at every pixel.
-    tile_of_column = np.empty(size, dtype=np.int64)
+    # The stamp's columns in each tile column, runs between the tiles' edges: each row's sums
+    # are plain runs, where a sum per pixel into its column's tile waited on the last one.
+    bounds = np.empty(span + 1, dtype=np.int64)
     for source in range(n):
         stamp = weighted[slots[source]]
         top = row[source] - half
         left = col[source] - half
         first_tile_row[source] = top // tile_size
         first_tile_col[source] = left // tile_size
-        for b in range(size):
-            tile_of_column[b] = (left + b) // tile_size - first_tile_col[source]
+        bounds[0] = 0
+        for t in range(1, span + 1):
+            bounds[t] = min(max((first_tile_col[source] + t) * tile_size - left, 0), size)
         for a in range(size):
             tile_row = (top + a) // tile_size - first_tile_row[source]
             # The padding is size - 1, so image pixel (top + a) is padded row top + a + 2 half.
-            weights = sqrt_weight[row[source] + half + a]
-            tile = sums[source, tile_row]
-            for b in range(size):
-                tile[tile_of_column[b]] += stamp[a, b] * weights[col[source] + half + b]
+            weights = sqrt_weight[row[source] + half + a, col[source] + half : col[source] + half + size]
+            stamp_row = stamp[a]
+            for t in range(span):
+                total = 0.0
+                for b in range(bounds[t], bounds[t + 1]):
+                    total += stamp_row[b] * weights[b]
+                sums[source, tile_row, t] += total
     sources = np.empty(sums.size, dtype=np.intp)
     tiles = np.empty(sums.size, dtype=np.intp)
     values = np.empty(sums.size)
