@@ -201,13 +201,14 @@ def test_a_partition_write_cut_short_leaves_no_result_under_its_final_name(manif
 
 def test_after_the_warm_up_a_scene_fit_as_the_photometry_makes_it_compiles_nothing_more():
     """The warm-up loads every kernel signature a scene fit uses, whatever arrays it is given
-    (maps or scalars, writeable or not): a signature loaded later is charged to a band."""
+    (maps or scalars, writeable or not), and those of the tables of resolved profiles: a
+    signature loaded later is charged to a band."""
     script = textwrap.dedent("""\
         import numpy as np
         from numba.core.registry import CPUDispatcher
         from mbphot.engine import kernels
         from mbphot.engine.prf import build_prf_table
-        from mbphot.engine.scene import scene_photometry
+        from mbphot.engine.scene import disc_tables, scene_photometry
         from mbphot.photometry._partitions import _warm_up
 
         _warm_up()
@@ -215,6 +216,9 @@ def test_after_the_warm_up_a_scene_fit_as_the_photometry_makes_it_compiles_nothi
         before = [len(f.signatures) for f in dispatchers]
         yy, xx = np.mgrid[-8:9, -8:9]
         table = build_prf_table(np.exp(-(xx**2 + yy**2) / 3.0), n_phase=5, max_half_size=4)
+        winged = build_prf_table(np.exp(-(xx**2 + yy**2) / 3.0) + 0.1 * np.exp(-(xx**2 + yy**2) / 30.0), core_radius=4.0)
+        for point in (table, winged):
+            disc_tables([np.exp(-(xx**2 + yy**2) / 5.0)], 1, point)
         rng = np.random.default_rng(3)
         image = rng.normal(size=(40, 40))
         image.flags.writeable = False

@@ -9,7 +9,8 @@ from numba import njit
 
 __all__ = [
     "add_interpolated_stamps", "add_stamps", "add_tile_levels", "band_block", "block_members",
-    "envelope_inverse_diagonals", "overlapping_pairs", "padded_pixels", "pair_overlaps", "residual_sums", "stamp_dots",
+    "envelope_inverse_diagonals", "overlapping_pairs", "padded_pixels", "pair_overlaps", "residual_sums", "sample_spline",
+    "stamp_dots",
     "submatrix_entries", "symmetric_csr", "tile_dots", "tile_sums", "weighted_stamps",
 ]
 
@@ -813,3 +814,40 @@ def envelope_inverse_diagonals(indptr, indices, data, members, member_bounds, n_
             out[written + j] = total
         written += n_target
     return out
+
+
+@njit(cache=True, nogil=True)
+def sample_spline(coefficients, row_taps, row_weights, col_taps, col_weights, scale, placed, out):
+    """A PRF table's stamps from its cubic spline (`mbphot.engine.prf.spline_stamps`):
+    ``out[p, q, i, j]`` is ``scale`` times the spline of ``coefficients`` at row
+    ``p * size + i`` of the row taps and weights (four each) and row ``q * size + j`` of the
+    column ones, less ``placed[p, q, i, j]`` unless ``placed`` is empty.
+
+    Each phase's rows are sampled once (the coefficients' columns side by side), then each
+    stamp's columns into a small block, transposed as it is written: the table is written
+    once, in its own layout. The sums are those of two sparse products, in the same order.
+    """
+    n_phase, size = out.shape[0], out.shape[2]
+    n_cols = coefficients.shape[1]
+    subtract = placed.size > 0
+    along = np.empty((n_cols, size))
+    block = np.empty((size, size))
+    for p in range(n_phase):
+        along[:, :] = 0.0
+        for i in range(size):
+            k = p * size + i
+            for t in range(4):
+                weight, tap = row_weights[k, t], row_taps[k, t]
+                for c in range(n_cols):
+                    along[c, i] += weight * coefficients[tap, c]
+        for q in range(n_phase):
+            for j in range(size):
+                m = q * size + j
+                a0, a1, a2, a3 = along[col_taps[m, 0]], along[col_taps[m, 1]], along[col_taps[m, 2]], along[col_taps[m, 3]]
+                w0, w1, w2, w3 = col_weights[m, 0], col_weights[m, 1], col_weights[m, 2], col_weights[m, 3]
+                for i in range(size):
+                    block[j, i] = w0 * a0[i] + w1 * a1[i] + w2 * a2[i] + w3 * a3[i]
+            for i in range(size):
+                for j in range(size):
+                    value = scale * block[j, i]
+                    out[p, q, i, j] = value - placed[p, q, i, j] if subtract else value

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import typed
 from scipy import fft as sp_fft
-from scipy import linalg, sparse
+from scipy import linalg, ndimage, sparse
 from scipy.linalg import blas, lapack
 from scipy.sparse.linalg import splu
 
@@ -32,7 +32,7 @@ from .kernels import (
     add_stamps, add_tile_levels, band_block, block_members, envelope_inverse_diagonals, overlapping_pairs, padded_pixels,
     pair_overlaps, residual_sums, stamp_dots, submatrix_entries, symmetric_csr, tile_dots, tile_sums, weighted_stamps,
 )
-from .prf import PRFTable, placed_wings, point_weights, prf_table_arrays
+from .prf import PRFTable, normalise_prf, placed_wings, point_weights, prf_centre, spline_stamps
 from .solve import MIN_COVERED_FRACTION, Measurement, finish_measurement, is_blended, start_measurement, total_variance
 
 __all__ = ["disc_images", "disc_tables", "extended_profiles", "scene_photometry", "size_sensitivity"]
@@ -973,18 +973,19 @@ def disc_tables(images, oversampling, prf_table: PRFTable, flux_fraction: float 
     little). The images are cut to the stamps' reach first, which keeps this quick for PRFs
     with far wings. The stamps have the point table's type.
     """
-    reach = (prf_table.half_size + _DISC_MARGIN_PIX) * oversampling
-    wings = 0.0 if prf_table.wings is None else placed_wings(prf_table.wings, prf_table.phases, prf_table.half_size)
+    half_size, phases = prf_table.half_size, prf_table.phases
+    reach = (half_size + _DISC_MARGIN_PIX) * oversampling
+    wings = None if prf_table.wings is None else placed_wings(prf_table.wings, phases, half_size)
     tables = []
     for drawn in images:
         centre_y, centre_x = drawn.shape[0] // 2, drawn.shape[1] // 2
         cut = drawn[max(0, centre_y - reach) : centre_y + reach + 1, max(0, centre_x - reach) : centre_x + reach + 1]
-        stamps, phases, half_size, _ = prf_table_arrays(
-            cut, oversampling, n_phase=prf_table.phases.size, enclosed_fraction=1.0, max_half_size=prf_table.half_size,
+        normalised = normalise_prf(cut, oversampling)
+        stamps = spline_stamps(
+            ndimage.spline_filter(normalised, order=3, mode="constant"), prf_centre(normalised), oversampling, phases,
+            half_size, flux_fraction * cut.sum() / drawn.sum(), wings, prf_table.stamps.dtype,
         )
-        stamps *= flux_fraction * cut.sum() / drawn.sum()
-        stamps -= wings
-        tables.append(PRFTable(stamps.astype(prf_table.stamps.dtype), phases, half_size))
+        tables.append(PRFTable(stamps, phases, half_size))
     return tables
 
 

@@ -19,6 +19,7 @@ from ..bands import Band, measured_columns, quality_columns
 from ..calibration import POSITION_PRIOR_ARCSEC
 from ..engine import build_prf_table, forced_photometry
 from ..engine.epsf import render_sources
+from ..engine.scene import disc_tables
 from ..engine.solve import FLAGS, Measurement
 from ..engine.variation import profile_indices
 from ..io import read_wcs
@@ -192,8 +193,9 @@ def _tiny_fits() -> None:
         _engine_function("mbphot", mode)(np.zeros((15, 15)), x, y, np.arange(2), table, 5, sky=0.0, sigma=1.0, fit_sky=True)
     _engine_function("mbphot", "scene")(np.zeros((15, 15)), x, y, np.arange(2), split, 5, sky=0.0, sigma=1.0, fit_sky=True)
     # Bright sources, one resolved, as the photometry fits them: the position and size steps
-    # and per-source pixel errors load their kernels too.
-    wider = build_prf_table(np.exp(-radius2 / 4.0), n_phase=3, max_half_size=3)
+    # and per-source pixel errors load their kernels too, and a resolved profile's table is
+    # made as the photometry makes an image's (`disc_tables`).
+    wider = disc_tables([np.exp(-radius2 / 4.0)], 1, table)[0]
     bright = render_sources((15, 15), x, y, np.array([1000.0, 800.0]), table)
     _engine_function("mbphot", "scene")(
         bright, x + 0.1, y, np.arange(2), table, 5, sky=0.0, sigma=1.0, fit_sky=True, max_shift_pix=0.5,
