@@ -9,9 +9,8 @@ from numba import njit
 
 __all__ = [
     "add_interpolated_stamps", "add_stamps", "add_tile_levels", "band_block", "block_members",
-    "envelope_inverse_diagonals", "overlapping_pairs", "padded_pixels", "pair_overlaps", "residual_sums", "sample_spline",
-    "stamp_dots",
-    "submatrix_entries", "symmetric_csr", "tile_dots", "tile_sums", "weighted_stamps",
+    "envelope_inverse_diagonals", "overlapping_pairs", "padded_pixels", "pair_overlaps", "residual_sums",
+    "sample_spline", "stamp_dots", "submatrix_entries", "symmetric_csr", "tile_dots", "tile_sums", "weighted_stamps",
 ]
 
 
