@@ -20,7 +20,7 @@ def test_accuracy_bins_by_true_signal_to_noise():
 
 
 def test_bench_writes_summary_json(tmp_path, capsys):
-    assert main(["--sizes", "300", "--bands", "irac1,nuv", "--cores", "1", "--realism", "ideal", "--dask-workers", "1,2", "--dask-sources", "300",
+    assert main(["--sizes", "300", "--bands", "irac1,nuv", "--cores", "1", "--realism", "ideal", "--seeds", "2026,7", "--dask-workers", "1,2", "--dask-sources", "300",
                  "--tractor-sources", "100", "--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "o")]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     run = summary["runs"][0]
@@ -30,7 +30,8 @@ def test_bench_writes_summary_json(tmp_path, capsys):
     for key in ("flagged_frac", "pull_std_robust", "pull_std", "median_frac_bias"):
         assert key in run["bands"]["nuv"]["snr_3_10"]
     assert set(run["bands"]) == {"irac1", "nuv"}
-    assert [r["mode"] for r in summary["runs"]] == ["source", "scene"]
+    assert [(r["seed"], r["mode"]) for r in summary["runs"]] == [(2026, "source"), (2026, "scene"), (7, "source"), (7, "scene")]
+    assert summary["runs"][2]["n_sources"] != run["n_sources"], "another seed is another realisation of the field"
     assert run["bands"]["irac1"]["snr_gt10"]["n"] > 10
     assert 0.7 < run["bands"]["irac1"]["snr_gt10"]["pull_std"] < 1.3
     assert [entry["workers"] for entry in summary["dask_scaling"]] == [1, 2]

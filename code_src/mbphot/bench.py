@@ -17,6 +17,7 @@ mismatch, real PSF sizes, astrometric noise, resolved galaxies, confusion, corre
 GALEX depth and sky errors; see `mbphot.sample`), ``ideal`` (drawn with the PRF the engine
 fits), or both. Accuracy is reported on unflagged sources, with the fraction flagged.
 
+``--seeds`` measures each field in several independent realisations (the simulator's seed).
 ``--full`` measures a full-COSMOS-size field (48' radius, about 1.1 million sources);
 ``--dask-workers 1,2,4`` times a 1e5-source field (``--dask-sources``) on local dask clusters of that
 many workers.
@@ -81,10 +82,12 @@ def accuracy(measured, true, error, flag=None) -> dict:
     return result
 
 
-def _field_parameters(n_sources: int, data_dir: Path, realism: str, radius_arcmin: float | None = None) -> RunParameters:
+def _field_parameters(
+    n_sources: int, data_dir: Path, realism: str, radius_arcmin: float | None = None, seed: int = SEED
+) -> RunParameters:
     if radius_arcmin is None:
         radius_arcmin = round(float(np.sqrt(n_sources / (np.pi * SOURCES_PER_ARCMIN2))), 3)
-    return RunParameters(radius_arcmin=radius_arcmin, seed=SEED, data_dir=str(data_dir), realism=realism)
+    return RunParameters(radius_arcmin=radius_arcmin, seed=seed, data_dir=str(data_dir), realism=realism)
 
 
 def _simulate(params: RunParameters) -> tuple[Manifest, float, float]:
@@ -104,10 +107,12 @@ def _simulate(params: RunParameters) -> tuple[Manifest, float, float]:
 
 
 def run_size(
-    n_sources: int, bands, cores: int, data_dir: Path, mode: str = "scene", radius_arcmin=None, realism: str = "realistic"
+    n_sources: int, bands, cores: int, data_dir: Path, mode: str = "scene", radius_arcmin=None, realism: str = "realistic",
+    seed: int = SEED,
 ) -> dict:
-    """Simulate a field with about ``n_sources`` sources inside it and measure all ``bands``."""
-    params = _field_parameters(n_sources, data_dir, realism, radius_arcmin)
+    """Simulate a field with about ``n_sources`` sources inside it (the realisation ``seed``)
+    and measure all ``bands``."""
+    params = _field_parameters(n_sources, data_dir, realism, radius_arcmin, seed)
     manifest, simulate_s, simulate_peak_gb = _simulate(params)
     started = time.perf_counter()
     photometry = measure_field(
@@ -122,6 +127,7 @@ def run_size(
         "n_sources": n,
         "mode": mode,
         "realism": realism,
+        "seed": seed,
         "cores": cores,
         "radius_arcmin": params.radius_arcmin,
         "simulate_s": simulate_s,
@@ -150,11 +156,11 @@ def run_size(
     return run
 
 
-def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path, realism: str = "realistic") -> list:
+def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path, realism: str = "realistic", seed: int = SEED) -> list:
     """Photometry wall time of one field on local dask clusters of each number of workers."""
     from distributed import Client, LocalCluster
 
-    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir, realism))
+    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir, realism, seed=seed))
     results = []
     for n_workers in worker_counts:
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -167,13 +173,13 @@ def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path, realism: 
     return results
 
 
-def compare_with_tractor(n_sources: int, bands, data_dir: Path, realism: str = "realistic") -> dict:
+def compare_with_tractor(n_sources: int, bands, data_dir: Path, realism: str = "realistic", seed: int = SEED) -> dict:
     """The Tractor and the mbphot engine on the same field of about ``n_sources`` sources.
 
     Both run in this process, in source mode, on the same cutouts, neighbours, sky and noise;
     the speed-up is the ratio of CPU seconds spent inside the two engines.
     """
-    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir, realism))
+    manifest, _, _ = _simulate(_field_parameters(n_sources, data_dir, realism, seed=seed))
     native = measure_field(manifest, bands, n_workers=1, progress=False, reuse=False, mode="source")
     tractor = measure_field(manifest, bands, n_workers=1, progress=False, reuse=False, engine="tractor")
     ratios, n_source_bands = [], 0
@@ -191,7 +197,7 @@ def compare_with_tractor(n_sources: int, bands, data_dir: Path, realism: str = "
 
 
 def _print_run(run: dict) -> None:
-    print(f"\nN = {run['n_sources']} sources (radius {run['radius_arcmin']}', {run['realism']} field), mode {run['mode']}, "
+    print(f"\nN = {run['n_sources']} sources (radius {run['radius_arcmin']}', {run['realism']} field, seed {run['seed']}), mode {run['mode']}, "
           f"{run['cores']} cores: "
           f"photometry wall {run['wall_s']:.1f} s, {run['source_bands_per_s_per_core']:.0f} source-bands/s/core end to "
           f"end; reading image sections {run['read_s']:.1f} s; simulation {run['simulate_s']:.1f} s; peak RSS "
@@ -215,6 +221,8 @@ def _figure(runs, path: Path) -> None:
 
     figure = Figure(figsize=(10, 4), layout="constrained")
     speed, pulls = figure.subplots(1, 2)
+    # One realisation's runs (the first seed's): the figure follows the field's size.
+    runs = [r for r in runs if r["seed"] == runs[0]["seed"]]
     for (mode, realism), style in (
         (("source", "realistic"), "o-"), (("scene", "realistic"), "s--"), (("full", "realistic"), "D:"),
         (("source", "ideal"), "o:"), (("scene", "ideal"), "s:"), (("full", "ideal"), "D:"),
@@ -247,6 +255,9 @@ def main(argv=None) -> int:
     parser.add_argument("--realism", default="realistic,ideal",
                         help="simulated fields to measure: realistic, ideal or both (default %(default)s); the "
                              "full field, dask and Tractor runs use the first")
+    parser.add_argument("--seeds", default=str(SEED),
+                        help="comma-separated seeds: independent realisations of each field (default %(default)s); "
+                             "the full field, dask and Tractor runs use the first")
     parser.add_argument("--full", action="store_true",
                         help=f"also measure a full-COSMOS-size field ({FULL_FIELD_RADIUS_ARCMIN:g}' radius, scene mode)")
     parser.add_argument("--dask-workers", default="",
@@ -265,22 +276,24 @@ def main(argv=None) -> int:
     runs = []
     sizes = [] if args.sizes == "none" else [int(float(n)) for n in args.sizes.split(",")]
     realisms = args.realism.split(",")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     for realism in realisms:
-        for n_sources in sizes:
-            for mode in args.modes.split(","):
-                runs.append(run_size(n_sources, bands, cores, data_dir, mode=mode, realism=realism))
-                _print_run(runs[-1])
+        for seed in seeds:
+            for n_sources in sizes:
+                for mode in args.modes.split(","):
+                    runs.append(run_size(n_sources, bands, cores, data_dir, mode=mode, realism=realism, seed=seed))
+                    _print_run(runs[-1])
     if args.full:
         runs.append(run_size(0, bands, cores, data_dir, mode="full", radius_arcmin=FULL_FIELD_RADIUS_ARCMIN,
-                             realism=realisms[0]))
+                             realism=realisms[0], seed=seeds[0]))
         _print_run(runs[-1])
     summary = {"runs": runs, "tractor": None}
     if args.dask_workers:
         summary["dask_scaling"] = dask_scaling(
-            args.dask_sources, bands, [int(n) for n in args.dask_workers.split(",")], data_dir, realisms[0]
+            args.dask_sources, bands, [int(n) for n in args.dask_workers.split(",")], data_dir, realisms[0], seeds[0]
         )
     if tractor_available():
-        summary["tractor"] = compare_with_tractor(args.tractor_sources, bands, data_dir, realisms[0])
+        summary["tractor"] = compare_with_tractor(args.tractor_sources, bands, data_dir, realisms[0], seeds[0])
         print(f"\nThe Tractor on the same {summary['tractor']['n_source_bands']} source-bands: mbphot is "
               f"{summary['tractor']['speedup']:.0f}x faster; median flux ratio Tractor/mbphot (S/N > 10) "
               f"{summary['tractor']['median_flux_ratio']:.4f}")
