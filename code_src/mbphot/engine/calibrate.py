@@ -116,8 +116,9 @@ def prf_model_error(
     errors s, those of the linear combination F - A of pixels with independent errors
     ``sigma``, times ``noise_factor`` (from `noise_inflation`): epsilon is the scatter that,
     added in quadrature to each star's s, makes the deviations most likely
-    (`_excess_scatter`; stars beyond 5 robust sigmas left out), floored at ``floor``. A common bias of F / A is not counted (the PRF's normalisation is
-    the aperture correction's job); its scatter from star to star is.
+    (`_excess_scatter`; stars beyond 5 robust sigmas left out), floored at ``floor``. A
+    common bias of F / A is not counted (the PRF's normalisation is the aperture
+    correction's job); its scatter from star to star is.
 
     Parameters
     ----------
@@ -186,11 +187,10 @@ def _excess_scatter(deviation, statistical, floor, clip=5.0):
     statistical^2, which counted them equally, read 0.028 on the realistic field's IRAC3
     (seed 7), whose 21 stars scatter about as their noise says (S/N 15-25; the mean's own
     error about 0.03), and the flux errors came out 1.2 times their scatter (pull sd 0.83; 1.03
-    with this). Not a robust
-    spread, because the engine's plain pull spread is what must come out right and a PRF
-    varying across the field gives a flat-topped, long-tailed distribution that a median
-    absolute deviation underestimates; only stars beyond ``clip`` robust sigmas (a missed
-    neighbour, a cosmic ray) are left out.
+    with this). Not a robust spread, because the engine's plain pull spread is what must
+    come out right and a PRF varying across the field gives a flat-topped, long-tailed
+    distribution that a median absolute deviation underestimates; only stars beyond ``clip``
+    robust sigmas (a missed neighbour, a cosmic ray) are left out.
     """
     keep = np.abs(deviation - np.median(deviation)) <= clip * _robust_sigma(deviation)
     squared, variance = deviation[keep] ** 2, statistical[keep] ** 2
