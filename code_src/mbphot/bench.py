@@ -156,7 +156,9 @@ def run_size(
     return run
 
 
-def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path, realism: str = "realistic", seed: int = SEED) -> list:
+def dask_scaling(
+    n_sources: int, bands, worker_counts, data_dir: Path, realism: str = "realistic", seed: int = SEED
+) -> list:
     """Photometry wall time of one field on local dask clusters of each number of workers."""
     from distributed import Client, LocalCluster
 
@@ -173,7 +175,9 @@ def dask_scaling(n_sources: int, bands, worker_counts, data_dir: Path, realism: 
     return results
 
 
-def compare_with_tractor(n_sources: int, bands, data_dir: Path, realism: str = "realistic", seed: int = SEED) -> dict:
+def compare_with_tractor(
+    n_sources: int, bands, data_dir: Path, realism: str = "realistic", seed: int = SEED
+) -> dict:
     """The Tractor and the mbphot engine on the same field of about ``n_sources`` sources.
 
     Both run in this process, in source mode, on the same cutouts, neighbours, sky and noise;
@@ -197,8 +201,8 @@ def compare_with_tractor(n_sources: int, bands, data_dir: Path, realism: str = "
 
 
 def _print_run(run: dict) -> None:
-    print(f"\nN = {run['n_sources']} sources (radius {run['radius_arcmin']}', {run['realism']} field, seed {run['seed']}), mode {run['mode']}, "
-          f"{run['cores']} cores: "
+    print(f"\nN = {run['n_sources']} sources (radius {run['radius_arcmin']}', {run['realism']} field, "
+          f"seed {run['seed']}), mode {run['mode']}, {run['cores']} cores: "
           f"photometry wall {run['wall_s']:.1f} s, {run['source_bands_per_s_per_core']:.0f} source-bands/s/core end to "
           f"end; reading image sections {run['read_s']:.1f} s; simulation {run['simulate_s']:.1f} s; peak RSS "
           f"{run['peak_rss_gb']:.2f} GB per process, {run['peak_rss_all_processes_gb']:.2f} GB all photometry "
