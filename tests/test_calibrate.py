@@ -8,7 +8,7 @@ import pytest
 from mbphot.bands import BANDS
 from mbphot.calibration import DEFAULT_POSITION_SCATTER_ARCSEC, DEFAULT_PRF_ERROR, calibrate_section
 from mbphot.engine import build_prf_table, scene_photometry
-from mbphot.engine.calibrate import _excess_scatter, correlated_noise_scale, noise_inflation, prf_model_error
+from mbphot.engine.calibrate import excess_scatter, correlated_noise_scale, noise_inflation, prf_model_error
 from mbphot.engine.epsf import measure_prf
 from epsf_fields import file_prf, make_field
 
@@ -98,12 +98,12 @@ def test_prf_model_error_follows_the_prf_variation_across_the_field():
     assert epsilon_constant < 0.005
 
 
-def test_excess_scatter_is_the_scatter_beyond_the_noise():
+def testexcess_scatter_is_the_scatter_beyond_the_noise():
     rng = np.random.default_rng(3)
     # Stars of every brightness, with a 2 % PRF error on top of their noise.
     statistical = rng.uniform(0.005, 0.08, 400)
     deviation = rng.normal(0.0, np.hypot(statistical, 0.02))
-    assert _excess_scatter(deviation, statistical, 0.002) == pytest.approx(0.02, rel=0.2)
+    assert excess_scatter(deviation, statistical, 0.002) == pytest.approx(0.02, rel=0.2)
     # 21 stars of S/N 15-100 scattering as their noise says (no PRF error): the faint ones'
     # squares fall as they may, and weigh as little as they tell. Counted equally (the mean of
     # deviation^2 - statistical^2), one field in ten read above 0.03.
@@ -111,7 +111,7 @@ def test_excess_scatter_is_the_scatter_beyond_the_noise():
     for _ in range(200):
         statistical = rng.uniform(0.01, 0.07, 21)
         deviation = rng.normal(0.0, statistical)
-        estimates.append(_excess_scatter(deviation - np.median(deviation), statistical, 0.005))
+        estimates.append(excess_scatter(deviation - np.median(deviation), statistical, 0.005))
     assert np.median(estimates) == 0.005 and np.percentile(estimates, 90) < 0.02
 
 

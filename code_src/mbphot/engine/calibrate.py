@@ -21,7 +21,7 @@ from .epsf import (
 )
 from .prf import build_prf_table
 
-__all__ = ["correlated_noise_scale", "noise_inflation", "prf_model_error"]
+__all__ = ["correlated_noise_scale", "excess_scatter", "noise_inflation", "prf_model_error"]
 
 
 def noise_inflation(
@@ -116,7 +116,7 @@ def prf_model_error(
     errors s, those of the linear combination F - A of pixels with independent errors
     ``sigma``, times ``noise_factor`` (from `noise_inflation`): epsilon is the scatter that,
     added in quadrature to each star's s, makes the deviations most likely
-    (`_excess_scatter`; stars beyond 5 robust sigmas left out), floored at ``floor``. A
+    (`excess_scatter`; stars beyond 5 robust sigmas left out), floored at ``floor``. A
     common bias of F / A is not counted (the PRF's normalisation is the aperture
     correction's job); its scatter from star to star is.
 
@@ -173,10 +173,10 @@ def prf_model_error(
     deviation = (fit["flux"][good] - fit["ap"][good]) / fit["ap"][good]
     deviation -= np.median(deviation)
     statistical = noise_factor * fit["ap_err"][good] / fit["ap"][good]
-    return _excess_scatter(deviation, statistical, floor)
+    return excess_scatter(deviation, statistical, floor)
 
 
-def _excess_scatter(deviation, statistical, floor, clip=5.0):
+def excess_scatter(deviation, statistical, floor, clip=5.0):
     """The scatter epsilon that, added in quadrature to each star's ``statistical`` error,
     makes the ``deviation`` most likely (Gaussian), at least ``floor``.
 
