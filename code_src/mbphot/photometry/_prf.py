@@ -35,8 +35,9 @@ def read_prf(path, band: Band) -> tuple[np.ndarray, int]:
 def tabulate_prf(prf, oversampling, band: Band, split_wings: bool = False, flux_fraction: float = 1.0) -> PRFTable:
     """Tabulate a PRF for the band's image grid; with ``split_wings`` (scene mode), a PRF
     reaching beyond the band's ``prf_core_radius_pixels`` is split into core stamps and a
-    wing kernel. A source of unit total flux puts ``flux_fraction`` on the image (the rest
-    lies beyond the PRF's reach; `mbphot.calibration.Calibration.flux_fraction`). The stamps
+    wing kernel. The PRF of a source of unit total flux is scaled by ``flux_fraction``
+    (`mbphot.calibration.Calibration.flux_fraction`: below 1 where the PRF lacks light the
+    calibration aperture counts, above 1 where it holds too much). The stamps
     are single precision, as the engine's tables are (`mbphot.engine.PRFTable`)."""
     core_radius = band.prf_core_radius_pixels if split_wings else None
     stamps, phases, half_size, wings = prf_table_arrays(
