@@ -8,7 +8,7 @@ import pytest
 from mbphot.bands import BANDS
 from mbphot.calibration import DEFAULT_POSITION_SCATTER_ARCSEC, DEFAULT_PRF_ERROR, calibrate_section
 from mbphot.engine import build_prf_table, scene_photometry
-from mbphot.engine.calibrate import excess_scatter, correlated_noise_scale, noise_inflation, prf_model_error
+from mbphot.engine.calibrate import correlated_noise_scale, excess_scatter, noise_inflation, prf_model_error
 from mbphot.engine.epsf import measure_prf
 from epsf_fields import file_prf, make_field
 
@@ -98,7 +98,7 @@ def test_prf_model_error_follows_the_prf_variation_across_the_field():
     assert epsilon_constant < 0.005
 
 
-def testexcess_scatter_is_the_scatter_beyond_the_noise():
+def test_excess_scatter_is_the_scatter_beyond_the_noise():
     rng = np.random.default_rng(3)
     # Stars of every brightness, with a 2 % PRF error on top of their noise.
     statistical = rng.uniform(0.005, 0.08, 400)
