@@ -134,3 +134,32 @@ def test_flux_fraction_is_the_light_the_model_lacks_in_the_calibration_aperture(
     print(f"lacking {lacking:+.3f}: flux fraction {fraction:.4f}, expected {1 / (1 + lacking):.4f}")
     assert fraction == pytest.approx(1 / (1 + lacking), abs=0.0015)
     assert np.isnan(_model_flux_fraction(residual, np.full(shape, noise), x, y, flux, np.arange(4), radius_pix, 1.0))
+
+
+def test_calibration_whose_first_stars_are_too_few_keeps_the_stars_sampling(monkeypatch):
+    """Where the first star measurement keeps the file's PRF (too few stars against the
+    file's shape) and the second, against the corrected profile, measures it, the calibration
+    holds the stars' PRF at the stars' sampling, not the file's: its FWHM is the sky's, and
+    it says it was measured from stars."""
+    import mbphot.calibration as calibration_module
+    from mbphot.engine.epsf import fwhm_pixels
+
+    rng = np.random.default_rng(11)
+    band = BANDS["irac1"]
+    image, x, y, flux, n_stars, noise = _crowded_field(rng)
+    mask = source_mask(image.shape, x, y, 1.5 * band.fwhm_arcsec / band.pixel_scale_arcsec)
+    sky, _ = sky_and_rms_maps(image, mask, box_size=2 * band.cutout_size_pixels)
+    measure_prf, calls = calibration_module.measure_prf, []
+
+    def first_too_few(*args, **kwargs):
+        calls.append(kwargs["min_stars"])
+        if len(calls) == 1:
+            kwargs["min_stars"] = 10 * n_stars
+        return measure_prf(*args, **kwargs)
+
+    monkeypatch.setattr(calibration_module, "measure_prf", first_too_few)
+    calibration = calibrate_section(image, sky, noise, x, y, _file_prf(), 1, band, stars=np.arange(n_stars))
+    assert len(calls) == 2
+    assert calibration.oversampling > 1 and not calibration.used_file and calibration.n_stars >= band.prf_min_stars
+    sky_fwhm = fwhm_pixels(_sky_prf(), OVERSAMPLING)
+    assert fwhm_pixels(calibration.prf, calibration.oversampling) == pytest.approx(sky_fwhm, rel=0.05)

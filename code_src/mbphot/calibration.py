@@ -332,6 +332,7 @@ def calibrate_section(
     # prior) and the profile again. IRAC's profile is measured out to its calibration
     # aperture; a band whose PRF file has the right wings (GALEX's are the instrument's
     # measured PSFs) has its core measured, the correction falling to zero at the core's edge.
+    stars_measured = measured
     outer_zero = wing_radius is None
     outer = band.calibration_core_radius_pixels if outer_zero else wing_radius
     if outer is not None and outer > _PROFILE_START * measured.fit_radius_pix:
@@ -343,6 +344,10 @@ def calibrate_section(
         )
         again = stars_prf(prf, oversampling, sky + sky_level, current.flux, False)
         if not again.used_file:
+            # Where the first measurement kept the file's PRF (too few stars against the
+            # file's shape), its sampling was the file's; the PRF is now the stars'.
+            oversampling = again.oversampling
+            stars_measured = again if measured.used_file else measured
             prf, current, more = _refine_profile(
                 data - sky_level, sigma, again.prf, oversampling, current, point_like, (nodes, outer_zero), band,
                 lambda wider, level, at: refit(wider, sky_level + level, at), render, _PROFILE_ROUNDS[1],
@@ -396,9 +401,9 @@ def calibrate_section(
         flux_fraction = fraction if np.isfinite(fraction) else 1.0
     position_scatter_arcsec = position_scatter_pix * band.pixel_scale_arcsec
     prf_error = float("nan")
-    if measured.star_indices.size >= _MIN_STARS:
+    if stars_measured.star_indices.size >= _MIN_STARS:
         prf_error = prf_model_error(
-            image, sky, sigma, current.x, current.y, prf, oversampling, measured.star_indices,
+            image, sky, sigma, current.x, current.y, prf, oversampling, stars_measured.star_indices,
             fluxes=current.flux, noise_factor=noise_scale, floor=PRF_ERROR_FLOOR,
         )
     return Calibration(
@@ -408,10 +413,10 @@ def calibrate_section(
         offset_y_pix=float(measured.offset_y_pix),
         noise_scale=noise_scale,
         prf_error=float(prf_error) if np.isfinite(prf_error) else DEFAULT_PRF_ERROR,
-        n_stars=int(measured.n_stars),
-        used_file=bool(measured.used_file),
-        reason=measured.reason,
-        aperture_correction=float(measured.aperture_correction),
+        n_stars=int(stars_measured.n_stars),
+        used_file=bool(stars_measured.used_file),
+        reason=stars_measured.reason,
+        aperture_correction=float(stars_measured.aperture_correction),
         flux_fraction=float(flux_fraction),
         sky_offset=sky_offset,
         pixel_error=pixel_error,

@@ -110,7 +110,8 @@ class MeasuredPRF:
     fwhm_pix, file_fwhm_pix : float
         FWHM of the measured and the file's PRF (`fwhm_pixels`).
     star_indices : ndarray of int
-        Catalogue indices of the stars used.
+        Catalogue indices of the stars used; with the file's PRF, of those found: too few to
+        measure the PRF, they still measure its error (`calibrate.prf_model_error`).
     star_fluxes : ndarray
         Their fitted total fluxes with the measured PRF.
     star_shift_x_pix, star_shift_y_pix : ndarray
@@ -924,7 +925,7 @@ def measure_prf(
             prf=file_profile.samples, oversampling=file_profile.oversampling, n_stars=0, used_file=True,
             reason=reason, offset_x_pix=sx, offset_y_pix=sy, offset_x_err_pix=sx_err, offset_y_err_pix=sy_err,
             aperture_correction=1.0 / inside, fit_radius_pix=radius, fwhm_pix=file_fwhm, file_fwhm_pix=file_fwhm,
-            rchisq_file=file_rchisq,
+            rchisq_file=file_rchisq, star_indices=stars.index.copy(),
         )
 
     if stars.index.size < min_stars:
