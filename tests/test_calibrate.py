@@ -115,6 +115,28 @@ def test_excess_scatter_is_the_scatter_beyond_the_noise():
     assert np.median(estimates) == 0.005 and np.percentile(estimates, 90) < 0.02
 
 
+def test_an_excess_scatter_the_stars_barely_show_is_left_at_the_floor():
+    rng = np.random.default_rng(5)
+    # IRAC 5.8-8 um on a 9' field: 20 stars with aperture errors of 2-9 % and no PRF error.
+    # Most likely, their scatter beyond the noise reads above 1 % in more than a third of fields;
+    # asked for 2-sigma evidence, in a few per cent of fields.
+    plain, evidenced = [], []
+    for _ in range(300):
+        statistical = rng.uniform(0.02, 0.09, 20)
+        deviation = rng.normal(0.0, statistical)
+        deviation -= np.median(deviation)
+        plain.append(excess_scatter(deviation, statistical, 0.005))
+        evidenced.append(excess_scatter(deviation, statistical, 0.005, min_evidence=4.0))
+    plain, evidenced = np.array(plain), np.array(evidenced)
+    print(f"fields reading above 1 %: {np.mean(plain > 0.01):.2f} most likely, {np.mean(evidenced > 0.01):.3f} with evidence")
+    assert np.mean(plain > 0.01) > 0.1
+    assert np.mean(evidenced > 0.01) < 0.05
+    # A PRF error that outweighs the stars' noise is still found.
+    statistical = rng.uniform(0.005, 0.02, 20)
+    deviation = rng.normal(0.0, np.hypot(statistical, 0.03))
+    assert excess_scatter(deviation, statistical, 0.005, min_evidence=4.0) == pytest.approx(0.03, rel=0.35)
+
+
 def test_prf_model_error_needs_stars():
     field = make_field(seed=4, side=100, n_stars=3, n_galaxies=5, n_faint=10)
     assert np.isnan(prf_model_error(field.image, 0.0, field.sigma, field.x_cat, field.y_cat, file_prf(), 1,
