@@ -18,13 +18,13 @@ source is P(u)) from bright, isolated, unsaturated, compact sources:
    is solved for as a cubic B-spline on a grid ``oversampling`` times finer than the pixels,
    by linear least squares over every star pixel (each star scaled by its flux, at its own
    sub-pixel phase), regularised toward the file's PRF (a small ridge plus a curvature
-   penalty on the difference), so that where samples are sparse the correction is smooth
-   and the file's shape is kept; where the stars are few or faint, the difference is held to
-   about ``prior_error`` of the PRF's peak, which a few stars' noise would otherwise exceed; and constrained to put the same flux on the image at every
-   sub-pixel phase. Registration, solve and a refit of the neighbours within R (jointly
-   with the star, with the new PRF) alternate, with Anderson mixing of the rounds; stars
-   whose fit stays poor (reduced chi^2 or fit-to-aperture flux ratio off the others') are
-   dropped and the PRF rebuilt.
+   penalty on the difference), so that where samples are sparse the correction is smooth and
+   the file's shape is kept (where the stars are few or faint, the difference is held to
+   about ``prior_error`` of the PRF's peak, which a few stars' noise would otherwise exceed),
+   and constrained to put the same flux on the image at every sub-pixel phase. Registration,
+   solve and a refit of the neighbours within R (jointly with the star, with the new PRF)
+   alternate, with Anderson mixing of the rounds; stars whose fit stays poor (reduced chi^2
+   or fit-to-aperture flux ratio off the others') are dropped and the PRF rebuilt.
 4. Wings and normalisation: beyond R the file's wing shape is kept, scaled to match the
    measured PRF in the annulus just inside R (blended linearly over the last pixel), out to
    the pixel edges of the file's box; or, with ``file_wings``, at the file's own share of
@@ -631,11 +631,12 @@ def _solve_inner(stars, fit, composite, prior, ridge, smoothness, prior_error=No
 
     The regularisation toward ``prior`` (the file's PRF) is relative to the median data
     weight of a coefficient, but never weaker than a ridge that holds each coefficient's
-    difference to about ``prior_error`` of the prior's peak (`measure_prf`). Besides it, the flux a source puts on
-    the image must not depend on its sub-pixel phase: a ripple at the pixel frequency would be
-    invisible in the data, since each star's own flux absorbs it, but would bias every fit by
-    up to a per cent. It is suppressed by a strong penalty on the spread, over phases, of the
-    sum of the PRF over pixels (Anderson & King 2000 renormalise per phase to the same end).
+    difference to about ``prior_error`` of the prior's peak (`measure_prf`). Besides it, the
+    flux a source puts on the image must not depend on its sub-pixel phase: a ripple at the
+    pixel frequency would be invisible in the data, since each star's own flux absorbs it,
+    but would bias every fit by up to a per cent. It is suppressed by a strong penalty on the
+    spread, over phases, of the sum of the PRF over pixels (Anderson & King 2000 renormalise
+    per phase to the same end).
     """
     inner = composite.inner
     n = inner.coefficients.shape[0]
