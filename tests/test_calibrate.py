@@ -119,7 +119,7 @@ def test_an_excess_scatter_the_stars_barely_show_is_left_at_the_floor():
     rng = np.random.default_rng(5)
     # IRAC 5.8-8 um on a 9' field: 20 stars with aperture errors of 2-9 % and no PRF error.
     # Most likely, their scatter beyond the noise reads above 1 % in more than a third of fields;
-    # asked for 2-sigma evidence, in a few per cent of fields.
+    # asked for 2-sigma evidence, also without the star farthest off, in about one in a hundred.
     plain, evidenced = [], []
     for _ in range(300):
         statistical = rng.uniform(0.02, 0.09, 20)
@@ -135,6 +135,13 @@ def test_an_excess_scatter_the_stars_barely_show_is_left_at_the_floor():
     statistical = rng.uniform(0.005, 0.02, 20)
     deviation = rng.normal(0.0, np.hypot(statistical, 0.03))
     assert excess_scatter(deviation, statistical, 0.005, min_evidence=4.0) == pytest.approx(0.03, rel=0.35)
+    # One star 5 sigma off (a missed neighbour) among 16 that scatter as their noise says: a
+    # PRF error would move them all.
+    statistical = np.r_[rng.uniform(0.02, 0.09, 16), 0.005]
+    deviation = np.r_[rng.normal(0.0, statistical[:16]), 0.025]
+    deviation -= np.median(deviation)
+    assert excess_scatter(deviation, statistical, 0.005) > 0.01
+    assert excess_scatter(deviation, statistical, 0.005, min_evidence=4.0) == 0.005
 
 
 def test_prf_model_error_needs_stars():
