@@ -9,8 +9,10 @@ import inspect
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from mbphot.engine import build_prf_table, scene_photometry
+from mbphot.engine.calibrate import correlated_noise_scale
 from mbphot.engine.epsf import fwhm_pixels, image_offset, measure_prf
 from mbphot.engine.prf import normalise_prf, prf_centre
 from epsf_fields import PIXEL_ARCSEC, effective_prf, file_prf, make_field, render
@@ -390,3 +392,42 @@ def test_few_faint_stars_correct_the_prior_only_as_far_as_they_measure_it(seed):
           f"{errors['relative']:.4f} with relative penalties only")
     assert errors["held"] < 0.01
     assert errors["held"] < 0.7 * errors["relative"]
+
+
+@pytest.mark.parametrize("seed", [1, 3, 4])
+def test_stars_in_correlated_noise_are_judged_with_its_true_errors(seed):
+    """Fourteen stars at S/N 50-100 and four resolved galaxies (sigma 2.4 px against the
+    PRF's 1.4) in noise correlated between pixels, as a resampled mosaic's. Judged against
+    the file's PRF (4 % narrower and turned) with the white-noise errors of their apertures,
+    up to all of the stars fail the compactness test and the file's PRF is used; with the
+    noise's factor (about 2.8 here) 9-12 pass, the galaxies still do not, and the PRF
+    measured from them is nearer the sky's width (2 % narrower, the file's 3.6 %; the prior
+    holds the rest, `test_few_faint_stars_correct_the_prior_only_as_far_as_they_measure_it`)."""
+    rng = np.random.default_rng(seed)
+    side, n_stars, n_galaxies = 300, 14, 4
+    grid_x, grid_y = np.meshgrid(np.arange(40.0, 261.0, 44.0), np.arange(40.0, 261.0, 55.0))
+    n = n_stars + n_galaxies
+    x = grid_x.ravel()[:n] + rng.uniform(-0.5, 0.5, n)
+    y = grid_y.ravel()[:n] + rng.uniform(-0.5, 0.5, n)
+    flux = np.sqrt(4 * np.pi * 1.35 * 1.15) * rng.uniform(50.0, 100.0, n)
+    extra = np.r_[np.zeros(n_stars), np.full(n_galaxies, 4.0)][rng.permutation(n)]
+    noise = ndimage.gaussian_filter(rng.normal(0.0, 1.0, (side + 20, side + 20)), 1.0)[10:-10, 10:-10]
+    noise /= noise.std()
+    image = render((side, side), x, y, flux, extra) + noise
+    offsets = np.arange(-8, 9, dtype=np.float64)
+    prior_core = (1.35 / 1.04, 1.15 / 1.04, np.pi / 6 + 0.5)
+    prior = effective_prf(offsets[None, :], offsets[:, None], core=prior_core)
+    factor = correlated_noise_scale(noise, np.ones_like(noise), effective_prf(offsets[None, :], offsets[:, None]))
+    assert 2.5 < factor < 3.0
+    white = measure_prf(image, 0.0, 1.0, x, y, prior, 1)
+    honest = measure_prf(image, 0.0, 1.0, x, y, prior, 1, noise_factor=factor)
+    samples = (np.arange(honest.prf.shape[0]) - (honest.prf.shape[0] - 1) / 2) / honest.oversampling
+    true_fwhm = fwhm_pixels(effective_prf(samples[None, :], samples[:, None]), honest.oversampling)
+    width = fwhm_pixels(honest.prf, honest.oversampling) / true_fwhm
+    file_width = fwhm_pixels(effective_prf(samples[None, :], samples[:, None], core=prior_core), honest.oversampling) / true_fwhm
+    print(f"stars used: {white.n_stars} with white errors ({white.reason}), {honest.n_stars} with the "
+          f"factor {factor:.2f}; FWHM over the truth's {width:.3f}, the file's {file_width:.3f}")
+    assert not honest.used_file
+    assert honest.n_stars >= 8
+    assert not (extra[honest.star_indices] > 0).any()
+    assert abs(width - 1) < 0.7 * abs(file_width - 1)

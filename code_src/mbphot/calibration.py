@@ -297,12 +297,22 @@ def calibrate_section(
     first = fit(file_prf, file_oversampling, x, y, False)
     candidates = None if stars is None or len(stars) < 2 * _MIN_STARS else np.asarray(stars)
     wing_radius = None if band.calibration_radius_arcsec is None else band.calibration_radius_arcsec / band.pixel_scale_arcsec
+    # The stars' tests need their errors' true size before the PRF is known: the noise
+    # between the sources barely depends on it.
+    first_noise_scale = 1.0
+    if band.resampled_noise:
+        first_model = render(first, file_prf, file_oversampling)
+        file_whole = build_prf_table(file_prf, file_oversampling, enclosed_fraction=band.prf_enclosed_fraction)
+        first_noise_scale = _noise_scale(
+            _inner(np.asarray(image, dtype=np.float64) - sky - first_model, file_whole, band), sigma, first_model,
+            file_whole, band, x, y,
+        )
 
     def stars_prf(prior, prior_oversampling, sky_map, fluxes, extend_wings):
         return measure_prf(
             image, sky_map, sigma, x, y, prior, prior_oversampling, candidates=candidates, fluxes=fluxes,
             wing_radius_pix=wing_radius, extend_wings=extend_wings, file_wings=wing_radius is None,
-            min_snr=band.prf_star_min_snr,
+            min_snr=band.prf_star_min_snr, noise_factor=first_noise_scale,
             max_neighbour_fraction=band.prf_star_max_neighbour_fraction, min_stars=band.prf_min_stars,
         )
 
