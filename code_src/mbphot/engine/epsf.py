@@ -122,7 +122,7 @@ class MeasuredPRF:
     wing_excess, wing_excess_err : float
         Light, per unit total flux, that the stars show between R and ``wing_radius_pix`` beyond
         what the PRF (file wings included) puts there (a few 0.01 where the true wings reach
-        beyond the file's box), and its error; NaN if not measured.
+        beyond the file's box), and its error (times ``noise_factor``); NaN if not measured.
     wings_extended : bool
         True when that excess was added to ``prf`` (``extend_wings``).
     """
