@@ -50,7 +50,7 @@ __all__ = [
 PARTITION_ARCMIN = 12.0
 """Default side of the sky partitions: the unit of work, of parallelism and of resuming (a
 whole multiple of every band's scene cell)."""
-RESULTS_VERSION = 32
+RESULTS_VERSION = 33
 """Bumped when the engine's results change, so that partitions measured before are not reused."""
 
 

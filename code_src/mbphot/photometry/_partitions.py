@@ -28,7 +28,7 @@ from ._background import _SMOOTHING_REACH, _read_section, _sky_and_sigma
 from ._executors import peak_rss_gb
 from ._images import _cached_header
 from ._prf import _calibrated, _variant_tables
-from ._sizes import SIZE_PRIOR_SIGMA_BINS, _extended_tables, _with_size_error
+from ._sizes import SIZE_PRIOR_SIGMA_BINS, _extended_tables
 
 CHUNK_SIZE = 500
 """Source mode: targets per engine call."""
@@ -127,7 +127,7 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
     if task.mode == "scene" and on_image.any():
         image, local_x = _near_targets(image, local_x, local_y, targets[on_image], margin, prf.half_size)
     started = time.process_time()
-    options, sensitivity = {}, None
+    options = {}
     if task.engine == "mbphot":
         options["pixel_error"] = calibration.pixel_error
         options["neighbour_error"] = calibration.neighbour_error
@@ -137,7 +137,7 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
         variants, variation, origin = _variant_tables(calibration_path, job_split)
         discs = []
         if (task.size_bin >= 0).any():
-            discs, sensitivity = _extended_tables(calibration_path, job_split, band.name)
+            discs = _extended_tables(calibration_path, job_split, band.name)
         if variants or discs:
             variant = -1 if variation is None else variation.variant_at(x - origin[0], y - origin[1])
             profile = profile_indices(variant, task.size_bin, len(variants))
@@ -151,8 +151,6 @@ def _fit_group(task, plan, prf, calibration, calibration_path, job_split, fit_sk
         sky=sky[inner] + calibration.sky_offset, sigma=sigma[inner], fit_sky=fit_sky,
         noise_scale=calibration.noise_scale, prf_error=calibration.prf_error, **options,
     )
-    if sensitivity is not None:
-        result = result._replace(flux_err=_with_size_error(result, sensitivity, task.size_bin[targets]))
     engine_cpu_s = time.process_time() - started
     in_ujy = result._replace(flux=result.flux * band.ujy_per_pixel_unit, flux_err=result.flux_err * band.ujy_per_pixel_unit)
     return in_ujy, engine_cpu_s, read_s

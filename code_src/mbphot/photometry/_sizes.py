@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..bands import BANDS, Band
-from ..engine.scene import extended_profiles, size_sensitivity
+from ..engine.scene import extended_profiles
 from ._prf import _calibrated
 
 SIZE_COLUMN = "flux_radius_arcsec"
@@ -20,10 +20,11 @@ SIZE_BINS_ARCSEC = np.geomspace(0.1, 1.6, 17)
 geometric centre, within 9 % of any radius in the bin); smaller sources are points."""
 CATALOGUE_SIZE_ERROR_DEX = 0.05
 """Assumed error of a catalogue half-light radius (12 %, as for HST/ACS sizes of galaxies a
-few magnitudes above the limit): it enters the flux errors of resolved sources."""
+few magnitudes above the limit): the prior of the sizes scene mode fits, over which the fluxes
+of bright resolved sources are marginalised (`SIZE_PRIOR_SIGMA_BINS`)."""
 SIZE_PRIOR_SIGMA_BINS = CATALOGUE_SIZE_ERROR_DEX / np.log10(SIZE_BINS_ARCSEC[1] / SIZE_BINS_ARCSEC[0])
 """`CATALOGUE_SIZE_ERROR_DEX` in units of the bins: the prior's sigma when scene mode refits
-the size bins of bright resolved sources (``sizes`` of `mbphot.engine.scene.scene_photometry`)."""
+the sizes of bright resolved sources (``sizes`` of `mbphot.engine.scene.scene_photometry`)."""
 
 
 def size_radii_pix(band: Band) -> np.ndarray:
@@ -50,19 +51,9 @@ def size_bins(catalog: pd.DataFrame) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _extended_tables(path, split_wings: bool, band_name: str) -> tuple[list, np.ndarray]:
-    """The image's PRF convolved with exponential discs of the `SIZE_BINS_ARCSEC` radii, and
-    how much a fitted flux depends on each disc's size (`size_sensitivity`)."""
+def _extended_tables(path, split_wings: bool, band_name: str) -> list:
+    """The image's PRF convolved with exponential discs of the `SIZE_BINS_ARCSEC` radii."""
     table, calibration = _calibrated(path, split_wings)
-    band = BANDS[band_name]
-    tables = extended_profiles(
-        calibration.prf, calibration.oversampling, size_radii_pix(band), table, calibration.flux_fraction
+    return extended_profiles(
+        calibration.prf, calibration.oversampling, size_radii_pix(BANDS[band_name]), table, calibration.flux_fraction
     )
-    return tables, size_sensitivity(tables, size_radii_pix(band))
-
-
-def _with_size_error(result, sensitivity, size_bin) -> np.ndarray:
-    """Flux errors of resolved targets with the error their catalogue size gives the fitted
-    flux (`CATALOGUE_SIZE_ERROR_DEX`; ``sensitivity`` from `_extended_tables`)."""
-    fractional = np.where(size_bin >= 0, CATALOGUE_SIZE_ERROR_DEX * np.log(10.0) * sensitivity[np.maximum(size_bin, 0)], 0.0)
-    return np.sqrt(result.flux_err**2 + (fractional * result.flux) ** 2)
