@@ -1,5 +1,6 @@
 """Resolved sources in scene mode: each source's size bin from the catalogue, the PRF convolved
-with one disc per bin, and the flux error that a catalogue size adds."""
+with one disc per bin, and the catalogue sizes' error, the prior of the sizes the fit takes as
+unknowns."""
 
 import functools
 
