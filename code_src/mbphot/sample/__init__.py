@@ -86,7 +86,7 @@ __all__ = ["SampleSpec", "Realism", "REALISM_LEVELS", "make_sample_field", "samp
 
 SAMPLE_VERSION = 2
 """Bumped whenever the simulator changes, so that fields made by an older one are rebuilt."""
-REALISTIC_VERSION = 4
+REALISTIC_VERSION = 5
 """Bumped whenever the realistic effects change: only non-ideal fields are then rebuilt."""
 SOURCES_PER_ARCMIN2 = 150.0
 HALO_ARCMIN = 1.0
@@ -498,10 +498,11 @@ class _ImagePlan:
         Sources that can change the image (None: all); the others are not rendered.
     centre : tuple of float or None
         GALEX pointing centre (deg); None for IRAC.
-    weight, size_bin, faint, exptime_s, offset_arcsec
-        Realistic fields only: each source's share of the first PRF (IRAC rolls), galaxy size
-        bin (-1: point source), the faint sources ``(x, y, flux, weight)``, the tile's exposure
-        and the image's offset from the catalogue frame.
+    weight, size_bin, size_frac, faint, exptime_s, offset_arcsec
+        Realistic fields only: each source's share of the first PRF (IRAC rolls), its galaxy
+        tables (`_sources.galaxy_sizes`; size_bin -1: point source), the faint sources
+        ``(x, y, flux, weight)``, the tile's exposure and the image's offset from the catalogue
+        frame.
     """
 
     band: str
@@ -515,6 +516,7 @@ class _ImagePlan:
     centre: tuple | None = None
     weight: np.ndarray | None = None
     size_bin: np.ndarray | None = None
+    size_frac: np.ndarray | None = None
     faint: tuple | None = None
     exptime_s: float | None = None
     offset_arcsec: tuple = (0.0, 0.0)
@@ -603,7 +605,7 @@ def _plan_realistic(spec, sources, faint, models) -> list:
             return _ones_like(x)
         return _prfs.roll_weight((x - centre) * pixel, (y - centre) * pixel, mix_phases)
 
-    size_bin = np.asarray(sources["size_bin"])
+    size_bin, size_frac = np.asarray(sources["size_bin"]), np.asarray(sources["size_frac"])
     for name in IRAC_BANDS:
         x, y = positions(sources, wcs, name)
         fx, fy = positions(faint, wcs, name)
@@ -611,7 +613,7 @@ def _plan_realistic(spec, sources, faint, models) -> list:
         light = 1.0 / _prfs.irac_calibration_fraction(name) if realism.prf_mismatch else 1.0
         faint_flux = light * np.asarray(faint[f"true_{name}_flux_ujy"]) if len(faint) else np.zeros(0)
         plans.append(_ImagePlan(name, None, wcs, (size, size), x, y, light * np.asarray(sources[f"true_{name}_flux_ujy"]),
-                                weight=roll_weight(x, y), size_bin=size_bin,
+                                weight=roll_weight(x, y), size_bin=size_bin, size_frac=size_frac,
                                 faint=(fx, fy, faint_flux, roll_weight(fx, fy), None),
                                 offset_arcsec=offsets.get(name, (0.0, 0.0))))
 
@@ -638,6 +640,7 @@ def _plan_realistic(spec, sources, faint, models) -> list:
             faint_flux = np.asarray(faint[f"true_{name}_flux_ujy"]) if len(faint) else np.zeros(0)
             plans.append(_ImagePlan(name, tile, wcs, (size, size), x, y, np.asarray(sources[f"true_{name}_flux_ujy"]),
                                     useful(sources), tile_centre, weight=_ones_like(x), size_bin=size_bin,
+                                    size_frac=size_frac,
                                     faint=(fx, fy, faint_flux, _ones_like(fx), useful(faint)),
                                     exptime_s=exptime if exptime is not None else GALEX_EXPTIME_S[name],
                                     offset_arcsec=offsets.get(label, (0.0, 0.0))))
@@ -731,7 +734,7 @@ class _StripRenderer:
             yield plan, start_row, (
                 start_row, stop_row, height, width,
                 (plan.x[members], plan.y[members], plan.flux[members], plan.weight[members]),
-                plan.size_bin[members],
+                plan.size_bin[members], plan.size_frac[members],
                 (fx[faint_members], fy[faint_members], fflux[faint_members], fweight[faint_members]),
             )
 
@@ -1274,10 +1277,10 @@ def _make_realistic(spec, rng, out, n_workers):
     sources = _draw_sources(spec, rng)
     flux36 = np.asarray(sources["true_irac1_flux_ujy"])
     if realism.resolved_galaxies:
-        size_bin, true_re = _sources.galaxy_sizes(spec, sources["sed_class"], flux36)
+        size_bin, size_frac, true_re = _sources.galaxy_sizes(spec, sources["sed_class"], flux36)
     else:
-        size_bin, true_re = np.full(len(sources), -1), np.zeros(len(sources))
-    sources["size_bin"] = size_bin
+        size_bin, size_frac, true_re = np.full(len(sources), -1), np.zeros(len(sources)), np.zeros(len(sources))
+    sources["size_bin"], sources["size_frac"] = size_bin, size_frac
     sources["true_re_arcsec"] = true_re
     if realism.astrometric_noise:
         cat_ra, cat_dec, sigma = _sources.catalogue_positions(spec, np.asarray(sources["ra"]), np.asarray(sources["dec"]), flux36)

@@ -104,7 +104,7 @@ def fft_block(model, model_key, block_start, block_stop, width, bright, faint):
     return full[2 * k : 2 * k + block_stop - block_start, 2 * k : 2 * k + width]
 
 
-def render_rows(model, model_key, start_row, stop_row, height, width, bright, size_bin, faint):
+def render_rows(model, model_key, start_row, stop_row, height, width, bright, size_bin, size_frac, faint):
     """Rows ``start_row:stop_row`` of a realistic image (``start_row`` on an FFT block boundary).
 
     Parameters
@@ -116,8 +116,9 @@ def render_rows(model, model_key, start_row, stop_row, height, width, bright, si
         The image's shape.
     bright : tuple of ndarray
         ``(x, y, flux, weight)`` of the catalogue-level sources near the strip, in source order.
-    size_bin : ndarray of int
-        Their galaxy size bin, -1 for point sources.
+    size_bin, size_frac : ndarray
+        Their galaxy table below their size (-1: point sources) and their position towards the
+        next table, in log radius (`_sources.galaxy_sizes`).
     faint : tuple of ndarray
         ``(x, y, flux, weight)`` of the faint sources near the strip.
     """
@@ -132,10 +133,16 @@ def render_rows(model, model_key, start_row, stop_row, height, width, bright, si
     for b in bins:
         chosen = near & (size_bin == b)
         if b < 0:
-            tables = model.components
-        else:
-            tables = [galaxies[b] for galaxies in model.galaxies]
-        _add_stamps(padded, padded_width, margin, start_row, tables, x[chosen], y[chosen], flux[chosen], weight[chosen])
+            _add_stamps(padded, padded_width, margin, start_row, model.components, x[chosen], y[chosen], flux[chosen],
+                        weight[chosen])
+            continue
+        # A disc between two tabulated radii is both, weighted linearly in log radius: within
+        # second order in their spacing of the disc between them.
+        for table, share in ((b, 1.0 - size_frac), (b + 1, size_frac)):
+            drawn = chosen & (share > 0)
+            if drawn.any():
+                _add_stamps(padded, padded_width, margin, start_row, [galaxies[table] for galaxies in model.galaxies],
+                            x[drawn], y[drawn], flux[drawn] * share[drawn], weight[drawn])
     rows = padded.reshape(-1, padded_width)[margin : margin + stop_row - start_row, margin : margin + width]
     if model.wing is None and faint[0].size == 0:
         return rows

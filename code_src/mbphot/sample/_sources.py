@@ -73,17 +73,21 @@ def undetected(flux36_ujy, flux_nuv_ujy, limit_ujy=CONFUSION_FLUX_RANGE_UJY[1]):
 
 
 def galaxy_sizes(spec, sed_class, flux36):
-    """Size bin (-1: point source) and true half-light radius (0 for point sources) of each source."""
+    """Each source's true half-light radius (0 for point sources) and the galaxy tables it is
+    drawn with: the tabulated radius below it (`GALAXY_RE_BINS_ARCSEC`; -1: point source) and
+    its position towards the next one in log radius (0-1): `_render.render_rows` draws the
+    disc as the two tables weighted by it."""
     rng = stream(spec, "sizes")
     n = len(flux36)
     galaxy = np.isin(np.asarray(sed_class), ["star_forming", "quiescent"])
     resolved = galaxy & (rng.uniform(0, 1, n) < RESOLVED_FRACTION)
     log_re = RE_LOG10_AT_1UJY + RE_LOG10_PER_DEX_FLUX * np.log10(np.maximum(flux36, 1e-6)) + rng.normal(0, RE_LOG10_SCATTER, n)
     bins = np.log10(GALAXY_RE_BINS_ARCSEC)
-    nearest = np.abs(np.clip(log_re, bins[0], bins[-1])[:, None] - bins[None, :]).argmin(axis=1)
-    size_bin = np.where(resolved, nearest, -1)
-    re = np.where(resolved, np.asarray(GALAXY_RE_BINS_ARCSEC)[nearest], 0.0)
-    return size_bin, re
+    log_re = np.clip(log_re, bins[0], bins[-1])
+    below = np.clip(np.searchsorted(bins, log_re, side="right") - 1, 0, bins.size - 2)
+    towards_next = np.clip((log_re - bins[below]) / (bins[below + 1] - bins[below]), 0.0, 1.0)
+    size_bin = np.where(resolved, below, -1)
+    return size_bin, np.where(resolved, towards_next, 0.0), np.where(resolved, 10**log_re, 0.0)
 
 
 def flux_radius(spec, re_arcsec):
