@@ -1060,11 +1060,8 @@ class _SizeFreedom:
     def augment(self, x, y, profile, prior_sigma, prior_mean):
         """A scene's sources (``x``, ``y``, ``profile`` into `tables`, the catalogue's first)
         with the size unknowns after them, and their priors."""
-        n = x.size
-        if prior_sigma is None:
-            prior_sigma, prior_mean = np.full(n, np.inf), np.zeros(n)
-        elif prior_mean is None:
-            prior_mean = np.zeros(n)
+        prior_sigma = np.full(x.size, np.inf) if prior_sigma is None else prior_sigma
+        prior_mean = np.zeros(x.size) if prior_mean is None else prior_mean
         return (
             np.concatenate([x, x[self.sources]]), np.concatenate([y, y[self.sources]]),
             np.concatenate([profile, self.derivative_profile]),

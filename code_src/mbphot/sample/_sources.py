@@ -73,10 +73,10 @@ def undetected(flux36_ujy, flux_nuv_ujy, limit_ujy=CONFUSION_FLUX_RANGE_UJY[1]):
 
 
 def galaxy_sizes(spec, sed_class, flux36):
-    """Each source's true half-light radius (0 for point sources) and the galaxy tables it is
-    drawn with: the tabulated radius below it (`GALAXY_RE_BINS_ARCSEC`; -1: point source) and
-    its position towards the next one in log radius (0-1): `_render.render_rows` draws the
-    disc as the two tables weighted by it."""
+    """Per source, the galaxy tables it is drawn with and its true half-light radius: the
+    tabulated radius below it (index into `GALAXY_RE_BINS_ARCSEC`, -1 for a point source), its
+    position towards the next one in log radius (0-1; `_render.render_rows` draws the disc as
+    the two tables weighted by it), and the radius (arcsec, 0 for a point source)."""
     rng = stream(spec, "sizes")
     n = len(flux36)
     galaxy = np.isin(np.asarray(sed_class), ["star_forming", "quiescent"])
